@@ -1,0 +1,337 @@
+"""Hugging Face safetensors ↔ params.
+
+The name map is one small table: for each of our parameters, HF's name and how many of its leading axes are HF's
+input dimension. Every HF Linear weight is [out, in]; ours is [in..., out...] (``x @ W``), so conversion is a
+transpose plus a reshape and nothing else (RoPE is kept in HF's half-split layout, so no q/k permutation).
+
+Loading streams tensor by tensor from memory-mapped files, filling one stacked [L, ...] array per parameter, so
+peak host memory stays near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import Params, param_axes, param_shapes
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be read or does not match its config."""
+
+
+@dataclass(frozen=True)
+class HFName:
+    template: str  # "{i}" stands for the layer index
+    # Leading axes of our (per-layer) array that form HF's input dim of a Linear weight (transpose + reshape);
+    # 0: a vector (bias or norm) that HF stores flat; None: stored exactly as we store it (the embedding).
+    n_in: int | None
+
+
+# Our param name → HF tensor name (layer params are per-layer slices of the stacked array).
+TOP_NAMES = {
+    "embed": HFName("model.embed_tokens.weight", None),  # both [V, D]: no transpose
+    "final_norm": HFName("model.norm.weight", 0),
+    "lm_head": HFName("lm_head.weight", 1),
+}
+LAYER_NAMES = {
+    "attn_norm": HFName("model.layers.{i}.input_layernorm.weight", 0),
+    "mlp_norm": HFName("model.layers.{i}.post_attention_layernorm.weight", 0),
+    "q": HFName("model.layers.{i}.self_attn.q_proj.weight", 1),
+    "k": HFName("model.layers.{i}.self_attn.k_proj.weight", 1),
+    "v": HFName("model.layers.{i}.self_attn.v_proj.weight", 1),
+    "o": HFName("model.layers.{i}.self_attn.o_proj.weight", 3),
+    "gate": HFName("model.layers.{i}.mlp.gate_proj.weight", 1),
+    "up": HFName("model.layers.{i}.mlp.up_proj.weight", 1),
+    "down": HFName("model.layers.{i}.mlp.down_proj.weight", 1),
+    "q_bias": HFName("model.layers.{i}.self_attn.q_proj.bias", 0),
+    "k_bias": HFName("model.layers.{i}.self_attn.k_proj.bias", 0),
+    "v_bias": HFName("model.layers.{i}.self_attn.v_proj.bias", 0),
+    "o_bias": HFName("model.layers.{i}.self_attn.o_proj.bias", 0),
+    "gate_bias": HFName("model.layers.{i}.mlp.gate_proj.bias", 0),
+    "up_bias": HFName("model.layers.{i}.mlp.up_proj.bias", 0),
+    "down_bias": HFName("model.layers.{i}.mlp.down_proj.bias", 0),
+}
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def to_ours(hf_array: np.ndarray, name: HFName, shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor → our (per-layer) array of ``shape``."""
+    arr = hf_array.T if name.n_in else hf_array
+    return arr.reshape(shape)
+
+
+def to_hf(array: np.ndarray, name: HFName) -> np.ndarray:
+    """Our (per-layer) array → HF tensor ([out, in] for Linear weights)."""
+    if name.n_in is None:
+        return array
+    if name.n_in == 0:
+        return array.reshape(-1)
+    n_in = int(np.prod(array.shape[: name.n_in]))
+    return array.reshape(n_in, -1).T
+
+
+def hf_tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(hf_name, our top-level or layer key, layer index or None, HF shape) for every tensor the model has."""
+    shapes = param_shapes(config)
+    for key in param_axes(config):
+        if key == "layers":
+            continue
+        yield TOP_NAMES[key].template, key, None, _hf_shape(shapes[key], TOP_NAMES[key])
+    for key, shape in shapes["layers"].items():
+        for i in range(config.num_layers):
+            yield LAYER_NAMES[key].template.format(i=i), key, i, _hf_shape(shape[1:], LAYER_NAMES[key])
+
+
+def _hf_shape(shape: tuple[int, ...], name: HFName) -> tuple[int, ...]:
+    if name.n_in is None:
+        return shape
+    if name.n_in == 0:
+        return (int(np.prod(shape)),)
+    return int(np.prod(shape[name.n_in:])), int(np.prod(shape[: name.n_in]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading safetensors (memory-mapped; numpy's safetensors reader cannot return bfloat16)
+# ------------------------------------------------------------------------------------------------------------------
+class SafetensorsFile:
+    """A memory-mapped safetensors file. Tensors are views into the map: reading one costs only its pages."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise ConversionError(f"{self.path}: corrupt safetensors header (claims {n} header bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{self.path}: corrupt safetensors header: {e}") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise ConversionError(
+                f"{self.path}: truncated: tensors need {self.data_start + end} bytes, file has {size}"
+            )
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] not in DTYPES:
+            raise ConversionError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        start, end = e["data_offsets"]
+        raw = self._map[self.data_start + start: self.data_start + end]
+        return raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+class SafetensorsDir:
+    """Every tensor of an HF model directory (single file or sharded with an index)."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no weight_map")
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (path / f).is_file():
+                    raise ConversionError(f"{index} lists {f}, which is missing from {path}")
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            if not files:
+                if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+                    raise ConversionError(f"{path} holds PyTorch .bin weights; only safetensors are supported "
+                                          "(convert with transformers: model.save_pretrained(dir))")
+                raise ConversionError(f"no *.safetensors files in {path}")
+        self.files = {f: SafetensorsFile(path / f) for f in files}
+        self.where = {k: f for f, sf in self.files.items() for k in sf.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise ConversionError(f"tensor {name} is missing from the checkpoint")
+        return self.files[self.where[name]].get(name)
+
+    def dtypes(self) -> set[str]:
+        return {sf.entries[k]["dtype"] for k, f in self.where.items() for sf in [self.files[f]]}
+
+
+def read_config(path: str | Path) -> LlamaConfig:
+    return LlamaConfig.from_json_file(Path(path) / "config.json")
+
+
+def load_hf_params(path: str | Path, config: LlamaConfig | None = None, dtype=None,
+                   progress: Callable[[str], None] | None = None) -> tuple[LlamaConfig, Params]:
+    """HF model directory → (config, params) as host numpy arrays.
+
+    ``dtype`` casts every parameter (default: keep the checkpoint's dtype). Unused tensors such as
+    ``rotary_emb.inv_freq`` are ignored; a missing tensor or a shape that disagrees with the config is an error
+    naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model directory at {path}")
+    config = config or read_config(path)
+    st = SafetensorsDir(path)
+    if config.tie_word_embeddings and "lm_head.weight" in st and "model.embed_tokens.weight" not in st:
+        raise ConversionError(f"{path}: tied config but only lm_head.weight present")
+    shapes = param_shapes(config)
+    out: Params = {"layers": {}}
+    for hf_name, key, layer, hf_shape in hf_tensor_specs(config):
+        arr = st.get(hf_name)
+        if tuple(arr.shape) != hf_shape:
+            raise ConversionError(f"{hf_name}: checkpoint shape {tuple(arr.shape)}, config "
+                                  f"({config.describe()}) expects {hf_shape}")
+        target_dtype = dtype or arr.dtype
+        if layer is None:
+            out[key] = np.ascontiguousarray(to_ours(arr, TOP_NAMES[key], shapes[key]), dtype=target_dtype)
+        else:
+            stacked = out["layers"].get(key)
+            if stacked is None:
+                stacked = out["layers"][key] = np.empty(shapes["layers"][key], dtype=target_dtype)
+            stacked[layer] = to_ours(arr, LAYER_NAMES[key], shapes["layers"][key][1:])
+        if progress:
+            progress(hf_name)
+    return config, out
+
+
+def iter_hf_tensors(config: LlamaConfig, params: Params, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, numpy array) for every tensor, one at a time (so export never holds a second full copy)."""
+    for hf_name, key, layer, _ in hf_tensor_specs(config):
+        if layer is None:
+            arr, name = params[key], TOP_NAMES[key]
+        else:
+            arr, name = params["layers"][key][layer], LAYER_NAMES[key]
+        arr = np.asarray(arr)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        yield hf_name, np.ascontiguousarray(to_hf(arr, name))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing an HF directory, atomically
+# ------------------------------------------------------------------------------------------------------------------
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+_TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                      np.dtype(np.float16): "float16"}
+
+
+def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
+            tokenizer_dir: str | Path | None = None, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            overwrite: bool = False, generation_config: dict | None = None,
+            progress: Callable[[str], None] | None = None) -> Path:
+    """Write an HF ``LlamaForCausalLM`` directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Written into a temporary sibling directory and renamed into place at the end, so a crash never leaves a
+    half-written model at ``path``. Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``.
+    The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, np.ndarray]] = [{}]
+        shard_bytes = 0
+        files: list[str] = []
+
+        def flush():
+            nonlocal shard_bytes
+            if shards[-1]:
+                name = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+                files.append(name)
+                shards[-1] = {}
+                shard_bytes = 0
+
+        weight_map: dict[str, str] = {}
+        total = 0
+        out_dtype = None
+        for hf_name, arr in iter_hf_tensors(config, params, dtype):
+            out_dtype = arr.dtype
+            if shard_bytes and shard_bytes + arr.nbytes > max_shard_bytes:
+                flush()
+            shards[-1][hf_name] = arr
+            shard_bytes += arr.nbytes
+            total += arr.nbytes
+            weight_map[hf_name] = f"model-{len(files) + 1:05d}.safetensors"
+            if progress:
+                progress(hf_name)
+        flush()
+        if len(files) == 1:
+            os.rename(tmp / files[0], tmp / "model.safetensors")
+        else:
+            renamed = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+            for old, new in renamed.items():
+                os.rename(tmp / old, tmp / new)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = _TORCH_DTYPE_NAMES.get(np.dtype(out_dtype), "float32")
+        hf_config.pop("dtype", None)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        gen = {"_from_model_config": True}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hf_config.get(key) is not None:
+                gen[key] = hf_config[key]
+        gen.update(generation_config or {})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        elif tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+
+        if path.exists():  # overwrite: move the old one aside first so a failure still leaves one whole model
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "m")
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
