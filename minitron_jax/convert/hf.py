@@ -201,10 +201,16 @@ def load_hf_params(path: str | Path, config: LlamaConfig | None = None, dtype=No
     st = SafetensorsDir(path)
     if config.tie_word_embeddings and "lm_head.weight" in st and "model.embed_tokens.weight" not in st:
         raise ConversionError(f"{path}: tied config but only lm_head.weight present")
+    return config, params_from_hf_tensors(config, st.get, dtype=dtype, progress=progress)
+
+
+def params_from_hf_tensors(config: LlamaConfig, get: Callable[[str], np.ndarray], dtype=None,
+                           progress: Callable[[str], None] | None = None) -> Params:
+    """Assemble params from HF-named tensors fetched one at a time by ``get(hf_name)`` (safetensors or GGUF)."""
     shapes = param_shapes(config)
     out: Params = {"layers": {}}
     for hf_name, key, layer, hf_shape in hf_tensor_specs(config):
-        arr = st.get(hf_name)
+        arr = get(hf_name)
         if tuple(arr.shape) != hf_shape:
             raise ConversionError(f"{hf_name}: checkpoint shape {tuple(arr.shape)}, config "
                                   f"({config.describe()}) expects {hf_shape}")
@@ -218,7 +224,7 @@ def load_hf_params(path: str | Path, config: LlamaConfig | None = None, dtype=No
             stacked[layer] = to_ours(arr, LAYER_NAMES[key], shapes["layers"][key][1:])
         if progress:
             progress(hf_name)
-    return config, out
+    return out
 
 
 def iter_hf_tensors(config: LlamaConfig, params: Params, dtype=None) -> Iterator[tuple[str, np.ndarray]]:

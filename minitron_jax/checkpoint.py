@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a model: params + config (+ tokenizer files), in one directory.
+
+Layout of a model checkpoint directory::
+
+    DIR/minitron_jax.json   marker: format name and version (how `convert.load_model` recognizes it)
+    DIR/config.json         the HF config (so the architecture is readable without JAX)
+    DIR/params/             the params pytree, written by Orbax
+    DIR/tokenizer*.json     tokenizer files, when known
+
+The directory is assembled in a temporary sibling and renamed into place, so an interrupted save never leaves a
+checkpoint that looks complete. Training checkpoints (params + optimizer state + data position) live in
+``distill.py`` on top of Orbax's CheckpointManager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import Params, abstract_params, check_params
+
+MARKER = "minitron_jax.json"
+FORMAT = {"format": "minitron_jax.model", "version": 1}
+
+
+def is_model_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
+               tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    from minitron_jax.convert.hf import copy_tokenizer_files
+
+    check_params(config, params)
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        config.to_json_file(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        elif tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_model(path: str | Path, dtype=None, shardings: Params | None = None) -> tuple[LlamaConfig, Params]:
+    """Restore (config, params). ``shardings`` (a tree of NamedSharding) restores each array straight onto its
+    devices; ``dtype`` casts on restore."""
+    path = Path(path).absolute()
+    if not is_model_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a minitron_jax model checkpoint (no {MARKER})")
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("format") != FORMAT["format"] or marker.get("version", 0) > FORMAT["version"]:
+        raise ValueError(f"{path}: unsupported checkpoint format {marker}")
+    config = LlamaConfig.from_json_file(path / "config.json")
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path / "params").item_metadata
+
+        def abstract(key_path, leaf):
+            node = stored
+            for k in key_path:  # the stored tree is a mapping, not a pytree: walk it by key
+                node = node[k.key]
+            if tuple(node.shape) != tuple(leaf.shape):
+                raise ValueError(f"{path}: {jax.tree_util.keystr(key_path)} stored with shape {tuple(node.shape)}, "
+                                 f"config expects {tuple(leaf.shape)}")
+            return jax.ShapeDtypeStruct(leaf.shape, dtype or node.dtype)
+
+        try:
+            target = jax.tree_util.tree_map_with_path(abstract, abstract_params(config))
+        except KeyError as e:
+            raise ValueError(f"{path}: parameter {e.args[0]!r} missing from the checkpoint") from None
+        if shardings is not None:
+            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+        params = ckptr.restore(path / "params", target)
+    return config, params

@@ -1,0 +1,108 @@
+"""Model I/O in every format we read: a ``.gguf`` file, an HF directory, or a minitron_jax Orbax checkpoint.
+
+``load_model`` infers the format from the path, so every CLI (convert, eval, prune, distill) takes any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import Params
+
+FORMATS = ("gguf", "hf", "orbax")
+
+
+@dataclass
+class LoadedModel:
+    config: LlamaConfig
+    params: Params
+    tokenizer: Any  # a transformers tokenizer, or None when the source carries none
+    source: Path
+    format: str
+
+
+def detect_format(path: str | Path) -> str:
+    from minitron_jax.checkpoint import is_model_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise ValueError(f"{path} is a file but not a .gguf; give an HF model directory, a .gguf file or a "
+                         "minitron_jax checkpoint directory")
+    if is_model_checkpoint(path):
+        return "orbax"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ValueError(f"{path} is neither an HF model directory (no config.json) nor a minitron_jax checkpoint")
+
+
+def load_model(path: str | Path, dtype=None, *, with_tokenizer: bool = True,
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load (config, params as host numpy arrays, tokenizer) from any supported format."""
+    path = Path(path)
+    fmt = detect_format(path)
+    tokenizer_dir: Path | None = path
+    if fmt == "hf":
+        from minitron_jax.convert.hf import load_hf_params
+
+        config, params = load_hf_params(path, dtype=dtype, progress=progress)
+    elif fmt == "orbax":
+        from minitron_jax.checkpoint import load_model as load_orbax
+
+        config, params = load_orbax(path, dtype=dtype)
+        params = _to_numpy(params)
+    else:
+        config, params = load_gguf_params(path, dtype=dtype, progress=progress)
+        tokenizer_dir = gguf_tokenizer_dir(path) if with_tokenizer else None
+    tokenizer = load_tokenizer(tokenizer_dir) if with_tokenizer and tokenizer_dir is not None else None
+    return LoadedModel(config, params, tokenizer, path, fmt)
+
+
+def load_gguf_params(path: Path, dtype=None, progress=None) -> tuple[LlamaConfig, Params]:
+    from minitron_jax.convert.gguf import read_gguf
+    from minitron_jax.convert.hf import params_from_hf_tensors
+
+    gg = read_gguf(path, dtype=np.dtype(dtype) if dtype is not None else np.float32)
+    config = LlamaConfig.from_hf(gg.hf_config)
+    return config, params_from_hf_tensors(config, gg.tensors.__getitem__, dtype=dtype, progress=progress)
+
+
+def gguf_tokenizer_dir(path: Path) -> Path:
+    """Tokenizer files built from a GGUF's metadata, cached beside our other assets (keyed by file identity)."""
+    from minitron_jax.assets import cache_dir
+    from minitron_jax.convert.gguf import save_tokenizer
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf_tokenizers" / key
+    if not (out / "tokenizer.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(path, out)
+    return out
+
+
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a directory, or None when the directory holds no tokenizer files."""
+    from minitron_jax.convert.hf import TOKENIZER_FILES
+
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _to_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)
