@@ -73,7 +73,18 @@ def load_gguf_params(path: Path, dtype=None, progress=None) -> tuple[LlamaConfig
 
     gg = read_gguf(path, dtype=np.dtype(dtype) if dtype is not None else np.float32)
     config = LlamaConfig.from_hf(gg.hf_config)
-    return config, params_from_hf_tensors(config, gg.tensors.__getitem__, dtype=dtype, progress=progress)
+    return config, params_from_hf_tensors(config, gg.get_tensor, dtype=dtype, progress=progress)
+
+
+def read_source_config(path: str | Path, fmt: str | None = None) -> LlamaConfig:
+    """The config of any supported source, without reading its weights."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "gguf":
+        from minitron_jax.convert.gguf import read_gguf
+
+        return LlamaConfig.from_hf(read_gguf(path).hf_config)
+    return LlamaConfig.from_json_file(path / "config.json")
 
 
 def gguf_tokenizer_dir(path: Path) -> Path:

@@ -1,0 +1,68 @@
+"""Builders shared by the tests: tiny random transformers Llamas saved as HF directories, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def tiny_hf_model(seed: int = 0, std: float = 0.1, **overrides):
+    """A random transformers LlamaForCausalLM (fp32, eval mode). Larger-than-default init (std) so that every
+    layer matters to the logits and mistakes cannot hide under tiny activations."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def save_tiny_hf(path: Path, seed: int = 0, tokenizer=None, **overrides) -> Path:
+    model = tiny_hf_model(seed, **overrides)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes the least important heads, neurons and channels.",
+    "Distillation teaches the student to match the teacher's distribution.",
+    "Perplexity is the exponential of the mean negative log-likelihood.",
+    "JAX compiles pure functions with XLA and shards them over a mesh.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained on a few sentences, as a transformers fast tokenizer with EOS and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|endoftext|>{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return fast
