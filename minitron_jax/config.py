@@ -181,13 +181,34 @@ class LlamaConfig:
             extra=tuple(sorted((k, _freeze(v)) for k, v in extra.items())),
         )
 
+    @property
+    def hf_architecture(self) -> str:
+        """The transformers class that loads this config.
+
+        ``LlamaForCausalLM`` whenever it can: transformers ≥ 5 refuses a Llama config whose hidden size is not a
+        multiple of the head count, even with an explicit ``head_dim`` — a shape head pruning easily produces.
+        ``MistralForCausalLM`` without a sliding window is the same network with the same weight names and no such
+        check, so those configs are written as Mistral (biases are Llama-only, hence refused there)."""
+        if self.hidden_size % self.num_heads == 0:
+            return "LlamaForCausalLM"
+        if self.attention_bias or self.mlp_bias:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}: transformers "
+                "cannot load such a Llama with biases (choose a hidden size divisible by the head count)"
+            )
+        return "MistralForCausalLM"
+
     def to_hf(self) -> dict[str, Any]:
-        """An HF ``LlamaForCausalLM`` config dict. RoPE is written in the classic ``rope_theta``/``rope_scaling``
-        layout, which every transformers release reads (newer ones convert it to ``rope_parameters``)."""
+        """An HF config dict (``LlamaForCausalLM``, or Mistral when Llama's config check would refuse it; see
+        :attr:`hf_architecture`). RoPE is written in the classic ``rope_theta``/``rope_scaling`` layout, which
+        every transformers release reads (newer ones convert it to ``rope_parameters``)."""
+        arch = self.hf_architecture
         out = dict(self.extra_dict)
+        if arch == "MistralForCausalLM":
+            out.update(sliding_window=None)
         out.update(
-            architectures=["LlamaForCausalLM"],
-            model_type="llama",
+            architectures=[arch],
+            model_type="llama" if arch == "LlamaForCausalLM" else "mistral",
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
