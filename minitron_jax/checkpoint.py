@@ -15,9 +15,6 @@ checkpoint that looks complete. Training checkpoints (params + optimizer state +
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.fsutil import atomic_directory
 from minitron_jax.model import Params, abstract_params, check_params
 
 MARKER = "minitron_jax.json"
@@ -41,11 +39,7 @@ def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokeniz
 
     check_params(config, params)
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
@@ -55,12 +49,6 @@ def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokeniz
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.fsutil import atomic_directory
 from minitron_jax.model import Params, param_axes, param_shapes
 
 
@@ -259,12 +259,7 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
     The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         shard_bytes = 0
         files: list[str] = []
@@ -317,17 +312,7 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
 
-        if path.exists():  # overwrite: move the old one aside first so a failure still leaves one whole model
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "m")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
