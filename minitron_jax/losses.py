@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "KD_KINDS",
+    "HIDDEN_LOSS_KINDS",
     "forward_kl",
     "reverse_kl",
     "jsd",
