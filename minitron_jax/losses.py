@@ -48,6 +48,7 @@ __all__ = [
     "mix_kd_ce",
     "chunked_logit_loss",
     "naive_logit_loss",
+    "chunked_cross_entropy",
     "hidden_state_loss",
 ]
 
@@ -418,6 +419,43 @@ def naive_logit_loss(
     s_logits, t_logits = _logits(s_hidden, s_head, compute_dtype), _logits(t_hidden, t_head, compute_dtype)
     kd, ce = _token_losses(s_logits, t_logits, targets, opts)
     return _finish(_weighted_sum(kd, weights), _weighted_sum(ce, weights), weights, opts)
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk_size: int = 1024,
+    compute_dtype: jnp.dtype | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token CE from final hidden states ``[..., D]`` and the lm_head ``[D, V]``, chunked and
+    rematerialized like `chunked_logit_loss` but with no teacher (teacher correction, SFT).
+
+    Returns ``(ce, aux)``: the weighted-mean CE and ``aux = {"ce", "num_tokens", "weight_sum"}``.
+    """
+    if head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"head must be [D={hidden.shape[-1]}, V], got {head.shape}")
+    if targets.shape != hidden.shape[:-1] or weights.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets {targets.shape} / weights {weights.shape} must match hidden tokens {hidden.shape[:-1]}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).astype(jnp.int32)
+    weights = weights.reshape(-1).astype(jnp.float32)
+    num_chunks, chunk = _chunk_layout(hidden.shape[0], chunk_size)
+    xs = tuple(_to_chunks(x, num_chunks, chunk) for x in (hidden, targets, weights))
+
+    @jax.checkpoint
+    def chunk_sum(head, h, tgt, w):
+        return _weighted_sum(cross_entropy(_logits(h, head, compute_dtype), tgt), w)
+
+    def body(total, chunk_xs):
+        return total + chunk_sum(head, *chunk_xs), None
+
+    ce_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    weight_sum = jnp.sum(weights)
+    ce = ce_sum / jnp.maximum(weight_sum, 1.0)
+    return ce, {"ce": ce, "num_tokens": jnp.sum(weights != 0).astype(jnp.float32), "weight_sum": weight_sum}
 
 
 # ----------------------------------------------------------------------------------------------

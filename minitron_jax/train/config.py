@@ -1,0 +1,442 @@
+"""The run config of ``python -m minitron_jax.distill``: typed dataclasses, YAML in, dotted overrides, validation.
+
+A run is described by one YAML file whose sections map one-to-one onto the dataclasses below; every key is typed,
+so a typo or a wrong type fails before anything is loaded::
+
+    mode: distill                      # distill | teacher_correction | sft
+    run_dir: runs/demo
+    teacher: {path: asset:smollm2_gguf, dtype: bfloat16}
+    student: {prune: {...PruneSpec fields...}, calib: asset:wikipedia}   # or {path: ...}
+    data:    {sources: [asset:wikipedia], seq_len: 256, batch_size: 8, val_rows: 16}
+    loss:    {kind: forward_kl, temperature: 1.0, alpha: 1.0}
+    optim:   {peak_lr: 1.0e-4, min_lr: 1.0e-5, warmup_steps: 40}
+    train:   {steps: 100, grad_accum: 1, compute_dtype: bfloat16, remat: none}
+    mesh:    {data: 1, fsdp: -1, tensor: 1}
+    checkpoint: {every: 50, keep: 3}
+
+CLI overrides are ``section.key=value`` with the value parsed as YAML (``train.steps=20``, ``loss.top_k=null``,
+``data.sources=[a.txt,b.txt]``); floats may be written the C way (``optim.peak_lr=3e-4``).
+
+Values of the form ``asset:NAME`` in model and data paths are resolved through :mod:`minitron_jax.assets`
+(``asset:smollm2_gguf``, ``asset:wikipedia``, ``asset:owt``) when the run starts, not when the config is read,
+so reading or printing a config never touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+MODES = ("distill", "teacher_correction", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+ASSET_PREFIX = "asset:"
+
+
+class RunConfigError(ValueError):
+    """A run config that is malformed (unknown key, wrong type) or inconsistent."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen teacher: an HF directory, a ``.gguf`` file or a minitron_jax Orbax checkpoint."""
+
+    path: str | None = None
+    dtype: str = "bfloat16"  # storage and compute dtype of the forward-only teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """The student: a model path, or ``prune`` (PruneSpec fields) applied to the teacher at start-up.
+
+    In ``teacher_correction`` mode the trained model is the teacher itself and this section stays empty."""
+
+    path: str | None = None
+    prune: dict[str, Any] | None = None
+    calib: str | None = None  # calibration text for importance estimation when pruning on the fly
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training text (packed documents) or, in ``sft`` mode, chat jsonl records ``{"messages": [...]}``."""
+
+    sources: list[str] = dataclasses.field(default_factory=list)
+    seq_len: int = 2048
+    batch_size: int = 8  # global rows per optimizer update (all micro-batches, all hosts)
+    val_rows: int | float = 0.01  # held-out rows: a count or a fraction of the packed rows
+    val_batches: int | None = 8  # cap on validation batches per evaluation (None: the whole split)
+    seed: int = 0  # shuffling seed (the train/val split uses it too)
+    cache_dir: str | None = None  # tokenized-shard cache; default: <minitron_jax cache>/tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenLossConfig:
+    """Optional intermediate-state loss between chosen layer outputs (``layer_out`` of the decoder blocks).
+
+    ``pairs`` are ``[student_layer, teacher_layer]``; when hidden sizes differ a learned projection
+    ``[Ds, Dt]`` per pair is trained along with the student (and dropped at export)."""
+
+    pairs: list[list[int]] = dataclasses.field(default_factory=list)
+    weight: float = 0.0
+    kind: str = "mse"  # mse | cosine
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The logit loss (see :mod:`minitron_jax.losses`): ``alpha * kd + (1 - alpha) * ce``; alpha=1 is pure KD."""
+
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    temperature: float = 1.0
+    alpha: float = 1.0
+    top_k: int | None = None
+    jsd_beta: float = 0.5
+    chunk_size: int = 1024  # tokens per logits chunk: bounds the [tokens × vocab] memory
+    naive: bool = False  # materialize full logits instead (a reference for small models and tests)
+    hidden: HiddenLossConfig = dataclasses.field(default_factory=HiddenLossConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """Fields of :class:`minitron_jax.optim.OptimConfig`; its ``total_steps`` is ``train.steps``."""
+
+    peak_lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer updates
+    grad_accum: int = 1  # micro-batches per update, accumulated inside the one jitted step
+    compute_dtype: str = "bfloat16"  # student (and loss matmul) compute dtype; master weights stay param_dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # a key of model.REMAT_POLICIES
+    resume: bool = True  # continue from the run dir's latest checkpoint when there is one
+    stop_at: int | None = None  # end this job early at that step (after a checkpoint), e.g. to fit a time slot
+    eval_every: int = 0  # validation every N steps (0: only at the end)
+    log_every: int = 1
+    seed: int = 0  # RNG carried in the train state (and the projection init of the hidden loss)
+    compile_cache: str | None = None  # persistent XLA compilation cache dir: a resumed job skips compiling
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """A (data, fsdp, tensor) mesh; one size may be -1 (the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: dict[str, str | None] = dataclasses.field(default_factory=dict)  # overrides of sharding.DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """``jax.distributed.initialize`` arguments; None lets JAX detect them (SLURM, TPU pods, ...)."""
+
+    initialize: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (the last step is always saved)
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    at_end: bool = True  # write the student as an HF directory when the run finishes
+    path: str | None = None  # default: <run_dir>/hf
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    progress: bool = True  # rich progress bar (plain lines when stdout is not a terminal)
+    tensorboard: bool = True  # tensorboardX event files in <run_dir>/tb
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str
+    mode: str = "distill"
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Only ``distill`` runs a teacher forward; the other modes train with cross-entropy alone."""
+        return self.mode == "distill"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=110)
+
+    def replace(self, **sections) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation of values (types are checked while building, see `from_dict`)
+# ----------------------------------------------------------------------------------------------------------------
+def validate(rc: RunConfig) -> None:
+    from minitron_jax.losses import HIDDEN_LOSS_KINDS, KD_KINDS
+    from minitron_jax.model import REMAT_POLICIES
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise RunConfigError(message)
+
+    need(rc.mode in MODES, f"mode must be one of {MODES}, got {rc.mode!r}")
+    need(bool(rc.run_dir), "run_dir must be set")
+    if rc.mode == "distill":
+        need(rc.teacher.path is not None, "distill needs teacher.path (HF dir, .gguf file or Orbax checkpoint)")
+        need((rc.student.path is None) != (rc.student.prune is None),
+             "distill needs exactly one of student.path or student.prune")
+    elif rc.mode == "teacher_correction":
+        need(rc.teacher.path is not None, "teacher_correction fine-tunes teacher.path; set it")
+        need(rc.student.path is None and rc.student.prune is None,
+             "teacher_correction trains the teacher itself; leave the student section empty")
+    else:
+        need(rc.student.path is not None, "sft fine-tunes student.path; set it")
+        need(rc.student.prune is None, "sft takes a trained student (student.path), not a pruning spec")
+    need(rc.student.prune is None or rc.student.calib is not None,
+         "student.prune needs student.calib (calibration text for importance estimation)")
+    need(rc.teacher.dtype in DTYPES, f"teacher.dtype must be one of {DTYPES}, got {rc.teacher.dtype!r}")
+    need(rc.train.compute_dtype in DTYPES, f"train.compute_dtype must be one of {DTYPES}")
+    need(rc.train.param_dtype in DTYPES, f"train.param_dtype must be one of {DTYPES}")
+    need(rc.export.dtype in DTYPES, f"export.dtype must be one of {DTYPES}")
+
+    need(len(rc.data.sources) > 0, "data.sources is empty: give text/jsonl/parquet files, directories or globs")
+    need(rc.data.seq_len >= 2, f"data.seq_len must be >= 2, got {rc.data.seq_len}")
+    need(rc.data.batch_size >= 1, f"data.batch_size must be >= 1, got {rc.data.batch_size}")
+    need(rc.data.val_rows >= 0, f"data.val_rows must be >= 0, got {rc.data.val_rows}")
+    need(rc.data.val_batches is None or rc.data.val_batches >= 1, "data.val_batches must be >= 1 or null")
+
+    need(rc.loss.kind in KD_KINDS, f"loss.kind must be one of {KD_KINDS}, got {rc.loss.kind!r}")
+    need(rc.loss.temperature > 0, f"loss.temperature must be > 0, got {rc.loss.temperature}")
+    need(0.0 <= rc.loss.alpha <= 1.0, f"loss.alpha must be in [0, 1], got {rc.loss.alpha}")
+    need(rc.loss.top_k is None or (rc.loss.top_k >= 1 and rc.loss.kind == "forward_kl"),
+         "loss.top_k must be a positive int and needs loss.kind=forward_kl")
+    need(rc.loss.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {rc.loss.chunk_size}")
+    h = rc.loss.hidden
+    need(h.kind in HIDDEN_LOSS_KINDS, f"loss.hidden.kind must be one of {HIDDEN_LOSS_KINDS}, got {h.kind!r}")
+    need(h.weight >= 0, f"loss.hidden.weight must be >= 0, got {h.weight}")
+    need(all(len(p) == 2 and min(p) >= 0 for p in h.pairs),
+         f"loss.hidden.pairs must be [student_layer, teacher_layer] pairs of layer indices, got {h.pairs}")
+    need(not (h.weight > 0 and not h.pairs), "loss.hidden.weight > 0 needs loss.hidden.pairs")
+    need(not (h.weight > 0 and not rc.uses_teacher), "loss.hidden needs a teacher (mode: distill)")
+
+    t = rc.train
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    need(rc.data.batch_size % t.grad_accum == 0,
+         f"data.batch_size ({rc.data.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
+    need(t.remat in REMAT_POLICIES, f"train.remat must be one of {tuple(REMAT_POLICIES)}, got {t.remat!r}")
+    need(t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at must be in [1, train.steps={t.steps}]")
+    need(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
+    need(rc.checkpoint.every >= 1 and rc.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    # The optimizer validates its own fields (warmup < steps, min_lr <= peak_lr, ...): reuse it, re-labelled.
+    try:
+        optim_config(rc)
+    except ValueError as e:
+        raise RunConfigError(f"optim: {e}") from None
+
+
+def optim_config(rc: RunConfig):
+    """The :class:`minitron_jax.optim.OptimConfig` of a run.
+
+    Gradient accumulation happens inside the jitted step (see ``train/step.py``), so the optimizer itself never
+    accumulates (``accumulate_steps=1``) and one ``train.steps`` is one optimizer update."""
+    from minitron_jax.optim import OptimConfig
+
+    return OptimConfig(total_steps=rc.train.steps, accumulate_steps=1, **dataclasses.asdict(rc.optim))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building from plain data, with type checks
+# ----------------------------------------------------------------------------------------------------------------
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from nested plain data (parsed YAML); unknown keys and wrong types raise RunConfigError."""
+    if not isinstance(data, Mapping):
+        raise RunConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
+    return _build(RunConfig, data, "")
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {where}{close[0]}?)" if close else ""
+        raise RunConfigError(f"unknown config key {where}{key}{hint}; valid keys here: {', '.join(fields)}")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RunConfigError(f"missing required config key {where}{missing[0]}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` (and convert the few lossless cases YAML needs)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise RunConfigError(f"{where}: may not be null (expected {_type_name(tp)})")
+        # Prefer the exact type (so `int | float` keeps an int an int), then conversions.
+        for option in sorted((o for o in options if o is not type(None)),
+                             key=lambda o: not (isinstance(o, type) and type(value) is o)):
+            try:
+                return _coerce(value, option, where)
+            except RunConfigError:
+                continue
+        raise RunConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, Mapping):
+            raise RunConfigError(f"{where}: expected a mapping (section), got {type(value).__name__} {value!r}")
+        return _build(tp, value, f"{where}.")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, Path)) and item is str:
+            return [str(value)]  # a single source is a one-element list
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise RunConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise RunConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RunConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RunConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; accept any float literal
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RunConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RunConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    raise RunConfigError(f"{where}: unsupported config type {tp}")  # a bug in the dataclasses above
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML and dotted overrides
+# ----------------------------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.peak_lr=3e-4"`` → (["optim", "peak_lr"], 3e-4 as YAML would read it)."""
+    if "=" not in text:
+        raise RunConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RunConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted key in a copy of the nested dict (sections are created as needed; keys are checked later,
+    when the dataclasses are built, so a misspelled override fails like a misspelled YAML key)."""
+    import copy
+
+    data = copy.deepcopy(dict(data))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RunConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RunConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RunConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return from_dict(apply_overrides(data, overrides))
+    except RunConfigError as e:
+        raise RunConfigError(f"{path or 'config'}: {e}") from None
+
+
+def resolve_path(value: str | None) -> str | None:
+    """``asset:NAME`` → the fetched asset's path; anything else is returned unchanged."""
+    if value is None or not value.startswith(ASSET_PREFIX):
+        return value
+    from minitron_jax.assets import fetch_assets
+
+    name = value[len(ASSET_PREFIX):]
+    return str(fetch_assets([name], quiet=True)[name])

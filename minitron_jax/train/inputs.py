@@ -1,0 +1,136 @@
+"""Training data of a run, through :mod:`minitron_jax.data`: datasets, the resumable iterator, global batches.
+
+- ``distill`` / ``teacher_correction``: text sources are tokenized with the run's tokenizer and packed into
+  ``data.seq_len`` rows with segment ids (cached on disk), then split into train/validation rows with
+  ``data.seed``.
+- ``sft``: jsonl chat records ``{"messages": [...]}`` → one conversation per row, loss on assistant tokens only.
+
+Each process reads only its slice of every global batch (``BatchIterator(process_index=, process_count=)``); the
+slices become one global ``jax.Array`` with ``jax.make_array_from_process_local_data``. The iterator state is
+global, so a run can resume under a different process count.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from minitron_jax import data
+from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
+
+
+def _sources(rc: RunConfig) -> list[str]:
+    return [resolve_path(s) for s in rc.data.sources]
+
+
+def _chat_records(files) -> Iterator[dict[str, Any]]:
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                    raise RunConfigError(f"{path}:{lineno}: an sft record needs a 'messages' list")
+                yield record
+
+
+def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.PackedDataset | None]:
+    """(train, validation or None) datasets of the run."""
+    try:
+        if rc.mode == "sft":
+            files = data.expand_sources(_sources(rc))
+            dataset = data.PackedDataset(data.sft_examples(tokenizer, _chat_records(files), rc.data.seq_len))
+        else:
+            from minitron_jax.assets import cache_dir
+
+            cache = rc.data.cache_dir or str(cache_dir() / "tokens")
+            dataset = data.PackedDataset.from_sources(_sources(rc), tokenizer, rc.data.seq_len, cache)
+    except (ValueError, FileNotFoundError) as e:
+        raise RunConfigError(f"data.sources: {e}") from None
+    if not rc.data.val_rows:
+        return dataset, None
+    try:
+        train, val = dataset.split(rc.data.val_rows, seed=rc.data.seed)
+    except ValueError as e:
+        raise RunConfigError(f"data.val_rows: {e}") from None
+    return train, (val if len(val) else None)
+
+
+def train_iterator(rc: RunConfig, dataset: data.PackedDataset, state: dict | None = None) -> data.BatchIterator:
+    try:
+        return dataset.batches(rc.data.batch_size, seed=rc.data.seed, shuffle=True, drop_remainder=True,
+                               process_index=jax.process_index(), process_count=jax.process_count(), state=state)
+    except ValueError as e:
+        raise RunConfigError(f"data: {e} (the training split has {len(dataset)} rows of {rc.data.seq_len} tokens)") \
+            from None
+
+
+def validation_batches(rc: RunConfig, dataset: data.PackedDataset | None) -> list[dict[str, np.ndarray]]:
+    """This process's slices of the first ``data.val_batches`` validation batches (fixed order, padded)."""
+    if dataset is None:
+        return []
+    it = dataset.batches(rc.data.batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    limit = it.steps_per_epoch if rc.data.val_batches is None else min(rc.data.val_batches, it.steps_per_epoch)
+    return [next(it) for _ in range(limit)]
+
+
+def to_global(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding],
+              global_rows: int) -> dict[str, jax.Array]:
+    """This process's rows → global arrays of ``global_rows`` rows placed by ``shardings``."""
+    out = {}
+    for name, sharding in shardings.items():
+        x = local[name]
+        out[name] = jax.make_array_from_process_local_data(sharding, x, (global_rows,) + x.shape[1:])
+    return out
+
+
+class Prefetcher:
+    """Reads the next batches on a background thread while the device computes.
+
+    Yields ``(local_batch, iterator_state_after_it)``: the state to checkpoint once that batch has been trained
+    on, so a prefetched-but-unused batch is never skipped on resume."""
+
+    def __init__(self, iterator: data.BatchIterator, depth: int = 2):
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="minitron-data")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            while self._put((next(self._iterator), self._iterator.get_state())):
+                pass
+        except BaseException as e:  # handed to the consumer (StopIteration included)
+            self._put(e)
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)

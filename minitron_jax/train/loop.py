@@ -1,0 +1,195 @@
+"""The training loop: set up a run, resume it if it has checkpoints, step, validate, checkpoint, export.
+
+Invariants the loop keeps:
+
+- **Exact resume.** A checkpoint at step k holds the state after k updates and the iterator position after the
+  k-th batch; restarting from it replays the same batches through the same compiled step, so N steps straight and
+  N/2 + resume + N/2 give bitwise-identical params and losses.
+- **Never save a bad state.** Every step's loss and gradient norm are checked on the host before the state can be
+  checkpointed; a non-finite value ends the run with :class:`NonFiniteLossError` and the previous checkpoints are
+  left as they were.
+- **One process writes files.** Checkpoints are written by all processes (Orbax coordinates them); metrics,
+  TensorBoard and the HF export by process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from minitron_jax.sharding import make_mesh
+from minitron_jax.train import inputs
+from minitron_jax.train.checkpoints import (CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer)
+from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
+from minitron_jax.train.models import RunModels, load_run_models
+from minitron_jax.train.observe import Reporter, step_flops_per_token
+from minitron_jax.train.state import (TrainState, abstract_train_state, init_train_state, place_teacher)
+from minitron_jax.train.step import build_eval_step, build_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/inf; the run stopped without checkpointing that state."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    step: int  # updates done when the run returned
+    resumed_from: int | None
+    history: list[dict[str, float]]  # per-step metrics of this invocation
+    validation: list[dict[str, float]]
+    export_path: Path | None
+    state: TrainState | None = None
+
+
+def _setup_jax(rc: RunConfig) -> None:
+    if rc.train.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(rc.train.compile_cache).expanduser()))
+    d = rc.distributed
+    if d.initialize and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+
+
+def _write_run_files(rc: RunConfig, run_dir: Path, models: RunModels, resuming: bool) -> None:
+    """config.yaml always (the config this invocation ran with); model descriptions on a fresh start."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(rc.to_yaml())
+    if resuming:
+        return
+    student_dir = run_dir / STUDENT_DIR
+    student_dir.mkdir(exist_ok=True)
+    models.student_config.to_json_file(student_dir / "config.json")
+    if models.tokenizer is not None:
+        models.tokenizer.save_pretrained(str(student_dir))
+    if models.teacher_config is not None:
+        (run_dir / TEACHER_DIR).mkdir(exist_ok=True)
+        models.teacher_config.to_json_file(run_dir / TEACHER_DIR / "config.json")
+
+
+def _host_params(tree) -> Any:
+    """Gather a (possibly multi-host sharded) tree to host numpy arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _validate(eval_step, state: TrainState, teacher_params, batches, shardings, rc: RunConfig) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for local in batches:
+        sums = jax.device_get(eval_step(state.params, teacher_params,
+                                        inputs.to_global(local, shardings, rc.data.batch_size)))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    w = max(totals.get("weight", 0.0), 1.0)
+    out = {"ce": totals["ce"] / w, "ppl": math.exp(min(totals["ce"] / w, 50.0)), "tokens": totals["tokens"]}
+    if "kd" in totals:
+        out["kl"] = totals["kd"] / w
+    return out
+
+
+def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
+    """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss."""
+    _setup_jax(rc)
+    is_main = jax.process_index() == 0
+    run_dir = Path(rc.run_dir).absolute()
+    mesh = make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, rc.checkpoint)
+    reporter = None
+    prefetch = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None and not rc.train.resume:
+            raise RunConfigError(f"{run_dir} already has checkpoints (latest step {latest}) and train.resume is "
+                                 "false: pick a new run_dir or resume")
+        log = print if is_main else (lambda *_: None)
+        models = load_run_models(rc, run_dir if latest is not None else None, log=log)
+        student_cfg, teacher_cfg = models.student_config, models.teacher_config
+        if is_main:
+            _write_run_files(rc, run_dir, models, resuming=latest is not None)
+        train_ds, val_ds = inputs.build_datasets(rc, models.tokenizer)
+        val_batches = inputs.validation_batches(rc, val_ds)
+
+        ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
+        eval_step = build_eval_step(rc, mesh, student_cfg, teacher_cfg) if val_batches else None
+        teacher_params = place_teacher(rc, mesh, teacher_cfg, models.teacher_params) if teacher_cfg else {}
+        models.teacher_params = None  # the host copy is no longer needed
+
+        if latest is not None:
+            state, data_state, _ = ckpt.restore(latest, abstract_train_state(rc, mesh, student_cfg, teacher_cfg))
+            log(f"resumed {run_dir} at step {latest}")
+        else:
+            state, data_state = init_train_state(rc, mesh, student_cfg, teacher_cfg, models.student_params), None
+        models.student_params = None
+        step = int(jax.device_get(state.step))
+        stop = rc.train.stop_at or rc.train.steps
+        prefetch = inputs.Prefetcher(inputs.train_iterator(rc, train_ds, data_state))
+
+        tokens_per_step = rc.data.batch_size * rc.data.seq_len
+        reporter = Reporter(run_dir, total_steps=rc.train.steps, start_step=step,
+                            flops_per_token=step_flops_per_token(student_cfg, teacher_cfg, rc.data.seq_len),
+                            devices=list(mesh.devices.flat),
+                            progress=rc.log.progress, tensorboard=rc.log.tensorboard, log_every=rc.train.log_every,
+                            enabled=is_main)
+        log(f"{rc.mode}: {'student' if teacher_cfg else 'trained model'} {student_cfg.describe()}"
+            + (f" | teacher {teacher_cfg.describe()}" if teacher_cfg else "")
+            + f" | mesh {dict(mesh.shape)} | {len(train_ds)} train rows, {len(val_batches)} val batches")
+        history, validations = [], []
+        first = True
+        while step < stop:
+            local, data_state = next(prefetch)
+            start = time.perf_counter()
+            state, metrics = ts.step(state, teacher_params, inputs.to_global(local, ts.batch_shardings,
+                                                                              rc.data.batch_size))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+            seconds = time.perf_counter() - start
+            step += 1
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}); "
+                    f"stopped without saving it. Latest good checkpoint: step {ckpt.latest_step()} in "
+                    f"{ckpt.directory}. Lower optim.peak_lr, check the data, or set optim.grad_clip.")
+            history.append({"step": step, **metrics})
+            reporter.step(step, metrics, seconds=seconds, tokens=tokens_per_step, compiled=first)
+            first = False
+
+            if eval_step is not None and ((rc.train.eval_every and step % rc.train.eval_every == 0)
+                                          or step == rc.train.steps):
+                val = _validate(eval_step, state, teacher_params, val_batches, ts.batch_shardings, rc)
+                validations.append({"step": step, **val})
+                reporter.validation(step, val)
+            if step % rc.checkpoint.every == 0 or step == stop:
+                ckpt.save(step, state, data_state, {"step": step, "mode": rc.mode, "time": time.time()})
+        ckpt.wait()
+
+        export_path = None
+        if step == rc.train.steps and rc.export.at_end:
+            params = _host_params(state.params["model"])
+            if is_main:
+                export_path = _export(rc, run_dir, student_cfg, params)
+                log(f"exported the student to {export_path}")
+        return RunResult(run_dir, step, latest, history, validations, export_path, state if keep_state else None)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+        if reporter is not None:
+            reporter.close()
+        ckpt.close()
+
+
+def _export(rc: RunConfig, run_dir: Path, student_cfg, params) -> Path:
+    import jax.numpy as jnp
+
+    from minitron_jax.convert.hf import save_hf
+
+    out = Path(resolve_path(rc.export.path) if rc.export.path else run_dir / "hf")
+    return save_hf(out, student_cfg, params, tokenizer_dir=run_dir / STUDENT_DIR, dtype=jnp.dtype(rc.export.dtype),
+                   overwrite=True)

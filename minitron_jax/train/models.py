@@ -1,0 +1,114 @@
+"""The models of a run: which model is trained, which one teaches, and the tokenizer they share.
+
+==================== ============================== ======================= ==============================
+mode                 trained model                  teacher                 tokenizer (data + export)
+==================== ============================== ======================= ==============================
+distill              ``student.path``, or the        ``teacher.path``        the teacher's
+                     teacher pruned by
+                     ``student.prune``
+teacher_correction   the teacher itself (CE)        none                    the teacher's
+sft                  ``student.path`` (CE on        none                    the student's
+                     assistant tokens)
+==================== ============================== ======================= ==============================
+
+A resumed run does not load (or re-prune) the trained model: its config comes from the run directory and its
+params from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import Params
+from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
+
+
+@dataclasses.dataclass
+class RunModels:
+    student_config: LlamaConfig
+    student_params: Params | None  # host numpy; None when resuming (the checkpoint has them)
+    teacher_config: LlamaConfig | None
+    teacher_params: Params | None
+    tokenizer: Any
+    prune_report: Any = None
+
+
+def check_compatible(teacher_config: LlamaConfig, student_config: LlamaConfig, teacher_tokenizer: Any,
+                     student_tokenizer: Any, *, teacher_name: str = "teacher", student_name: str = "student") -> None:
+    """Refuse to distill across vocabularies: the logit losses compare distributions over the same token ids."""
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise RunConfigError(f"{teacher_name} and {student_name} have different vocabularies "
+                             f"({teacher_config.vocab_size} vs {student_config.vocab_size} tokens): logit "
+                             "distillation needs the same tokenizer; prune the student from this teacher or pick "
+                             "models of one family")
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        from minitron_jax.data import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+            raise RunConfigError(f"{teacher_name} and {student_name} use different tokenizers (same vocabulary "
+                                 "size, different tokenization): logit distillation needs identical token ids")
+
+
+def _load(path: str, what: str, progress: Callable[[str], None] | None = None):
+    from minitron_jax.convert import load_model
+
+    resolved = resolve_path(path)
+    try:
+        return load_model(resolved)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunConfigError(f"cannot load {what} from {path}: {e}") from None
+
+
+def prune_student(rc: RunConfig, teacher, log: Callable[[str], None]):
+    """Apply ``student.prune`` (PruneSpec fields) to the teacher, with ``student.calib`` as calibration text."""
+    from minitron_jax import prune
+    from minitron_jax.data import read_text
+
+    try:
+        spec = prune.PruneSpec.from_dict(rc.student.prune)
+        calib = read_text(resolve_path(rc.student.calib))
+        log(f"pruning the teacher on the fly: {rc.student.prune}")
+        return prune.prune_from_spec(teacher.config, teacher.params, teacher.tokenizer, spec, calib)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        raise RunConfigError(f"student.prune: {e}") from None
+
+
+def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str], None] = print) -> RunModels:
+    """Load (or, when resuming from the run dir ``resume_from``, only describe) the models of a run."""
+    from minitron_jax.convert import load_tokenizer
+    from minitron_jax.train.checkpoints import STUDENT_DIR, read_run_models
+
+    if rc.mode == "sft":
+        if resume_from is not None:
+            config, _ = read_run_models(resume_from)
+            return RunModels(config, None, None, None, load_tokenizer(resume_from / STUDENT_DIR))
+        student = _load(rc.student.path, "student")
+        if student.tokenizer is None:
+            raise RunConfigError(f"sft needs the student's tokenizer (chat template); {rc.student.path} has none")
+        return RunModels(student.config, student.params, None, None, student.tokenizer)
+
+    if resume_from is not None and rc.mode == "teacher_correction":
+        config, _ = read_run_models(resume_from)
+        return RunModels(config, None, None, None, load_tokenizer(resume_from / STUDENT_DIR))
+
+    teacher = _load(rc.teacher.path, "teacher")
+    if teacher.tokenizer is None:
+        raise RunConfigError(f"the teacher at {rc.teacher.path} carries no tokenizer; the data is tokenized with it")
+    if rc.mode == "teacher_correction":
+        return RunModels(teacher.config, teacher.params, None, None, teacher.tokenizer)
+
+    report = None
+    if resume_from is not None:
+        student_config, _ = read_run_models(resume_from)
+        student_params, student_tokenizer = None, load_tokenizer(resume_from / STUDENT_DIR)
+    elif rc.student.path is not None:
+        student = _load(rc.student.path, "student")
+        student_config, student_params, student_tokenizer = student.config, student.params, student.tokenizer
+    else:
+        student_config, student_params, report = prune_student(rc, teacher, log)
+        student_tokenizer = teacher.tokenizer
+    check_compatible(teacher.config, student_config, teacher.tokenizer, student_tokenizer)
+    return RunModels(student_config, student_params, teacher.config, teacher.params, teacher.tokenizer, report)

@@ -1,0 +1,172 @@
+"""Throughput of the distillation train step, its cost relative to plain CE training, and its memory.
+
+CPU mode (default): SmolLM2-135M-Instruct (the embedded GGUF) teaches a width-pruned copy of itself (hidden
+576 → 480, FFN 1536 → 1024, magnitude ranking: no calibration pass needed for a speed test). Three numbers:
+
+1. tokens/s of the jitted distillation step (teacher forward + student forward/backward + chunked KD + AdamW);
+2. tokens/s of the same student trained with plain CE (no teacher) through the same step builder, and the ratio —
+   the price of the teacher;
+3. compiled temporary memory (XLA buffer assignment, nothing allocated) of the *whole step* with the chunked loss
+   vs the naive loss that materializes [tokens × vocab] logits of both models, at SmolLM2's vocab and at
+   Llama-3's (128256, on a small model so that the logits dominate).
+
+``--gpu``: 1B-class shapes in bf16 (a Llama-3.2-1B-like teacher, a width-pruned student, random weights), the
+mesh over all local devices (FSDP), and MFU from ``minitron_jax.train.observe``'s peak-FLOP table.
+
+    python tools/bench_distill.py                       # CPU, 1 device
+    python tools/bench_distill.py --batch 4 --seq-len 512 --steps 5
+    python tools/bench_distill.py --gpu --batch 16 --seq-len 4096 --grad-accum 2
+    python tools/bench_distill.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import count_params, init_params
+from minitron_jax.sharding import make_mesh
+from minitron_jax.train.config import load_config
+from minitron_jax.train.observe import peak_flops, step_flops_per_token
+from minitron_jax.train.state import (abstract_teacher, abstract_train_state, init_train_state, place_teacher)
+from minitron_jax.train.step import abstract_batch, build_train_step
+
+GIB = 2**30
+
+
+def run_config(args, *extra):
+    dtype = "bfloat16" if args.gpu else "float32"
+    return load_config(None, [
+        "run_dir=/tmp/bench_distill", "teacher.path=unused", "student.path=unused", "data.sources=unused",
+        f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
+        "train.steps=1000", f"train.compute_dtype={dtype}", f"teacher.dtype={dtype}", f"train.remat={args.remat}",
+        f"loss.chunk_size={args.chunk_size}", *extra])
+
+
+def cpu_models():
+    from minitron_jax.assets import smollm2_gguf
+    from minitron_jax.convert import load_model
+    from minitron_jax.prune import PruneSpec, prune_from_spec
+
+    teacher = load_model(smollm2_gguf(), with_tokenizer=False)
+    student_cfg, student_params, _ = prune_from_spec(teacher.config, teacher.params, None,
+                                                     PruneSpec(hidden=480, ffn=1024, importance="magnitude"), None)
+    return teacher.config, teacher.params, student_cfg, student_params
+
+
+def gpu_models():
+    teacher = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                          num_kv_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+                          max_position_embeddings=131072)
+    student = teacher.replace(hidden_size=1536, intermediate_size=6144)
+    key_t, key_s = jax.random.split(jax.random.key(0))
+    host = lambda t: jax.tree.map(np.asarray, t)
+    return teacher, host(init_params(teacher, key_t)), student, host(init_params(student, key_s))
+
+
+def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, steps: int) -> dict:
+    """Median seconds per step (after one compile/warm-up step) and tokens/s."""
+    ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
+    state = init_train_state(rc, mesh, student_cfg, teacher_cfg, student_params)
+    teacher = place_teacher(rc, mesh, teacher_cfg, teacher_params) if teacher_cfg else {}
+    rng = np.random.default_rng(0)
+    shape = (rc.data.batch_size, rc.data.seq_len)
+    batch = {"tokens": rng.integers(0, student_cfg.vocab_size, shape), "segment_ids": np.ones(shape),
+             "positions": np.broadcast_to(np.arange(shape[1]), shape), "loss_mask": np.ones(shape)}
+    batch = jax.device_put({k: np.asarray(v, np.int32) for k, v in batch.items()}, ts.batch_shardings)
+    start = time.perf_counter()
+    state, metrics = ts.step(state, teacher, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = ts.step(state, teacher, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    sec = statistics.median(times)
+    tokens = shape[0] * shape[1]
+    flops = step_flops_per_token(student_cfg, teacher_cfg, rc.data.seq_len) * tokens
+    peak = peak_flops(list(mesh.devices.flat))
+    return {"seconds_per_step": sec, "tokens_per_s": tokens / sec, "first_step_s": compile_s,
+            "tflops_per_s": flops / sec / 1e12, "mfu": (flops / sec / peak) if peak else None,
+            "loss": float(metrics["loss"])}
+
+
+def step_temp_bytes(rc, mesh, student_cfg, teacher_cfg) -> int:
+    ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
+    compiled = ts.step.lower(abstract_train_state(rc, mesh, student_cfg, teacher_cfg),
+                             abstract_teacher(rc, mesh, teacher_cfg), abstract_batch(rc, mesh)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="1B-class bf16 shapes over all local devices")
+    p.add_argument("--batch", type=int, default=None, help="global rows (default: 4 CPU, 8 per device GPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 256 CPU, 4096 GPU")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--remat", default=None, help="default: none CPU, full GPU")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
+    p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    devices = jax.devices() if args.gpu else jax.devices()[:1]
+    args.batch = args.batch or (8 * len(devices) if args.gpu else 4)
+    args.seq_len = args.seq_len or (4096 if args.gpu else 256)
+    args.remat = args.remat or ("full" if args.gpu else "none")
+    mesh = make_mesh(1, len(devices), 1, devices=devices)
+    teacher_cfg, teacher_params, student_cfg, student_params = gpu_models() if args.gpu else cpu_models()
+
+    report = {"device": f"{len(devices)} x {devices[0].device_kind}", "platform": platform.processor() or "",
+              "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "remat": args.remat,
+              "teacher": f"{teacher_cfg.describe()} ({count_params(teacher_cfg) / 1e6:.1f}M)",
+              "student": f"{student_cfg.describe()} ({count_params(student_cfg) / 1e6:.1f}M)"}
+    rc = run_config(args)
+    report["distill"] = time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, args.steps)
+    report["ce_only"] = time_step(rc.replace(mode="teacher_correction"), mesh, student_cfg, student_params, None,
+                                  None, args.steps)
+    report["distill_over_ce_time"] = (report["distill"]["seconds_per_step"]
+                                      / report["ce_only"]["seconds_per_step"])
+
+    if not args.no_memory:
+        memory = {}
+        large_vocab = student_cfg.replace(vocab_size=128256, num_layers=2)
+        large_teacher = teacher_cfg.replace(vocab_size=128256, num_layers=2)
+        for name, s_cfg, t_cfg in (("model_vocab", student_cfg, teacher_cfg),
+                                   ("vocab_128256", large_vocab, large_teacher)):
+            row = {"vocab": s_cfg.vocab_size}
+            for impl in ("chunked", "naive"):
+                row[f"{impl}_temp_gib"] = step_temp_bytes(run_config(args, f"loss.naive={impl == 'naive'}"), mesh,
+                                                          s_cfg, t_cfg) / GIB
+            row["logits_fp32_gib_per_model"] = args.batch * args.seq_len * s_cfg.vocab_size * 4 / GIB
+            memory[name] = row
+        report["step_memory"] = memory
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"device: {report['device']}   batch {args.batch} x {args.seq_len} tokens   remat {args.remat}")
+    print(f"teacher: {report['teacher']}\nstudent: {report['student']}")
+    for name in ("distill", "ce_only"):
+        r = report[name]
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"{name:<8} {r['seconds_per_step']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
+              f"{r['tflops_per_s']:.3f} TFLOP/s  MFU {mfu}  (first step {r['first_step_s']:.1f} s)")
+    print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
+    for row in report.get("step_memory", {}).values():
+        print(f"whole-step temp memory, V={row['vocab']}: chunked {row['chunked_temp_gib']:.3f} GiB, "
+              f"naive {row['naive_temp_gib']:.3f} GiB (one fp32 logits buffer: {row['logits_fp32_gib_per_model']:.3f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
