@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,22 +56,31 @@ def _batch_nll(config: LlamaConfig, params: Params, tokens: jax.Array, weights: 
     return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * (T - 1)
 
 
-def nll_sum(config: LlamaConfig, params: Params, windows: np.ndarray, *, batch_size: int = 8,
-            dtype=jnp.float32, layer_keep=None, progress=None) -> tuple[float, int]:
-    """(total NLL, predicted tokens) over windows [N, T]; one compiled shape (the last batch is padded)."""
+def padded_batches(windows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """``(tokens [batch_size, T] int32, weights [batch_size] float32, windows done so far)`` over windows [N, T].
+
+    Every batch has the same shape, so one compiled function serves them all: the last one is padded with
+    all-zero rows whose weight is 0 (callers multiply per-row results by the weights)."""
     windows = np.asarray(windows, np.int32)
-    total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         weights = np.zeros(batch_size, np.float32)
         weights[: len(chunk)] = 1.0
         if len(chunk) < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), windows.shape[1]), np.int32)])
+        yield chunk, weights, start + int(weights.sum())
+
+
+def nll_sum(config: LlamaConfig, params: Params, windows: np.ndarray, *, batch_size: int = 8,
+            dtype=jnp.float32, layer_keep=None, progress=None) -> tuple[float, int]:
+    """(total NLL, predicted tokens) over windows [N, T]; one compiled shape (the last batch is padded)."""
+    total, count = 0.0, 0
+    for chunk, weights, done in padded_batches(windows, batch_size):
         s, c = _batch_nll(config, params, chunk, weights, layer_keep, dtype=dtype)
         total += float(s)
         count += int(c)
         if progress:
-            progress(min(start + batch_size, len(windows)))
+            progress(done)
     return total, count
 
 
