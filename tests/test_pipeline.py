@@ -1,0 +1,259 @@
+"""The end-to-end pipeline on a tiny random teacher: every stage runs, a rerun skips them all, an interrupted
+distillation resumes from its checkpoint to the same result, changed settings redo only what they affect, and bad
+configs are refused with a message and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from utils import save_tiny_hf, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = ("the quick brown fox jumps over lazy dog pruning removes least important heads neurons channels "
+          "distillation teaches student match teacher distribution").split()
+
+
+def make_tiny_setup(root: Path) -> Path:
+    """A tiny teacher (HF dir with tokenizer), train/calib texts, a tiny MMLU file and a pipeline YAML."""
+    root.mkdir(parents=True, exist_ok=True)
+    save_tiny_hf(root / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
+    rng = random.Random(0)
+
+    def doc(n):
+        return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."
+
+    for name, n in (("train", 60), ("calib", 20)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{name} {i}: " + doc(rng.randint(20, 60))}) + "\n")
+    with open(root / "mmlu.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"question": f"What is {i} plus {i}?", "answer_a": str(2 * i), "answer_b": str(i),
+                                "answer_c": "0", "answer_d": "7", "correct_answer": "A",
+                                "topic": "astronomy" if i % 2 else "elementary mathematics"}) + "\n")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(f"""
+name: tiny
+teacher: {root / 'teacher'}
+texts: {{train: {root / 'train.jsonl'}, calib: {root / 'calib.jsonl'}, heldout_docs: 8}}
+importance: {{calib_samples: 4, seq_len: 32, batch_size: 4, depth_samples: 2}}
+students:
+  width: {{prune: {{hidden: 48, ffn: 64, heads_per_group: 3}}}}
+  depth: {{prune: {{drop_layers: 1}}}}
+distill: {{steps: 6, seq_len: 32, batch_size: 2, eval_every: 3, val_rows: 4, val_batches: 1, checkpoint_every: 2,
+          warmup_steps: 1, peak_lr: 1.0e-3, min_lr: 1.0e-4}}
+eval: {{seq_len: 32, max_tokens: 256, batch_size: 4, mmlu_limit: 4, mmlu_shots: 1, mmlu_data: {root / 'mmlu.jsonl'},
+       mmlu_batch_size: 2}}
+""")
+    return cfg
+
+
+def _env() -> dict[str, str]:
+    """The pipeline in a subprocess sees the machine's real devices (not the 8 fake ones of conftest)."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["XLA_FLAGS"] = flags
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_pipeline(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minitron_jax.pipeline", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run_dir: Path) -> dict[str, dict]:
+    return {r["model"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+
+
+def _stage_lines(out: str, word: str) -> set[str]:
+    """Stage names whose status line contains ``word`` ("skipped" or "finished")."""
+    names = set()
+    for line in out.splitlines():
+        if word in line and ("✓" in line):
+            parts = line.split()
+            names.add(parts[1])
+    return names
+
+
+ALL_STAGES = {"data", "teacher", "importance", "prune.width", "prune.depth", "distill.width", "distill.depth",
+              "eval.teacher", "eval.width.pruned", "eval.width.distilled", "eval.depth.pruned",
+              "eval.depth.distilled"}
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    return make_tiny_setup(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cfg):
+    cfg = tiny_cfg
+    run_dir = cfg.parent / "run"
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return cfg, run_dir, proc
+
+
+def test_end_to_end_outputs(tiny_run):
+    cfg, run_dir, proc = tiny_run
+    assert _stage_lines(proc.stdout, "finished") == ALL_STAGES
+    rows = _rows(run_dir)
+    assert set(rows) == {"teacher", "width", "depth"}
+    assert rows["width"]["arch"] == {"layers": 3, "hidden": 48, "ffn": 64, "heads": 6, "kv_heads": 2}
+    assert rows["depth"]["arch"]["layers"] == 2
+    for s in ("width", "depth"):
+        r = rows[s]
+        assert r["ppl_pruned"] > 1 and r["ppl"] > 1
+        assert r["tokens"] == 6 * 2 * 32
+        assert 0.0 <= r["mmlu"] <= 1.0
+        assert (Path(r["export"]) / "config.json").is_file()
+        assert (run_dir / "stages" / f"distill.{s}.json").is_file()
+    assert rows["teacher"]["mmlu"] is not None
+    for name in ("results.md", "results.json", "results.png"):
+        assert (run_dir / name).stat().st_size > 0
+    md = (run_dir / "results.md").read_text()
+    assert "| width |" in md and "| depth |" in md
+    # The held-out text is disjoint from training and calibration text.
+    docs = {n: (run_dir / "data" / f"{n}.jsonl").read_text().splitlines() for n in ("train", "calib", "heldout")}
+    assert len(docs["heldout"]) == 8 and not set(docs["heldout"]) & (set(docs["train"]) | set(docs["calib"]))
+    # The exported students load in transformers.
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(rows["width"]["export"])
+    assert m.config.hidden_size == 48
+
+
+def test_rerun_skips_every_stage(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    before = _rows(run_dir)
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES
+    assert _stage_lines(proc.stdout, "finished") == set()
+    after = _rows(run_dir)
+    assert {k: v["ppl"] for k, v in after.items()} == {k: v["ppl"] for k, v in before.items()}
+
+
+def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
+    """Simulate a kill during the depth student's distillation after its step-4 checkpoint: the step-6 checkpoint,
+    the export and every later marker are gone. The rerun skips what was done, resumes the trainer at step 4 and
+    ends with the same student (exact resume) and the same table."""
+    cfg, run_dir, _ = tiny_run
+    before = _rows(run_dir)
+    stages = run_dir / "stages"
+    for marker in ["distill.depth", "eval.depth.pruned", "eval.depth.distilled"]:
+        (stages / f"{marker}.json").unlink()
+    (run_dir / "results.json").unlink()
+    shutil.rmtree(run_dir / "distill" / "depth" / "hf")
+    ckpts = run_dir / "distill" / "depth" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 6]
+    shutil.rmtree(ckpts / "6")
+
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "from its checkpoint at step 4" in proc.stdout
+    assert _stage_lines(proc.stdout, "finished") == {"distill.depth", "eval.depth.pruned", "eval.depth.distilled"}
+    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - {"distill.depth", "eval.depth.pruned",
+                                                                  "eval.depth.distilled"}
+    after = _rows(run_dir)
+    for s in ("teacher", "width", "depth"):
+        assert after[s]["ppl"] == pytest.approx(before[s]["ppl"], rel=1e-6), s
+        assert after[s]["mmlu"] == before[s]["mmlu"]
+
+
+def test_changed_setting_redoes_only_what_it_affects(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "eval.max_tokens=128")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = {s for s in ALL_STAGES if s.startswith("eval.")}
+    assert _stage_lines(proc.stdout, "finished") == evals
+    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - evals
+    assert json.loads((run_dir / "results.json").read_text())["eval"]["heldout_tokens"] == 128
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes(tmp_path):
+    """A real SIGKILL in the middle of a distillation, then a rerun: same results as an uninterrupted run."""
+    cfg = make_tiny_setup(tmp_path / "setup")
+    ref = tmp_path / "ref"
+    assert run_pipeline("--config", str(cfg), f"run_dir={ref}", "students.depth.prune.drop_layers=2").returncode == 0
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "minitron_jax.pipeline", "--config", str(cfg), f"run_dir={killed}",
+            "students.depth.prune.drop_layers=2"]
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = killed / "distill" / "width" / "checkpoints" / "2"
+    deadline = time.time() + 600
+    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "stages" / "distill.width.json").exists()
+    rerun = run_pipeline("--config", str(cfg), f"run_dir={killed}", "students.depth.prune.drop_layers=2")
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    assert "skipped" in rerun.stdout
+    a, b = _rows(ref), _rows(killed)
+    for s in a:
+        assert b[s]["ppl"] == pytest.approx(a[s]["ppl"], rel=1e-6), s
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad configs: refused before any work, with the problem named and a non-zero exit
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("distill.stepz=3", "did you mean distill.steps"),
+    ("distill.steps=many", "expected an integer"),
+    ("distill.steps=0", "distill.steps must be >= 1"),
+    ("students.width.prune.hiden=3", "unknown key(s) hiden"),
+    ("students.width.init=zeros", "students.width.init must be one of"),
+    ("students.width.prune.hidden=4096", "exceeds the model's hidden size"),
+    ("students.depth.prune.heads=5", "not divisible across the 2 KV groups"),
+    ("students={}", "students is empty"),
+    ("eval.max_tokens=8", "eval.max_tokens must be >= eval.seq_len"),
+    ("distill.trainer.loss.kind=mse", "loss.kind must be one of"),
+    ("teacher=/nonexistent/model", "does not exist"),
+])
+def test_bad_config_is_refused(tiny_cfg, tmp_path, capsys, override, message):
+    from minitron_jax.pipeline import main
+
+    rc = main(["--config", str(tiny_cfg), f"run_dir={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    from minitron_jax.pipeline import main
+
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_config_is_valid_and_students_match_in_size():
+    """The README's main command reads this file; its two students have about the same parameter count."""
+    from minitron_jax.config import LlamaConfig
+    from minitron_jax.model import count_params
+    from minitron_jax.pipeline import _prune_spec, load_pipeline_config
+    from minitron_jax.prune import target_config
+
+    pc = load_pipeline_config(REPO / "configs" / "smollm2_135m_demo.yaml")
+    assert pc.run_path == Path("runs/smollm2_135m_demo")
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+    counts = {s: count_params(target_config(smollm2, _prune_spec(pc, spec))) for s, spec in pc.students.items()}
+    assert set(counts) == {"width", "depth"}
+    assert max(counts.values()) / min(counts.values()) < 1.05
+    assert all(85e6 < n < 100e6 for n in counts.values()), counts

@@ -1,0 +1,231 @@
+"""Check the Minitron paper's findings on SmolLM2-135M at equal token budgets, and write docs/results.md.
+
+    python tools/findings.py [key=value ...]        # overrides apply to both pipeline runs (e.g. distill.steps=400)
+
+Runs ``minitron_jax.pipeline`` twice on ``configs/smollm2_135m_findings.yaml``:
+
+- ``<out>/base``: four students with one distillation budget: width-pruned + KD (the paper's recipe), the same with
+  plain next-token cross-entropy, the same architecture from random weights + KD, and depth-pruned + KD;
+- ``<out>/corrected``: teacher correction first (the teacher fine-tuned on the distillation text), then the
+  width-pruned student pruned from and distilled by the corrected teacher.
+
+Both are ordinary resumable pipeline runs (rerunning this script skips finished stages). Then it compares
+
+1. distillation (KL) vs plain cross-entropy for the same pruned student;
+2. pruned vs random initialization of the same architecture;
+3. width vs depth pruning at (about) the same parameter count;
+4. with vs without teacher correction,
+
+by held-out perplexity (the lower the better) and the final validation loss, and writes the table between the
+markers of ``docs/results.md``, ``docs/figures/results_curves.png``, ``docs/figures/results_ppl.png`` and
+``docs/figures/results_findings.json``. The text around the markers (what held, what did not) is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "smollm2_135m_findings.yaml"
+BEGIN, END = "<!-- BEGIN FINDINGS (written by tools/findings.py) -->", "<!-- END FINDINGS -->"
+
+# (finding, arm A: the paper's choice, arm B: the alternative, what the paper says)
+COMPARISONS = [
+    ("1. distillation vs cross-entropy", ("base", "width_kd"), ("base", "width_ce"),
+     "KD with forward KL recovers more than training on the ground-truth next token with the same tokens"),
+    ("2. pruned vs random initialization", ("base", "width_kd"), ("base", "width_random"),
+     "starting from the pruned weights is far better than training the same architecture from scratch"),
+    ("3. width vs depth pruning", ("base", "width_kd"), ("base", "depth_kd"),
+     "at the same size, width pruning ends better after distillation than depth pruning (depth is faster)"),
+    ("4. with vs without teacher correction", ("corrected", "width_kd"), ("base", "width_kd"),
+     "correcting the teacher on the distillation data first gives a better student"),
+]
+NOISE = 0.02  # relative perplexity differences below this are called inconclusive
+
+
+def run_pipelines(config: Path, out: Path, overrides: list[str]) -> dict[str, dict]:
+    import dataclasses
+
+    from minitron_jax.pipeline import Pipeline, load_pipeline_config
+
+    base = load_pipeline_config(config, overrides + [f"run_dir={out / 'base'}"])
+    if "width_kd" not in base.students:
+        raise SystemExit(f"{config} needs a width_kd student (the paper's recipe that every finding compares with)")
+    corrected = dataclasses.replace(
+        base, run_dir=str(out / "corrected"), students={"width_kd": base.students["width_kd"]},
+        teacher_correction=dataclasses.replace(base.teacher_correction, enabled=True))
+    reports = {}
+    for name, pc in (("base", base), ("corrected", corrected)):
+        t0 = time.perf_counter()
+        report = Pipeline(pc).run()
+        report["driver_wall_seconds"] = time.perf_counter() - t0
+        reports[name] = report
+    return reports
+
+
+def _row(reports, run: str, model: str) -> dict:
+    for r in reports[run]["rows"]:
+        if r["model"] == model:
+            return r
+    raise KeyError(f"{run}/{model} not in the pipeline report")
+
+
+def _final_val(reports, run: str, model: str) -> float | None:
+    val = reports[run]["curves"][model]["val"]
+    return val[-1][1] if val else None
+
+
+def compare(reports) -> list[dict]:
+    out = []
+    for title, a, b, claim in COMPARISONS:
+        ra, rb = _row(reports, *a), _row(reports, *b)
+        rel = rb["ppl"] / ra["ppl"] - 1.0  # > 0: the paper's choice (A) is better
+        verdict = "inconclusive" if abs(rel) < NOISE else ("held" if rel > 0 else "did not hold")
+        out.append({"finding": title, "claim": claim, "a": {"run": a[0], **ra, "val_ce": _final_val(reports, *a)},
+                    "b": {"run": b[0], **rb, "val_ce": _final_val(reports, *b)}, "relative_ppl_gap": rel,
+                    "verdict": verdict})
+    return out
+
+
+def _label(side: dict) -> str:
+    name = side["model"]
+    if side["run"] == "corrected":
+        name += " (corrected teacher)"
+    return name
+
+
+def markdown(results: list[dict], reports: dict, command: str, meta: dict) -> str:
+    base = reports["base"]
+    corr_teacher = _row(reports, "corrected", "teacher_corrected")
+    teacher = _row(reports, "base", "teacher")
+    d = base["distill"]
+    lines = [
+        BEGIN, "",
+        f"Command: `{command}` ({meta['when']}; {meta['machine']}; total wall time {meta['wall_min']:.0f} min, on a "
+        f"{meta['load']}).",
+        "",
+        f"Budget per student: {d['steps']} steps × {d['batch_size']} × {d['seq_len']} tokens = "
+        f"{d['steps'] * d['batch_size'] * d['seq_len']:,} training tokens. Held-out perplexity on "
+        f"{base['eval']['heldout_tokens']:,} tokens of Wikipedia passages never trained on; validation CE on rows "
+        f"held out of the training text. Teacher (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized): "
+        f"{teacher['params'] / 1e6:.1f}M params, held-out perplexity {teacher['ppl']:.2f}, MMLU "
+        f"{base['eval']['mmlu_shots']}-shot {teacher['mmlu']:.3f} on {teacher['mmlu_n']} questions; corrected teacher "
+        f"({corr_teacher['tokens']:,} tokens of CE): perplexity {corr_teacher['ppl']:.2f}.",
+        "",
+        "| finding | student | params | ppl after pruning | ppl after distillation | val CE | MMLU | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        for side, verdict in ((r["a"], ""), (r["b"], f"**{r['verdict']}** ({r['relative_ppl_gap']:+.1%})")):
+            lines.append(f"| {r['finding'] if side is r['a'] else ''} | {_label(side)} | {side['params'] / 1e6:.1f}M | "
+                         f"{side['ppl_pruned']:.1f} | {side['ppl']:.2f} | "
+                         f"{'–' if side['val_ce'] is None else format(side['val_ce'], '.3f')} | "
+                         f"{'–' if side['mmlu'] is None else format(side['mmlu'], '.3f')} | {verdict} |")
+    lines += ["", "Verdict: whether the first-listed student (the paper's choice) has the lower held-out perplexity; "
+                  f"the percentage is how much higher the alternative's perplexity is; below {NOISE:.0%} it is called "
+                  "inconclusive.", "",
+              "![validation curves](figures/results_curves.png)", "",
+              "![held-out perplexity](figures/results_ppl.png)", "", END]
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], reports: dict, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 4, figsize=(18, 4), sharey=False)
+    for ax, r in zip(axs, results):
+        for side, color in ((r["a"], "#1f77b4"), (r["b"], "#d62728")):
+            curve = reports[side["run"]]["curves"][side["model"]]["val"]
+            if curve:
+                steps, ce, _ = zip(*curve)
+                ax.plot(steps, ce, "o-", color=color, label=f"{_label(side)}")
+        ax.set_title(r["finding"], fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation CE (nats/token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "results_curves.png", dpi=110)
+    plt.close(fig)
+
+    names, before, after = [], [], []
+    seen = set()
+    for r in results:
+        for side in (r["a"], r["b"]):
+            key = (side["run"], side["model"])
+            if key in seen:
+                continue
+            seen.add(key)
+            names.append(_label(side).replace(" (corrected teacher)", "\n(corr. teacher)"))
+            before.append(side["ppl_pruned"])
+            after.append(side["ppl"])
+    teacher = _row(reports, "base", "teacher")["ppl"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], before, 0.4, label="before distillation", color="#d62728", alpha=0.7)
+    ax.bar([i + 0.2 for i in x], after, 0.4, label="after distillation", color="#2ca02c", alpha=0.8)
+    for i, (b, a) in enumerate(zip(before, after)):
+        ax.text(i - 0.2, b, f"{b:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.text(i + 0.2, a, f"{a:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher {teacher:.1f}")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), names, fontsize=8)
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "results_ppl.png", dpi=110)
+    plt.close(fig)
+
+
+def write_results_md(path: Path, block: str) -> None:
+    text = path.read_text() if path.is_file() else "# Results\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="pipeline overrides for both runs, e.g. distill.steps=400")
+    ap.add_argument("--config", default=str(CONFIG), help="pipeline config with the four students")
+    ap.add_argument("--out", default=str(REPO / "runs" / "findings"), help="where the two pipeline runs go")
+    ap.add_argument("--docs", default=str(REPO / "docs"), help="where results.md and figures/ are written")
+    ap.add_argument("--load", default="shared machine (other jobs running)", help="a note on the machine's load")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    reports = run_pipelines(Path(args.config), Path(args.out).absolute(), args.overrides)
+    results = compare(reports)
+    docs = Path(args.docs)
+    figures = docs / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    plots(results, reports, figures)
+    command = "python tools/findings.py" + ("" if Path(args.config) == CONFIG else f" --config {args.config}") \
+        + "".join(f" {o}" for o in args.overrides)
+    meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                                                          f"Python {platform.python_version()}",
+            "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60,
+            "load": args.load}
+    block = markdown(results, reports, command, meta)
+    write_results_md(docs / "results.md", block)
+    (figures / "results_findings.json").write_text(json.dumps(
+        {"command": command, "meta": meta, "comparisons": results,
+         "stages": {k: v["stages"] for k, v in reports.items()}}, indent=1, default=str) + "\n")
+    print(block)
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min (this invocation)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
