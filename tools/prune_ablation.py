@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "pruning.md")
     ap.add_argument("--out-prefix", type=Path, default=ROOT / "docs" / "figures" / "prune_ablation")
+    ap.add_argument("--render-only", action="store_true",
+                    help="redraw the figure and the markdown section from the saved json, without running anything")
     return ap.parse_args(argv)
 
 
@@ -229,11 +231,14 @@ def markdown(res: dict) -> str:
             out.append(f"| {r['drop']} | {r['variant']} | {r['layers_dropped']} | {r['params'] / 1e6:.1f}M | "
                        f"{r['ppl']:.2f} | {r['ppl'] / base:.2f} |")
     t = res["timings"]
-    out += ["", f"Importance estimation speed on this machine ({res['machine']}): the calibration pass ran at "
-                f"**{res['importance_tokens_per_s']:.0f} tokens/s** wall clock "
-                f"({res['importance_tokens_per_cpu_s']:.0f} tokens per CPU-second of this process), the "
-                f"layer-perplexity scans at {res['layer_scan_tokens_per_s']:.0f} tokens/s. Whole run: "
-                f"{total_wall / 60:.1f} min (" + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in t.items()) + ").",
+    total_cpu = sum(v["cpu_s"] for v in t.values())
+    out += ["", f"Importance estimation speed on this machine ({res['machine']}): the calibration pass (forward "
+                f"plus every statistic) ran at **{res['importance_tokens_per_s']:.0f} tokens/s** wall clock, "
+                f"{res['importance_tokens_per_cpu_s']:.0f} tokens per CPU-second (the time of both cores counted, so "
+                "two idle cores would give up to twice that); the layer-perplexity scans ran at "
+                f"{res['layer_scan_tokens_per_s']:.0f} tokens/s. Whole run: {total_wall / 60:.1f} min wall clock on "
+                f"the shared machine, {total_cpu / 60:.1f} CPU-minutes ("
+                + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in t.items()) + ").",
             "", f"![pruning ablation](figures/{Path(res['figure']).name})"]
     return "\n".join(out)
 
@@ -247,13 +252,14 @@ def figure(res: dict, path: Path) -> None:
     rows, base = res["rows"], res["base_ppl"]
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
 
-    methods = [r for r in rows if r["group"] == "method"]
+    methods = [r for r in rows if r["group"] in ("method", "dimension")]
     a = ax[0, 0]
-    a.barh([r["variant"] for r in methods], [r["ppl"] for r in methods], color="tab:blue")
+    a.barh([r["variant"] for r in methods], [r["ppl"] for r in methods],
+           color=["tab:blue" if r["group"] == "method" else "tab:gray" for r in methods])
     a.axvline(base, color="k", ls="--", label=f"unpruned {base:.1f}")
     a.set_xscale("log")
     a.set_xlabel("perplexity (log)")
-    a.set_title(f"width → {res['width_params'] / 1e6:.0f}M params: ranking method")
+    a.set_title(f"width → {res['width_params'] / 1e6:.0f}M params (gray: one dimension only)")
     a.invert_yaxis()
     a.legend()
 
@@ -313,10 +319,14 @@ def update_doc(doc: Path, section: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    res = run(args)
-    res["figure"] = str(args.out_prefix.with_suffix(".png"))
+    if args.render_only:
+        res = json.loads(args.out_prefix.with_suffix(".json").read_text())
+    else:
+        res = run(args)
+        res["figure"] = str(args.out_prefix.with_suffix(".png"))
+        args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        args.out_prefix.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     figure(res, args.out_prefix.with_suffix(".png"))
-    args.out_prefix.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     section = markdown(res)
     update_doc(args.doc, section)
     print(section)
