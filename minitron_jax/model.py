@@ -225,11 +225,104 @@ def _mm(x, w, spec, dtype):
     return jnp.einsum(spec, x, w.astype(dtype))
 
 
+# Memory-efficient attention (a flash-attention-style online softmax over key blocks, with a custom VJP that
+# recomputes each block's probabilities from the saved softmax statistics): the same contract and numerics as
+# `attend`, but O(T · block) temporaries per head instead of the [B, K, T, G, S] fp32 score matrix (8.6 GB per layer
+# for one 8192-token row of Llama-3.1-8B). Chosen with ``hidden_states(attention="blockwise")``.
+ATTENTION_BLOCK = 512
+
+
+def _key_blocks(k, v, mask, block):
+    """Pad S to a multiple of ``block``: k/v → [nb, B, block, K, Hd], mask → [nb, B, T, block], valid [nb, block]"""
+    S = k.shape[1]
+    nb = -(-S // block)
+    pad = nb * block - S
+    if pad:
+        k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        mask = jnp.pad(mask, [(0, 0), (0, 0), (0, pad)])
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], nb, block, *x.shape[2:]), 1, 0)
+    valid = (jnp.arange(nb * block) < S).reshape(nb, block)
+    return split(k), split(v), jnp.moveaxis(mask.reshape(mask.shape[0], mask.shape[1], nb, block), 2, 0), valid
+
+
+def _block_scores(q, kb, mb, valid, scale):
+    """Masked fp32 scores [B, K, T, G, block]: masked keys get finfo.min (as `attend`), padding keys -inf."""
+    s = jnp.einsum("btkgh,bskh->bktgs", q, kb, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mb[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
+    return jnp.where(valid, s, -jnp.inf), mb[:, None, :, None, :] & valid
+
+
+def _flash_forward(q, k, v, mask, block):
+    B, T, K, G, Hd = q.shape
+    scale = Hd ** -0.5
+    kb, vb, mb, valid = _key_blocks(k, v, mask, block)
+
+    def body(carry, xs):
+        m, l, acc = carry
+        s, _ = _block_scores(q, *xs[:2], xs[3], scale)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bktgs,bskh->bktgh", p.astype(v.dtype), xs[2], preferred_element_type=jnp.float32)
+        return (m_new, l, acc * corr[..., None] + pv), None
+
+    init = (jnp.full((B, K, T, G), -jnp.inf, jnp.float32), jnp.zeros((B, K, T, G), jnp.float32),
+            jnp.zeros((B, K, T, G, Hd), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, (kb, mb, vb, valid))
+    out = (acc / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3, 4)
+    # (m, l) rather than m + log(l): next to finfo.min (a fully masked row) the log would be absorbed.
+    return out, (m, l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = ATTENTION_BLOCK):
+    """`attend` computed over key blocks of ``block`` with an online softmax; never holds more than one block's
+    scores. Gradients are recomputed block by block from the saved row max and sum (FlashAttention-2's backward)."""
+    return _flash_forward(q, k, v, mask, block)[0]
+
+
+def _flash_fwd_rule(q, k, v, mask, block):
+    out, (m, l) = _flash_forward(q, k, v, mask, block)
+    return out, (q, k, v, mask, out, m, l)
+
+
+def _flash_bwd_rule(block, res, d_out):
+    q, k, v, mask, out, m, l = res
+    S, Hd = k.shape[1], q.shape[-1]
+    scale = Hd ** -0.5
+    kb, vb, mb, valid = _key_blocks(k, v, mask, block)
+    do = d_out.astype(jnp.float32).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, Hd]
+    delta = jnp.sum(do * out.astype(jnp.float32).transpose(0, 2, 1, 3, 4), axis=-1)  # [B, K, T, G]
+
+    def body(dq, xs):
+        kj, mj, vj, valid_j = xs
+        s, keep = _block_scores(q, kj, mj, valid_j, scale)
+        p = jnp.exp(s - m[..., None]) / l[..., None]
+        dv = jnp.einsum("bktgs,bktgh->bskh", p, do)
+        dp = jnp.einsum("bktgh,bskh->bktgs", do, vj.astype(jnp.float32))
+        ds = jnp.where(keep, p * (dp - delta[..., None]), 0.0) * scale  # masked scores are constants: no gradient
+        dq = dq + jnp.einsum("bktgs,bskh->btkgh", ds, kj.astype(jnp.float32))
+        dk = jnp.einsum("bktgs,btkgh->bskh", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (kb, mb, vb, valid))
+    unsplit = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :S]
+    return dq.astype(q.dtype), unsplit(dk).astype(k.dtype), unsplit(dv).astype(v.dtype), None
+
+
+attend_blockwise.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+ATTENTION_IMPLS = {"einsum": attend, "blockwise": attend_blockwise}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # One decoder layer
 # ------------------------------------------------------------------------------------------------------------------
 def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, *, dtype,
-                  cache: dict | None = None, cache_index=None, keep: jax.Array | None = None):
+                  cache: dict | None = None, cache_index=None, keep: jax.Array | None = None,
+                  attention: str = "einsum"):
     """One pre-norm Llama block. Returns (new hidden, intermediates dict, new cache slice or None).
 
     ``keep`` (a 0/1 scalar) multiplies the block's residual updates: 0 makes the block an exact identity,
@@ -254,7 +347,8 @@ def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, 
         new_cache = {"k": ck, "v": cv}
         k, v = ck.astype(dtype), cv.astype(dtype)
 
-    heads = attend(q, k, v, mask)  # [B,T,K,G,Hd]: the per-head outputs that head importance measures
+    attn = ATTENTION_IMPLS[attention] if cache is None else attend
+    heads = attn(q, k, v, mask)  # [B,T,K,G,Hd]: the per-head outputs that head importance measures
     attn_out = _mm(heads, p["o"], "btkgh,kghd->btd", dtype)
     if config.attention_bias:
         attn_out = attn_out + p["o_bias"].astype(dtype)
@@ -314,7 +408,8 @@ def default_positions(tokens: jax.Array, segment_ids: jax.Array | None = None) -
 def hidden_states(config: LlamaConfig, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None, dtype=jnp.float32, remat: str = "none",
                   collect: Callable[[dict], Any] | bool | None = None, layer_keep: jax.Array | None = None,
-                  cache: dict | None = None, cache_index=None, cache_valid: jax.Array | None = None):
+                  cache: dict | None = None, cache_index=None, cache_valid: jax.Array | None = None,
+                  attention: str = "einsum", activation_sharding: Any = None):
     """Tokens [B, T] → final-normed hidden states [B, T, D] (before the lm_head).
 
     Args:
@@ -327,6 +422,11 @@ def hidden_states(config: LlamaConfig, params: Params, tokens: jax.Array, *, pos
         so importance statistics never hold [L, B, T, F] at once).
       layer_keep: [L] 0/1 multipliers of each layer's residual updates (layer-drop without re-slicing).
       cache, cache_index, cache_valid: KV cache {"k","v": [L,B,S,K,Hd]} for decoding (see ``generate.py``).
+      attention: ``"einsum"`` (scores materialized, fastest at short T) or ``"blockwise"`` (online softmax over key
+        blocks: O(T·block) memory per head; see `attend_blockwise`). Decoding with a cache always uses einsum.
+      activation_sharding: a ``jax.sharding.Sharding`` for the [B, T, D] residual stream, applied at every layer
+        boundary. Under FSDP this keeps activations batch-sharded, so XLA gathers each layer's weights instead of
+        resharding activations over the hidden axis (which costs an all-reduce of [B, T, F] per matmul).
 
     Returns:
       ``(hidden, collected, new_cache)``; collected is None unless ``collect`` is given, new_cache None unless
@@ -334,11 +434,15 @@ def hidden_states(config: LlamaConfig, params: Params, tokens: jax.Array, *, pos
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTION_IMPLS)}")
+    constrain = ((lambda x: x) if activation_sharding is None
+                 else (lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)))
     if positions is None:
         positions = default_positions(tokens, segment_ids)
     collect_fn = (lambda d: d) if collect is True else collect
 
-    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    h = constrain(jnp.take(params["embed"], tokens, axis=0).astype(dtype))
     cos, sin = rope_cos_sin(config, positions)
     if cache is None:
         mask = attention_mask(positions, positions, segment_ids, segment_ids)
@@ -351,8 +455,10 @@ def hidden_states(config: LlamaConfig, params: Params, tokens: jax.Array, *, pos
 
     def body(carry, xs):
         layer_p, keep, layer_cache = xs
-        out, inter, new_cache = decoder_layer(config, layer_p, carry, cos, sin, mask, dtype=dtype,
-                                              cache=layer_cache, cache_index=cache_index, keep=keep)
+        out, inter, new_cache = decoder_layer(config, layer_p, constrain(carry), cos, sin, mask, dtype=dtype,
+                                              cache=layer_cache, cache_index=cache_index, keep=keep,
+                                              attention=attention)
+        out = constrain(out)
         collected = collect_fn(inter) if collect_fn is not None else None
         return out, (collected, new_cache)
 
