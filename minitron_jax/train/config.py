@@ -124,6 +124,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # student (and loss matmul) compute dtype; master weights stay param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # a key of model.REMAT_POLICIES
+    attention: str = "einsum"  # einsum | blockwise (online softmax over key blocks: no [T, T] scores; long rows)
     resume: bool = True  # continue from the run dir's latest checkpoint when there is one
     stop_at: int | None = None  # end this job early at that step (after a checkpoint), e.g. to fit a time slot
     eval_every: int = 0  # validation every N steps (0: only at the end)
@@ -211,7 +212,7 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------------------------
 def validate(rc: RunConfig) -> None:
     from minitron_jax.losses import HIDDEN_LOSS_KINDS, KD_KINDS
-    from minitron_jax.model import REMAT_POLICIES
+    from minitron_jax.model import ATTENTION_IMPLS, REMAT_POLICIES
 
     def need(ok: bool, message: str):
         if not ok:
@@ -263,6 +264,8 @@ def validate(rc: RunConfig) -> None:
     need(rc.data.batch_size % t.grad_accum == 0,
          f"data.batch_size ({rc.data.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
     need(t.remat in REMAT_POLICIES, f"train.remat must be one of {tuple(REMAT_POLICIES)}, got {t.remat!r}")
+    need(t.attention in ATTENTION_IMPLS,
+         f"train.attention must be one of {tuple(ATTENTION_IMPLS)}, got {t.attention!r}")
     need(t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at must be in [1, train.steps={t.steps}]")
     need(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
     need(rc.checkpoint.every >= 1 and rc.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")

@@ -38,9 +38,9 @@ from minitron_jax import losses
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, hidden_states, lm_head
 from minitron_jax.optim import make_schedule
-from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, replicated
+from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
-from minitron_jax.train.state import (TrainState, dtype_of, make_run_optimizer, state_shardings,
+from minitron_jax.train.state import (TrainState, dtype_of, make_run_optimizer, mesh_rules, state_shardings,
                                       teacher_shardings)
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -94,12 +94,15 @@ def _layer_outputs(intermediates: dict) -> jax.Array:
 
 
 def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | None,
-                 loss: LossConfig | None = None) -> Callable[[Params, Params, Batch], tuple[jax.Array, dict]]:
+                 loss: LossConfig | None = None,
+                 mesh: Mesh | None = None) -> Callable[[Params, Params, Batch], tuple[jax.Array, dict]]:
     """``fn(trainable, teacher_params, micro_batch) -> (objective_sum, sums)``.
 
     ``objective_sum`` is ``alpha·Σkd + (1-alpha)·Σce + hidden.weight·Σhidden`` over the micro-batch's weighted
     tokens; ``sums`` holds each term's sum plus ``weight`` (Σ loss_mask) and ``tokens`` (count of loss tokens).
-    Dividing by the whole batch's ``weight`` gives means. ``teacher=None`` trains with cross-entropy alone."""
+    Dividing by the whole batch's ``weight`` gives means. ``teacher=None`` trains with cross-entropy alone.
+
+    With a ``mesh``, activations are pinned to the batch sharding (see `_activation_layout`)."""
     loss = loss or rc.loss
     compute = dtype_of(rc.train.compute_dtype)
     teacher_dtype = dtype_of(rc.teacher.dtype)
@@ -112,9 +115,12 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
             raise RunConfigError(f"loss.hidden.pairs {bad} name layers beyond the student's {student.num_layers} "
                                  f"or the teacher's {teacher.num_layers}")
 
+    act_sharding, head_of = _activation_layout(rc, mesh)
+
     def run_model(config, params, mb, dtype, remat):
         return hidden_states(config, params, mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
-                             dtype=dtype, remat=remat, collect=collect)
+                             dtype=dtype, remat=remat, collect=collect, attention=rc.train.attention,
+                             activation_sharding=act_sharding)
 
     def fn(trainable: Params, teacher_params: Params, mb: Batch):
         model = trainable["model"]
@@ -125,13 +131,13 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
         sums = {"weight": weight_sum, "tokens": jnp.sum(weights != 0).astype(jnp.float32)}
         scale = jnp.maximum(weight_sum, 1.0)  # the losses return weighted means: back to sums
         if teacher is None:
-            ce, _ = losses.chunked_cross_entropy(s_hidden, lm_head(student, model), targets, weights,
+            ce, _ = losses.chunked_cross_entropy(s_hidden, head_of(student, model), targets, weights,
                                                  chunk_size=loss.chunk_size, compute_dtype=compute)
             return ce * scale, {**sums, "ce": ce * scale}
 
         frozen = jax.lax.stop_gradient(teacher_params)  # forward-only: no gradient is ever traced into the teacher
         t_hidden, t_layers, _ = run_model(teacher, frozen, mb, teacher_dtype, "none")
-        mean, aux = logit_loss(s_hidden, lm_head(student, model), t_hidden, lm_head(teacher, frozen), targets,
+        mean, aux = logit_loss(s_hidden, head_of(student, model), t_hidden, head_of(teacher, frozen), targets,
                                weights, kind=loss.kind, temperature=loss.temperature, alpha=loss.alpha,
                                top_k=loss.top_k, jsd_beta=loss.jsd_beta, chunk_size=loss.chunk_size,
                                compute_dtype=compute)
@@ -154,6 +160,28 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
     return fn
 
 
+def _activation_layout(rc: RunConfig, mesh: Mesh | None):
+    """(residual-stream sharding, lm_head getter) that keep FSDP an FSDP.
+
+    Left alone, XLA's partitioner meets batch-sharded activations and embed-sharded (FSDP) weights by resharding the
+    activations over the hidden axis and all-reducing every matmul's [B, T, F] output, and it gathers the lm_heads
+    inside the loss's chunk loop, once per chunk. The dry run of the 8B recipe measured 1.8 TB of collectives per
+    micro-batch per device that way (docs/scaling.md). Pinning the residual stream to the batch sharding at every
+    layer boundary makes it gather each layer's weights instead, and gathering each head over the FSDP axes once,
+    before the chunk loop (vocab stays tensor-parallel), removes the per-chunk gathers: ~100 GB."""
+    if mesh is None:
+        return None, lm_head
+    act = NamedSharding(mesh, batch_spec(mesh, 3))
+    rules = {**mesh_rules(rc), "embed": None}
+
+    def gathered_head(config: LlamaConfig, params: Params) -> jax.Array:
+        head = lm_head(config, params)
+        spec = logical_spec(("embed", "vocab"), head.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(head, NamedSharding(mesh, spec))
+
+    return act, gathered_head
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients over the whole batch
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,7 +189,7 @@ def make_grad_fn(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: Llama
                  loss: LossConfig | None = None):
     """``fn(trainable, teacher_params, batch) -> (grads, metrics)``: token-mean gradients of the objective over
     the whole batch, accumulated over ``train.grad_accum`` micro-batches. Not jitted (the train step is)."""
-    loss_fn = make_loss_fn(rc, student, teacher, loss)
+    loss_fn = make_loss_fn(rc, student, teacher, loss, mesh)
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     k = rc.train.grad_accum
 
@@ -231,7 +259,7 @@ def build_eval_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: Ll
     and the student's cross-entropy, as sums plus the token weight, to be added up over batches."""
     val_loss = LossConfig(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=rc.loss.chunk_size)
     val_rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, remat="none"))
-    loss_fn = make_loss_fn(val_rc, student, teacher, val_loss)
+    loss_fn = make_loss_fn(val_rc, student, teacher, val_loss, mesh)
     optimizer = make_run_optimizer(rc)
     params_sh = state_shardings(rc, mesh, student, teacher, optimizer).params
 
