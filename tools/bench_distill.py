@@ -7,8 +7,8 @@ CPU mode (default): SmolLM2-135M-Instruct (the embedded GGUF) teaches a width-pr
 2. tokens/s of the same student trained with plain CE (no teacher) through the same step builder, and the ratio —
    the price of the teacher;
 3. compiled temporary memory (XLA buffer assignment, nothing allocated) of the *whole step* with the chunked loss
-   vs the naive loss that materializes [tokens × vocab] logits of both models, at SmolLM2's vocab and at
-   Llama-3's (128256, on a small model so that the logits dominate).
+   vs the naive loss that materializes [tokens × vocab] logits of both models, for one ``--mem-seq-len``-token
+   row: at SmolLM2's vocab, and at Llama-3's (128256, on a 2-layer model so that the logits dominate).
 
 ``--gpu``: 1B-class shapes in bf16 (a Llama-3.2-1B-like teacher, a width-pruned student, random weights), the
 mesh over all local devices (FSDP), and MFU from ``minitron_jax.train.observe``'s peak-FLOP table.
@@ -116,7 +116,9 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default=None, help="default: none CPU, full GPU")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
+    p.add_argument("--mem-seq-len", type=int, default=4096, help="tokens of the memory comparison (one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")
+    p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -131,24 +133,27 @@ def main(argv=None) -> None:
               "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "remat": args.remat,
               "teacher": f"{teacher_cfg.describe()} ({count_params(teacher_cfg) / 1e6:.1f}M)",
               "student": f"{student_cfg.describe()} ({count_params(student_cfg) / 1e6:.1f}M)"}
-    rc = run_config(args)
-    report["distill"] = time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, args.steps)
-    report["ce_only"] = time_step(rc.replace(mode="teacher_correction"), mesh, student_cfg, student_params, None,
-                                  None, args.steps)
-    report["distill_over_ce_time"] = (report["distill"]["seconds_per_step"]
-                                      / report["ce_only"]["seconds_per_step"])
+    if not args.no_speed:
+        rc = run_config(args)
+        report["distill"] = time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, args.steps)
+        # The same student and step builder, trained with plain CE and no teacher (what teacher_correction runs).
+        ce_rc = run_config(args, "mode=teacher_correction", "student.path=null")
+        report["ce_only"] = time_step(ce_rc, mesh, student_cfg, student_params, None, None, args.steps)
+        report["distill_over_ce_time"] = (report["distill"]["seconds_per_step"]
+                                          / report["ce_only"]["seconds_per_step"])
 
     if not args.no_memory:
-        memory = {}
+        memory = {"tokens": args.mem_seq_len, "chunk_size": args.chunk_size}
+        mem_args = argparse.Namespace(**{**vars(args), "batch": len(devices), "seq_len": args.mem_seq_len})
         large_vocab = student_cfg.replace(vocab_size=128256, num_layers=2)
         large_teacher = teacher_cfg.replace(vocab_size=128256, num_layers=2)
         for name, s_cfg, t_cfg in (("model_vocab", student_cfg, teacher_cfg),
                                    ("vocab_128256", large_vocab, large_teacher)):
             row = {"vocab": s_cfg.vocab_size}
             for impl in ("chunked", "naive"):
-                row[f"{impl}_temp_gib"] = step_temp_bytes(run_config(args, f"loss.naive={impl == 'naive'}"), mesh,
-                                                          s_cfg, t_cfg) / GIB
-            row["logits_fp32_gib_per_model"] = args.batch * args.seq_len * s_cfg.vocab_size * 4 / GIB
+                rc = run_config(mem_args, f"loss.naive={impl == 'naive'}")
+                row[f"{impl}_temp_gib"] = step_temp_bytes(rc, mesh, s_cfg, t_cfg) / GIB
+            row["logits_fp32_gib_per_model"] = mem_args.batch * mem_args.seq_len * s_cfg.vocab_size * 4 / GIB
             memory[name] = row
         report["step_memory"] = memory
 
@@ -157,13 +162,14 @@ def main(argv=None) -> None:
         return
     print(f"device: {report['device']}   batch {args.batch} x {args.seq_len} tokens   remat {args.remat}")
     print(f"teacher: {report['teacher']}\nstudent: {report['student']}")
-    for name in ("distill", "ce_only"):
+    for name in ("distill", "ce_only") if "distill" in report else ():
         r = report[name]
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{name:<8} {r['seconds_per_step']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
               f"{r['tflops_per_s']:.3f} TFLOP/s  MFU {mfu}  (first step {r['first_step_s']:.1f} s)")
-    print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
-    for row in report.get("step_memory", {}).values():
+    if "distill" in report:
+        print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
+    for row in (v for v in report.get("step_memory", {}).values() if isinstance(v, dict)):
         print(f"whole-step temp memory, V={row['vocab']}: chunked {row['chunked_temp_gib']:.3f} GiB, "
               f"naive {row['naive_temp_gib']:.3f} GiB (one fp32 logits buffer: {row['logits_fp32_gib_per_model']:.3f} GiB)")
 
