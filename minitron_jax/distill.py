@@ -4,14 +4,17 @@ Usage::
 
     python -m minitron_jax.distill --config configs/distill_smollm2_135m_demo.yaml [section.key=value ...]
     python -m minitron_jax.distill --export-from RUN_DIR[/checkpoints/STEP] --out HF_DIR
+    python -m minitron_jax.distill --config RECIPE.yaml --dry-run [--accelerator h100] [--json [PATH]]
 
 The first form trains (resuming from the run dir's latest checkpoint) and prints the resolved config first; the
-second writes a run's student (or any model ``convert.load_model`` reads) as an HF directory. The pieces live in
+second writes a run's student (or any model ``convert.load_model`` reads) as an HF directory; the third plans the
+run on hardware we do not have (:mod:`minitron_jax.dryrun`, docs/scaling.md). The pieces live in
 :mod:`minitron_jax.train`: ``config`` (the YAML schema), ``state`` and ``step`` (the sharded, jitted train step
 that a dry run can lower with abstract inputs), ``checkpoints``, ``inputs``, ``models``, ``observe``, ``loop``.
 See docs/distillation.md.
 
-Exit codes: 0 done, 1 bad config or inputs, 3 non-finite loss (the last good checkpoint is kept).
+Exit codes: 0 done, 1 bad config or inputs, 3 non-finite loss (the last good checkpoint is kept), 4 (``--dry-run``)
+the plan does not fit the accelerator's memory.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ EXIT_CONFIG, EXIT_NONFINITE = 1, 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in argv:  # plan without the hardware: docs/scaling.md
+        from minitron_jax import dryrun
+
+        return dryrun.distill_main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m minitron_jax.distill",
         description="Sharded knowledge distillation of a Llama-family student from a teacher (also teacher "

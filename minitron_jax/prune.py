@@ -23,6 +23,7 @@ CLI::
         [--importance activation|magnitude|random] [--seq-agg mean|l2|var] [--batch-agg mean|l2|var] [--preact]
         [--calib-samples N] [--seq-len T] [--batch-size B] [--seed S] [--dtype float32|bfloat16]
         [--config FILE.yaml] [--overwrite]
+    python -m minitron_jax.prune --config FILE.yaml --model PATH_OR_NAME --dry-run [--accelerator h100] [--json]
 
 DIR receives an HF model directory (with the tokenizer), ``importance.npz`` (``heads`` [L, H], ``neurons`` [L, F],
 ``channels`` [D] when width is pruned; ``layers`` [L] when layers are chosen by a metric; all on the unpruned
@@ -523,6 +524,10 @@ def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # plan the importance pass: docs/scaling.md
+        from minitron_jax import dryrun
+
+        return dryrun.prune_main(argv)
     args = _parser().parse_args(argv)
     try:
         return _run(_merged_options(args))
