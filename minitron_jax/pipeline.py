@@ -937,6 +937,16 @@ class _StopAfter(Exception):
     pass
 
 
+def stage_names(pc: PipelineConfig) -> list[str]:
+    """The stages of a run, in order."""
+    names = ["data", "teacher"] + (["correction"] if pc.teacher_correction.enabled else []) + ["importance"]
+    names += [f"prune.{s}" for s in pc.students] + [f"distill.{s}" for s in pc.students]
+    names += ["eval.teacher"] + (["eval.teacher_corrected"] if pc.teacher_correction.enabled else [])
+    for s in pc.students:
+        names += [f"eval.{s}.pruned", f"eval.{s}.distilled"]
+    return names
+
+
 def _arch(config) -> dict[str, int]:
     return {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
             "heads": config.num_heads, "kv_heads": config.num_kv_heads}
@@ -1020,7 +1030,8 @@ def results_markdown(report: dict[str, Any]) -> str:
              f"(held-out NLL of the pruned student minus the {report['reference']}'s) recovered by distillation. "
              "*Wall time*: pruning + distillation (students) or conversion/correction (teacher), compilation "
              "included.", "",
-             "| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join("---" for _ in TABLE_HEADER) + "|"]
+             "| " + " | ".join(TABLE_HEADER) + " |",
+             "|" + "|".join("---" if h in ("model", "architecture") else "---:" for h in TABLE_HEADER) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
     return "\n".join(lines) + "\n"
 
@@ -1065,7 +1076,7 @@ def plot_results(report: dict[str, Any], path: Path) -> None:
     ax2.set_xticks(x, names, rotation=20, fontsize=8)
     ax2.set_ylabel("held-out perplexity (log scale)")
     ax2.set_title("held-out perplexity")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=120)
@@ -1091,6 +1102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pc = load_pipeline_config(args.config, args.overrides)
     except PipelineConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.stop_after is not None and args.stop_after not in stage_names(pc):
+        print(f"error: --stop-after {args.stop_after!r} is not a stage of this run "
+              f"({', '.join(stage_names(pc))})", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
         import yaml

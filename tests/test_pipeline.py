@@ -235,6 +235,22 @@ def test_bad_config_is_refused(tiny_cfg, tmp_path, capsys, override, message):
     assert not (tmp_path / "run" / "stages").exists()
 
 
+def test_stage_names_and_stop_after(tiny_cfg, tmp_path, capsys):
+    from minitron_jax.pipeline import load_pipeline_config, main, stage_names
+
+    pc = load_pipeline_config(tiny_cfg)
+    assert stage_names(pc) == ["data", "teacher", "importance", "prune.width", "prune.depth", "distill.width",
+                               "distill.depth", "eval.teacher", "eval.width.pruned", "eval.width.distilled",
+                               "eval.depth.pruned", "eval.depth.distilled"]
+    assert set(stage_names(pc)) == ALL_STAGES
+    assert main(["--config", str(tiny_cfg), f"run_dir={tmp_path / 'run'}", "--stop-after", "prune.wide"]) == 2
+    assert "not a stage of this run" in capsys.readouterr().err
+    # Stopping after the data stage: its outputs and marker only.
+    assert main(["--config", str(tiny_cfg), f"run_dir={tmp_path / 'run'}", "--stop-after", "data"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["data.json"]
+    assert (tmp_path / "run" / "data" / "heldout.jsonl").is_file()
+
+
 def test_missing_config_file(tmp_path, capsys):
     from minitron_jax.pipeline import main
 

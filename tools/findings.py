@@ -4,7 +4,7 @@
 
 Runs ``minitron_jax.pipeline`` twice on ``configs/smollm2_135m_findings.yaml``:
 
-- ``<out>/base``: four students with one distillation budget: width-pruned + KD (the paper's recipe), the same with
+- ``<out>/base`` (or ``--base-run-dir``): four students with one distillation budget: width-pruned + KD (the paper's recipe), the same with
   plain next-token cross-entropy, the same architecture from random weights + KD, and depth-pruned + KD;
 - ``<out>/corrected``: teacher correction first (the teacher fine-tuned on the distillation text), then the
   width-pruned student pruned from and distilled by the corrected teacher.
@@ -37,28 +37,29 @@ BEGIN, END = "<!-- BEGIN FINDINGS (written by tools/findings.py) -->", "<!-- END
 
 # (finding, arm A: the paper's choice, arm B: the alternative, what the paper says)
 COMPARISONS = [
-    ("1. distillation vs cross-entropy", ("base", "width_kd"), ("base", "width_ce"),
+    ("1. distillation vs cross-entropy", ("base", "width"), ("base", "width_ce"),
      "KD with forward KL recovers more than training on the ground-truth next token with the same tokens"),
-    ("2. pruned vs random initialization", ("base", "width_kd"), ("base", "width_random"),
+    ("2. pruned vs random initialization", ("base", "width"), ("base", "width_random"),
      "starting from the pruned weights is far better than training the same architecture from scratch"),
-    ("3. width vs depth pruning", ("base", "width_kd"), ("base", "depth_kd"),
+    ("3. width vs depth pruning", ("base", "width"), ("base", "depth"),
      "at the same size, width pruning ends better after distillation than depth pruning (depth is faster)"),
-    ("4. with vs without teacher correction", ("corrected", "width_kd"), ("base", "width_kd"),
+    ("4. with vs without teacher correction", ("corrected", "width"), ("base", "width"),
      "correcting the teacher on the distillation data first gives a better student"),
 ]
 NOISE = 0.02  # relative perplexity differences below this are called inconclusive
 
 
-def run_pipelines(config: Path, out: Path, overrides: list[str]) -> dict[str, dict]:
+def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str]) -> dict[str, dict]:
     import dataclasses
 
     from minitron_jax.pipeline import Pipeline, load_pipeline_config
 
-    base = load_pipeline_config(config, overrides + [f"run_dir={out / 'base'}"])
-    if "width_kd" not in base.students:
-        raise SystemExit(f"{config} needs a width_kd student (the paper's recipe that every finding compares with)")
+    base = load_pipeline_config(config, overrides + [f"run_dir={base_dir}"])
+    missing = {"width", "width_ce", "width_random", "depth"} - set(base.students)
+    if missing:
+        raise SystemExit(f"{config} lacks the student(s) {', '.join(sorted(missing))} the findings compare")
     corrected = dataclasses.replace(
-        base, run_dir=str(out / "corrected"), students={"width_kd": base.students["width_kd"]},
+        base, run_dir=str(out / "corrected"), students={"width": base.students["width"]},
         teacher_correction=dataclasses.replace(base.teacher_correction, enabled=True))
     reports = {}
     for name, pc in (("base", base), ("corrected", corrected)):
@@ -201,18 +202,23 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="pipeline overrides for both runs, e.g. distill.steps=400")
     ap.add_argument("--config", default=str(CONFIG), help="pipeline config with the four students")
     ap.add_argument("--out", default=str(REPO / "runs" / "findings"), help="where the two pipeline runs go")
+    ap.add_argument("--base-run-dir", default=None,
+                    help="run directory of the base run (default <out>/base); runs/smollm2_135m_demo reuses a "
+                         "finished demo run, whose width and depth students are the same")
     ap.add_argument("--docs", default=str(REPO / "docs"), help="where results.md and figures/ are written")
     ap.add_argument("--load", default="shared machine (other jobs running)", help="a note on the machine's load")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    reports = run_pipelines(Path(args.config), Path(args.out).absolute(), args.overrides)
+    out = Path(args.out).absolute()
+    base_dir = Path(args.base_run_dir).absolute() if args.base_run_dir else out / "base"
+    reports = run_pipelines(Path(args.config), out, base_dir, args.overrides)
     results = compare(reports)
     docs = Path(args.docs)
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plots(results, reports, figures)
     command = "python tools/findings.py" + ("" if Path(args.config) == CONFIG else f" --config {args.config}") \
-        + "".join(f" {o}" for o in args.overrides)
+        + (f" --base-run-dir {args.base_run_dir}" if args.base_run_dir else "") + "".join(f" {o}" for o in args.overrides)
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                                           f"Python {platform.python_version()}",
             "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60,
