@@ -340,21 +340,9 @@ def _coerce(value: Any, tp, where: str):
 
 def load_pipeline_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read a YAML pipeline config and apply ``key=value`` overrides (dotted keys, YAML values)."""
-    import yaml
+    from minitron_jax.train.config import RunConfigError, apply_overrides, read_yaml_sections
 
-    from minitron_jax.train.config import RunConfigError, apply_overrides
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise PipelineConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PipelineConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise PipelineConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = read_yaml_sections(path, PipelineConfigError)
     try:
         data = apply_overrides(data, list(overrides))
     except RunConfigError as e:

@@ -416,19 +416,25 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def read_yaml_sections(path: str | Path | None, error: type[Exception] = RunConfigError) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file ({} when ``path`` is None); ``error`` names what is wrong."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults when ``path`` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise RunConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = read_yaml_sections(path)
     try:
         return from_dict(apply_overrides(data, overrides))
     except RunConfigError as e:
