@@ -112,7 +112,8 @@ class LlamaConfig:
         if rs is not None:
             if rs.rope_type not in SUPPORTED_ROPE_TYPES:
                 raise ConfigError(
-                    f"rope scaling type {rs.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                    f"rope scaling type {rs.rope_type!r} is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
                 )
             if not rs.factor > 0:
                 raise ConfigError(f"rope scaling factor must be positive, got {rs.factor}")

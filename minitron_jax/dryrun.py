@@ -458,7 +458,7 @@ def suggest(rc, layout: P.Layout, student, teacher, comp: Compiled, ana, *, acc,
                         "cost": P.layout_cost(cand, layout)})
     out.sort(key=lambda d: (d["cost"], d["estimated_total"]))
     out = out[:5]
-    for i, s in enumerate(out):
+    for s in out:
         s["changes"] = _overrides(layout, s["layout"])
         s["layout"] = dataclasses.asdict(s["layout"])
     if out and verify:

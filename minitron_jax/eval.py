@@ -28,11 +28,12 @@ from minitron_jax.model import Params, hidden_states, lm_head
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def token_nll(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
-              chunk: int = 512) -> jax.Array:
-    """Per-token NLL [N] from final hidden states [N, D], computing logits one chunk of tokens at a time so
-    [N × V] float32 logits never exist at once."""
+def token_logprobs(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
+                   chunk: int = 512) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``log p(target)`` [N] (float32) and ``argmax == target`` [N] from final hidden states [N, D],
+    computing logits one chunk of tokens at a time so [N × V] float32 logits never exist at once."""
     n = hidden.shape[0]
+    chunk = min(chunk, n)
     pad = (-n) % chunk
     h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
     t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
@@ -41,9 +42,17 @@ def token_nll(config: LlamaConfig, params: Params, hidden: jax.Array, targets: j
     def one(args):
         hc, tc = args
         logits = jnp.einsum("nd,dv->nv", hc, head.astype(hc.dtype), preferred_element_type=jnp.float32)
-        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        target = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tc
 
-    return jax.lax.map(one, (h, t)).reshape(-1)[:n]
+    lp, greedy = jax.lax.map(one, (h, t))
+    return lp.reshape(-1)[:n], greedy.reshape(-1)[:n]
+
+
+def token_nll(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
+              chunk: int = 512) -> jax.Array:
+    """Per-token next-token NLL [N] from final hidden states [N, D] (chunked, see `token_logprobs`)."""
+    return -token_logprobs(config, params, hidden, targets, chunk)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))

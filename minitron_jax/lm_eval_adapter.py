@@ -70,8 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.eval import token_logprobs
 from minitron_jax.mmlu import bucket_length
-from minitron_jax.model import Params, hidden_states, lm_head
+from minitron_jax.model import Params, hidden_states
 
 MODEL_NAME = "minitron_jax"
 _MODULE = "minitron_jax.lm_eval_adapter"  # not __name__, which is "__main__" under python -m
@@ -140,27 +141,6 @@ def rolling_windows(ids: Sequence[int], seq_len: int, prefix: int) -> list[tuple
 # ------------------------------------------------------------------------------------------------------------------
 # Scoring
 # ------------------------------------------------------------------------------------------------------------------
-def token_logprobs_and_greedy(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
-                              chunk: int = 512) -> tuple[jax.Array, jax.Array]:
-    """Per-token ``log p(target)`` [N] (float32) and ``argmax == target`` [N] from final hidden states [N, D],
-    one chunk of logits at a time (the formula of ``eval.token_nll``, negated)."""
-    n = hidden.shape[0]
-    chunk = min(chunk, n)
-    pad = (-n) % chunk
-    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
-    t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-    head = lm_head(config, params)
-
-    def one(args):
-        hc, tc = args
-        logits = jnp.einsum("nd,dv->nv", hc, head.astype(hc.dtype), preferred_element_type=jnp.float32)
-        target = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tc
-
-    lp, greedy = jax.lax.map(one, (h, t))
-    return lp.reshape(-1)[:n], greedy.reshape(-1)[:n]
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "n_scored"))
 def _score_batch(config: LlamaConfig, params: Params, tokens: jax.Array, targets: jax.Array, lengths: jax.Array,
                  cont_lengths: jax.Array, *, n_scored: int, dtype=jnp.float32):
@@ -174,7 +154,7 @@ def _score_batch(config: LlamaConfig, params: Params, tokens: jax.Array, targets
     pos = jnp.clip(pos, 0, T - 1)
     h_sel = jnp.take_along_axis(h, pos[:, :, None], axis=1)
     t_sel = jnp.take_along_axis(targets, pos, axis=1)
-    lp, greedy = token_logprobs_and_greedy(config, params, h_sel.reshape(-1, D), t_sel.reshape(-1))
+    lp, greedy = token_logprobs(config, params, h_sel.reshape(-1, D), t_sel.reshape(-1))
     lp, greedy = lp.reshape(B, n_scored), greedy.reshape(B, n_scored)
     return jnp.sum(jnp.where(scored, lp, 0.0), axis=1), jnp.all(greedy | ~scored, axis=1)
 

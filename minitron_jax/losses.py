@@ -438,7 +438,8 @@ def chunked_cross_entropy(
     if head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
         raise ValueError(f"head must be [D={hidden.shape[-1]}, V], got {head.shape}")
     if targets.shape != hidden.shape[:-1] or weights.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets {targets.shape} / weights {weights.shape} must match hidden tokens {hidden.shape[:-1]}")
+        raise ValueError(f"targets {targets.shape} / weights {weights.shape} must match hidden tokens "
+                         f"{hidden.shape[:-1]}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).astype(jnp.int32)
     weights = weights.reshape(-1).astype(jnp.float32)

@@ -295,7 +295,8 @@ def score_prompts(config: LlamaConfig, params: Params, prompts: Sequence[Sequenc
 
 
 def mmlu_eval(config: LlamaConfig, params: Params, tokenizer, rows: Sequence[MMLURow], shots: int = 5,
-              limit: int | None = None, batch_size: int = 8, dtype=jnp.float32, *, subjects: Iterable[str] | None = None,
+              limit: int | None = None, batch_size: int = 8, dtype=jnp.float32, *,
+              subjects: Iterable[str] | None = None,
               order: str = "interleave", seed: int = 0, max_length: int | None = None, bucket_multiple: int = 64,
               progress: Callable[[int, int], None] | None = None) -> dict:
     """Accuracy of the model on ``rows`` (protocol in the module docstring).

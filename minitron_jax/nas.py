@@ -365,7 +365,8 @@ def run_search(model_path: str, target_params: int, *, out: str | Path, train_te
     from minitron_jax.convert import load_model
     from minitron_jax.convert.hf import save_hf
     from minitron_jax.data import read_text, token_windows
-    from minitron_jax.pipeline import _Progress, write_json_atomic
+    from minitron_jax.pipeline import write_json_atomic
+    from minitron_jax.progress import PhaseProgress
     from minitron_jax.sharding import make_mesh
     from minitron_jax.train import inputs
     from minitron_jax.train.state import init_train_state, place_teacher
@@ -406,7 +407,7 @@ def run_search(model_path: str, target_params: int, *, out: str | Path, train_te
     # One calibration pass for every candidate.
     windows = token_windows(m.tokenizer, read_text(calib_text), settings.calib_seq_len,
                             settings.calib_samples * settings.calib_seq_len)
-    with _Progress(console) as progress:
+    with PhaseProgress(console) as progress:
         t0 = time.perf_counter()
         stats = imp.collect_activation_stats(m.config, m.params, windows, progress=progress)
         shared = SharedImportance(stats.width_scores("mean", "l2"), stats, windows, settings.depth_metric,
@@ -415,7 +416,6 @@ def run_search(model_path: str, target_params: int, *, out: str | Path, train_te
 
     teacher_params = place_teacher(rc, mesh_obj, m.config, m.params)
     cache = StepCache(rc, mesh_obj, m.config)
-    eval_steps = [0] + list(settings.eval_steps)
     results: list[dict[str, Any]] = []
     best: tuple[float, str] | None = None
     best_file = out / "winner_so_far.json"
@@ -433,7 +433,7 @@ def run_search(model_path: str, target_params: int, *, out: str | Path, train_te
                 continue
         console.rule(f"[bold]{ci + 1}/{len(candidates)} {cand.name}[/bold] ({cand.params / 1e6:.2f}M params)")
         t0 = time.perf_counter()
-        with _Progress(console) as progress:
+        with PhaseProgress(console) as progress:
             cfg, params, dropped = prune_candidate(m.config, m.params, cand, shared, progress)
         builds_before = cache.builds
         ts, eval_step = cache.get(cfg)
@@ -532,7 +532,7 @@ def _candidates_table(cands: Sequence[Candidate], base: LlamaConfig):
 
 def _ranking_rows(report) -> tuple[list[str], list[list[str]]]:
     steps = report["stability"]["steps"]
-    header = ["rank", "candidate", "params", f"after pruning"] + [f"step {s}" for s in steps]
+    header = ["rank", "candidate", "params", "after pruning"] + [f"step {s}" for s in steps]
     rows = []
     for rank, i in enumerate(report["stability"]["final_ranking"], 1):
         r = report["candidates"][i]
@@ -570,7 +570,8 @@ def _markdown(report) -> str:
                      f"{'yes' if p['top1_agrees_with_final'] else 'no'} |")
     lines += ["", f"Ranking unchanged from step {st['settled_at']} on; top-1 unchanged from step "
                   f"{st['top1_settled_at']} on. Ranking right after pruning vs final: Kendall tau "
-                  f"{report['tau_pruned_vs_final']:.2f} (top-1 {'agrees' if report['top1_pruned_agrees_with_final'] else 'differs'}). "
+                  f"{report['tau_pruned_vs_final']:.2f} "
+                  f"(top-1 {'agrees' if report['top1_pruned_agrees_with_final'] else 'differs'}). "
                   f"Winner: {report['winner']['name']}. {report['compiled_shapes']} train steps compiled for "
                   f"{report['searched']} candidates; wall time {report['wall_seconds']:.0f}s."]
     return "\n".join(lines) + "\n"

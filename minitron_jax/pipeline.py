@@ -66,6 +66,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
+from minitron_jax.progress import PhaseProgress
+
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 STAGES_DIR = "stages"
 STUDENT_INITS = ("pruned", "random")
@@ -163,7 +165,6 @@ class EvalSection:
 
     seq_len: int = 256
     max_tokens: int | None = 4096
-    batch_size: int = 8
     dtype: str = "float32"
     mmlu_limit: int = 32
     mmlu_shots: int = 0
@@ -236,7 +237,7 @@ def validate(pc: PipelineConfig) -> None:
     e = pc.eval
     need(e.seq_len >= 2, f"eval.seq_len must be >= 2, got {e.seq_len}")
     need(e.max_tokens is None or e.max_tokens >= e.seq_len, "eval.max_tokens must be >= eval.seq_len (or null)")
-    need(e.batch_size >= 1 and e.mmlu_batch_size >= 1, "eval.batch_size and eval.mmlu_batch_size must be >= 1")
+    need(e.mmlu_batch_size >= 1, "eval.mmlu_batch_size must be >= 1")
     need(e.mmlu_limit >= 0 and e.mmlu_shots >= 0, "eval.mmlu_limit and eval.mmlu_shots must be >= 0")
     need(e.dtype in DTYPE_NAMES, f"eval.dtype must be one of {DTYPE_NAMES}")
     need(pc.export_dtype in ("float32", "bfloat16", "float16"), "export_dtype must be float32, bfloat16 or float16")
@@ -569,8 +570,9 @@ class Pipeline:
                 rc = _distill_run_config(pc, s, run_dir, active.result["path"], pruned[s].result["path"],
                                          data.result["train"])
                 parts = ["distill", pruned[s].key, active.key, data.key, self._run_key(rc)]
+                key = _key(parts)
                 distilled[s] = self.stage(
-                    f"distill.{s}", parts, lambda s=s, rc=rc, k=_key(parts): self._distill(s, rc, k),
+                    f"distill.{s}", parts, lambda s=s, rc=rc, k=key: self._distill(s, rc, k),
                     on_redo=lambda run_dir=run_dir: shutil.rmtree(run_dir, ignore_errors=True))
             evals = {}
             models = [("teacher", teacher, "teacher", True)]
@@ -581,7 +583,7 @@ class Pipeline:
                 models.append((f"{s}.distilled", distilled[s], s, True))
             for label, rec, _, mmlu in models:
                 evals[label] = self.stage(f"eval.{label}",
-                                          ["eval", rec.key, data.key, nondefault(pc.eval), mmlu],
+                                          ["eval", rec.key, data.key, nondefault(pc.eval), mmlu, "per-window"],
                                           lambda rec=rec, mmlu=mmlu: self._evaluate(rec.result["path"],
                                                                                    data.result["heldout"], mmlu))
         except _StopAfter as stop:
@@ -725,12 +727,12 @@ class Pipeline:
         from minitron_jax.eval import DTYPES
         from minitron_jax.fsutil import atomic_directory
 
-        pc, i = self.pc, self.pc.importance
+        i = self.pc.importance
         m = self._load(teacher_path)
         windows = token_windows(m.tokenizer, read_text(calib_text), i.seq_len, i.calib_samples * i.seq_len)
         dtype = DTYPES[i.dtype]
         timings = {}
-        with _Progress(self.console) as progress:
+        with PhaseProgress(self.console) as progress:
             t0 = time.perf_counter()
             stats = imp.collect_activation_stats(m.config, m.params, windows, batch_size=i.batch_size, dtype=dtype,
                                                  progress=progress)
@@ -748,7 +750,8 @@ class Pipeline:
         with atomic_directory(out, overwrite=True) as tmp:
             np.savez(tmp / "importance.npz", **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
         self.console.print(f"calibration: {len(windows)} windows × {windows.shape[1]} tokens "
-                           f"({timings['calibration_pass_s']:.1f}s); depth scans on {min(len(windows), i.depth_samples)}"
+                           f"({timings['calibration_pass_s']:.1f}s); depth scans on "
+                           f"{min(len(windows), i.depth_samples)}"
                            f" windows: {', '.join(f'{m} k={k}' for m, k in self._depth_needs()) or 'none'}")
         return {"path": str(out / "importance.npz"), "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
                 "timings": timings}
@@ -847,11 +850,20 @@ class Pipeline:
         m = self._load(model_path)
         windows = token_windows(m.tokenizer, read_text(heldout), e.seq_len, e.max_tokens)
         t0 = time.perf_counter()
-        with _Progress(self.console) as progress:
-            total, count = nll_sum(m.config, m.params, windows, batch_size=e.batch_size, dtype=DTYPES[e.dtype],
-                                   progress=lambda done: progress("held-out perplexity", done, len(windows)))
-            out = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": int(windows.size),
-                   "windows": int(len(windows)), "perplexity_seconds": time.perf_counter() - t0, "mmlu": None}
+        with PhaseProgress(self.console) as progress:
+            # Window by window (one compiled [1, T] shape): the per-window NLLs make paired comparisons between
+            # models possible (same windows), and their sum is exactly the perplexity contract's total.
+            window_nll = []
+            for i in range(len(windows)):
+                total_i, count_i = nll_sum(m.config, m.params, windows[i:i + 1], batch_size=1,
+                                           dtype=DTYPES[e.dtype])
+                window_nll.append(total_i / count_i)
+                progress("held-out perplexity", i + 1, len(windows))
+            count = len(windows) * (windows.shape[1] - 1)
+            nll = float(np.mean(window_nll))
+            out = {"perplexity": math.exp(nll), "nll": nll, "tokens": int(windows.size),
+                   "windows": int(len(windows)), "window_nll": [float(x) for x in window_nll],
+                   "predicted_tokens": int(count), "perplexity_seconds": time.perf_counter() - t0, "mmlu": None}
             if mmlu and e.mmlu_limit > 0:
                 from minitron_jax.mmlu import default_data_path, load_mmlu, mmlu_eval
 
@@ -882,7 +894,7 @@ class Pipeline:
                          "ppl_pruned": None, "ppl": ev["perplexity"], "gap_closed": None,
                          "mmlu": (ev["mmlu"] or {}).get("accuracy"), "mmlu_n": (ev["mmlu"] or {}).get("n"),
                          "tokens": rec.result.get("tokens", 0), "seconds": rec.seconds, "init": None,
-                         "loss": None, "export": rec.result["path"]})
+                         "loss": None, "export": rec.result["path"], "window_nll": ev.get("window_nll")})
         curves = {}
         for s, spec in pc.students.items():
             before, after = evals[f"{s}.pruned"].result, evals[f"{s}.distilled"].result
@@ -895,7 +907,8 @@ class Pipeline:
                          "mmlu_pruned": (before["mmlu"] or {}).get("accuracy"),
                          "tokens": d["tokens"], "seconds": pruned[s].seconds + distilled[s].seconds,
                          "train_seconds": d["train_seconds"], "init": spec.init, "loss": spec.loss,
-                         "export": d["path"]})
+                         "export": d["path"], "window_nll": after.get("window_nll"),
+                         "window_nll_pruned": before.get("window_nll")})
             curves[s] = {"train": [(r["step"], r["loss"], r.get("ce")) for r in read_metrics(d["run_dir"], "train")],
                          "val": [(r["step"], r["ce"], r.get("kl")) for r in read_metrics(d["run_dir"], "val")]}
         report = {"name": pc.name, "run_dir": str(self.run_dir), "teacher_perplexity": teacher_ppl,
@@ -942,29 +955,6 @@ def _arch(config) -> dict[str, int]:
 
 def _arch_str(a: Mapping[str, int]) -> str:
     return f"L{a['layers']} D{a['hidden']} F{a['ffn']} H{a['heads']}"
-
-
-class _Progress:
-    """A rich progress display whose ``(phase, done, total)`` calls add one bar per phase."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=False)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.progress.add_task(phase, total=total)
-        self.progress.update(self.tasks[phase], completed=done)
 
 
 # ======================================================================================================================

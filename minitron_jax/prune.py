@@ -48,6 +48,7 @@ from minitron_jax import importance as imp
 from minitron_jax.config import ConfigError, LlamaConfig
 from minitron_jax.eval import DTYPES
 from minitron_jax.model import Params, axis_sizes, count_params, param_axes
+from minitron_jax.progress import PhaseProgress
 
 REPORT_NAME = "prune_report.json"
 IMPORTANCE_NAME = "importance.npz"
@@ -318,7 +319,7 @@ def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
         raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {config.num_layers}-layer model")
     if spec.layers is not None:
         check_drop_list(config, spec.layers)
-    target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
+    _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
 
 
 def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
@@ -562,7 +563,7 @@ def _run(opts: dict[str, Any]) -> int:
     if spec.needs_calibration and m.tokenizer is None:
         raise ValueError(f"{opts['model']} carries no tokenizer; calibration needs one")
 
-    with _rich_progress(console) as progress:
+    with PhaseProgress(console) as progress:
         config, params, report = prune_from_spec(m.config, m.params, m.tokenizer, spec, calib_text,
                                                  progress=progress)
     report["timings"]["load_s"] = load_s
@@ -572,29 +573,6 @@ def _run(opts: dict[str, Any]) -> int:
     console.print(f"pruned {report['params_before']:,} → {report['params_after']:,} params "
                   f"({config.describe()}) into {out}")
     return 0
-
-
-class _rich_progress:
-    """A rich progress display whose ``(phase, done, total)`` calls add one bar per phase."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.progress.add_task(phase, total=total)
-        self.progress.update(self.tasks[phase], completed=done)
 
 
 def _write_output(out: Path, config: LlamaConfig, params: Params, tokenizer, report: dict, *,

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, axis_sizes, map_axes

@@ -35,7 +35,7 @@ def test_blockwise_equals_einsum_forward_and_gradients(block):
     def both(q, k, v):
         out = {}
         for name, f in (("einsum", M.attend), ("blockwise", lambda *a: M.attend_blockwise(*a, block))):
-            loss = lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask)) * w)
+            loss = lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v, mask)) * w)
             out[name] = (f(q, k, v, mask), jax.grad(loss, (0, 1, 2))(q, k, v))
         return out
 

@@ -9,14 +9,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from utils import save_tiny_hf, tiny_hf_model, tiny_tokenizer, torch_logits
 
-from minitron_jax import checkpoint, model as M
+from minitron_jax import checkpoint
+from minitron_jax import model as M
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import detect_format, load_model
 from minitron_jax.convert.cli import main as convert_main
 from minitron_jax.convert.hf import ConversionError, SafetensorsDir, load_hf_params, save_hf
-
-from utils import save_tiny_hf, tiny_hf_model, tiny_tokenizer, torch_logits
 
 
 def _tensors(path):
@@ -163,7 +163,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_model(trunc)
     # shape mismatch between config and weights
     (trunc / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
-    with pytest.raises(ConversionError, match=r"mlp.down_proj.weight: checkpoint shape \(64, 96\).*expects \(64, 100\)"):
+    with pytest.raises(ConversionError,
+                       match=r"mlp.down_proj.weight: checkpoint shape \(64, 96\).*expects \(64, 100\)"):
         load_model(trunc)
     # missing tensor
     (trunc / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))

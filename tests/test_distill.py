@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import _CORPUS, tiny_tokenizer
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.convert.hf import save_hf
@@ -26,7 +27,6 @@ from minitron_jax.train.loop import NonFiniteLossError, run
 from minitron_jax.train.observe import read_metrics
 from minitron_jax.train.state import abstract_teacher, abstract_train_state, init_train_state, place_teacher
 from minitron_jax.train.step import abstract_batch, build_train_step, make_grad_fn
-from utils import _CORPUS, tiny_tokenizer
 
 # A teacher with a peaked (std 0.3) distribution and a half-width student: KD has something to learn.
 TEACHER = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -65,7 +65,8 @@ def tiny(tmp_path_factory):
             f.write(json.dumps({"text": " ".join(_CORPUS[j % 5] for j in range(i, i + 3))}) + "\n")
     with open(root / "chat.jsonl", "w") as f:
         for i in range(24):
-            messages = [{"role": "user", "content": _CORPUS[i % 5]}, {"role": "assistant", "content": _CORPUS[(i + 1) % 5]}]
+            messages = [{"role": "user", "content": _CORPUS[i % 5]},
+                        {"role": "assistant", "content": _CORPUS[(i + 1) % 5]}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return {"root": root, "tokenizer": tok, "teacher_cfg": teacher_cfg, "student_cfg": student_cfg}
 
@@ -180,7 +181,8 @@ def test_sharded_step_equals_single_device(tiny, tmp_path):
             state, m = ts.step(state, teacher, jax.device_put(batch, ts.batch_shardings))
             metrics.append(jax.device_get(m))
         if shape == (2, 2, 2):  # really sharded: FSDP on embed, tensor on mlp
-            assert state.params["model"]["layers"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+            gate_spec = state.params["model"]["layers"]["gate"].sharding.spec
+            assert gate_spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
         results[shape] = (_np(state.params), _np(state.opt_state), metrics)
     (p1, o1, m1), (p8, o8, m8) = results[(1, 1, 1)], results[(2, 2, 2)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), (p1, o1), (p8, o8))

@@ -17,11 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_distill import compile_cache, make_rc, tiny  # noqa: F401  (fixtures)
 
 from minitron_jax.train.checkpoints import Checkpointer, restore_student_params
 from minitron_jax.train.loop import run
 from minitron_jax.train.observe import read_metrics
-from test_distill import compile_cache, make_rc, tiny  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import LLAMA3_ROPE, tiny_hf_model, tiny_tokenizer
 
 from minitron_jax import generate as G
 from minitron_jax import model as M
 from minitron_jax.convert import load_model
-
-from utils import LLAMA3_ROPE, tiny_hf_model, tiny_tokenizer
 
 PROMPT_LENGTHS = (5, 12, 1, 17)  # different lengths → left padding to the 32-token bucket
 CASES = {

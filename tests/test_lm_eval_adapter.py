@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import _CORPUS, save_tiny_hf, tiny_tokenizer
 
 from minitron_jax import eval as E
 from minitron_jax import generate as G
@@ -19,8 +20,6 @@ from minitron_jax import lm_eval_adapter as A
 from minitron_jax.convert import load_model
 from minitron_jax.data import token_windows
 from minitron_jax.model import hidden_states
-
-from utils import _CORPUS, save_tiny_hf, tiny_tokenizer
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed")
@@ -222,9 +221,11 @@ def test_registered_class_on_lm_eval_instances(tiny, lm):
     assert TemplateLM.loglikelihood(lm, _instances("loglikelihood", PAIRS), disable_tqdm=True) == res
 
     rolling = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(TEXT,), (_CORPUS[0],)]))
-    np.testing.assert_allclose(rolling, [A.rolling_loglikelihood(m, t, 128, rule="lm_eval") for t in (TEXT, _CORPUS[0])],
+    np.testing.assert_allclose(rolling,
+                               [A.rolling_loglikelihood(m, t, 128, rule="lm_eval") for t in (TEXT, _CORPUS[0])],
                                rtol=1e-6)
-    gen = lm.generate_until(_instances("generate_until", [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})]))
+    gen = lm.generate_until(_instances("generate_until",
+                                       [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})]))
     assert gen == A.generate_until(m, [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})], max_length=128)
 
 

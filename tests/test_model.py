@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import LLAMA3_ROPE, tiny_hf_model, torch_logits
 
 from minitron_jax import model as M
 from minitron_jax.config import ConfigError, LlamaConfig
 from minitron_jax.convert.hf import load_hf_params
-
-from utils import LLAMA3_ROPE, tiny_hf_model, torch_logits
 
 CASES = {
     "gqa": {},

@@ -90,11 +90,11 @@ def _np(tree):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     import jax
+    from utils import _CORPUS, tiny_tokenizer
 
     from minitron_jax.config import LlamaConfig
     from minitron_jax.convert.hf import save_hf
     from minitron_jax.model import init_params
-    from utils import _CORPUS, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("multiprocess")
     tok = tiny_tokenizer(300)

@@ -11,8 +11,17 @@ import pytest
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params
-from minitron_jax.nas import (Candidate, NASError, enumerate_candidates, kendall_tau, main, parse_params, ranking,
-                              ranking_stability, select_spread)
+from minitron_jax.nas import (
+    Candidate,
+    NASError,
+    enumerate_candidates,
+    kendall_tau,
+    main,
+    parse_params,
+    ranking,
+    ranking_stability,
+    select_spread,
+)
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                       num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
@@ -169,9 +178,10 @@ def test_ranking_stability_flip_at_the_end_and_stable_from_start():
 # A tiny search end to end
 # ----------------------------------------------------------------------------------------------------------------------
 def test_tiny_search_end_to_end(tmp_path):
+    from utils import save_tiny_hf, tiny_tokenizer
+
     from minitron_jax.convert import load_model
     from minitron_jax.nas import SearchSettings, run_search
-    from utils import save_tiny_hf, tiny_tokenizer
 
     save_tiny_hf(tmp_path / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
     words = "the quick brown fox jumps over lazy dog pruning removes heads neurons teacher student".split()
@@ -210,10 +220,10 @@ def test_tiny_search_end_to_end(tmp_path):
 
 
 def test_step_cache_builds_once_per_shape():
+    import jax
+
     from minitron_jax.nas import SearchSettings, StepCache, _run_config
     from minitron_jax.sharding import make_mesh
-
-    import jax
 
     rc = _run_config(SearchSettings(steps=4, eval_steps=(4,), seq_len=16, batch_size=2), __import__("pathlib").Path(
         "/tmp/unused"), "teacher", "train.jsonl", {"data": 1, "fsdp": 1, "tensor": 1})

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 from utils import save_tiny_hf, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ students:
   depth: {{prune: {{drop_layers: 1}}}}
 distill: {{steps: 6, seq_len: 32, batch_size: 2, eval_every: 3, val_rows: 4, val_batches: 1, checkpoint_every: 2,
           warmup_steps: 1, peak_lr: 1.0e-3, min_lr: 1.0e-4}}
-eval: {{seq_len: 32, max_tokens: 256, batch_size: 4, mmlu_limit: 4, mmlu_shots: 1, mmlu_data: {root / 'mmlu.jsonl'},
+eval: {{seq_len: 32, max_tokens: 256, mmlu_limit: 4, mmlu_shots: 1, mmlu_data: {root / 'mmlu.jsonl'},
        mmlu_batch_size: 2}}
 """)
     return cfg
@@ -117,6 +117,7 @@ def test_end_to_end_outputs(tiny_run):
         r = rows[s]
         assert r["ppl_pruned"] > 1 and r["ppl"] > 1
         assert r["tokens"] == 6 * 2 * 32
+        assert len(r["window_nll"]) == 8 and r["ppl"] == pytest.approx(np.exp(np.mean(r["window_nll"])))
         assert 0.0 <= r["mmlu"] <= 1.0
         assert (Path(r["export"]) / "config.json").is_file()
         assert (run_dir / "stages" / f"distill.{s}.json").is_file()

@@ -7,14 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from utils import tiny_hf_model, tiny_tokenizer, torch_logits
 
 from minitron_jax import model as M
 from minitron_jax import prune
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import load_model
 from minitron_jax.convert.hf import load_hf_params
-
-from utils import tiny_hf_model, tiny_tokenizer, torch_logits
 
 # Biases on, so the slices of q_bias / gate_bias / up_bias are exercised too.
 BIASED = dict(attention_bias=True, mlp_bias=True)
@@ -380,8 +379,9 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
     ("prune_smollm2_135m_depth", SMOLLM2_135M, 92.0e6),
 ])
 def test_recipes_build_the_sizes_they_claim(name, base, params_after):
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     from minitron_jax.config import LlamaConfig
 

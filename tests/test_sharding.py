@@ -7,8 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from minitron_jax import model as M
 from minitron_jax.config import LlamaConfig
-from minitron_jax.sharding import (batch_sharding, logical_spec, make_mesh, param_shardings, param_specs,
-                                   shard_params)
+from minitron_jax.sharding import batch_sharding, logical_spec, make_mesh, param_shardings, param_specs, shard_params
 
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
                      num_kv_heads=4, head_dim=8)

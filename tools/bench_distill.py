@@ -35,7 +35,7 @@ from minitron_jax.model import count_params, init_params
 from minitron_jax.sharding import make_mesh
 from minitron_jax.train.config import load_config
 from minitron_jax.train.observe import peak_flops, step_flops_per_token
-from minitron_jax.train.state import (abstract_teacher, abstract_train_state, init_train_state, place_teacher)
+from minitron_jax.train.state import abstract_teacher, abstract_train_state, init_train_state, place_teacher
 from minitron_jax.train.step import abstract_batch, build_train_step
 
 GIB = 2**30
@@ -171,7 +171,8 @@ def main(argv=None) -> None:
         print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
     for row in (v for v in report.get("step_memory", {}).values() if isinstance(v, dict)):
         print(f"whole-step temp memory, V={row['vocab']}: chunked {row['chunked_temp_gib']:.3f} GiB, "
-              f"naive {row['naive_temp_gib']:.3f} GiB (one fp32 logits buffer: {row['logits_fp32_gib_per_model']:.3f} GiB)")
+              f"naive {row['naive_temp_gib']:.3f} GiB "
+              f"(one fp32 logits buffer: {row['logits_fp32_gib_per_model']:.3f} GiB)")
 
 
 if __name__ == "__main__":

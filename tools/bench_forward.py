@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     print(f"jax {env['jax']} on {env['jax_device']}; CPU: {env['cpu']} ({env['cores']} cores)"
           + (f"; torch {env['torch']} on {env['torch_device']}, {env['torch_threads']} threads, "
              f"attn={env['torch_attn']}" if torch_model is not None else ""))
-    head = f"| {'batch × seq':>11} | {'ours tok/s':>10} | {'torch tok/s':>11} | {'ours/torch':>10} | {'max abs Δlogit':>14} |"
+    head = (f"| {'batch × seq':>11} | {'ours tok/s':>10} | {'torch tok/s':>11} | {'ours/torch':>10} "
+            f"| {'max abs Δlogit':>14} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in results:

@@ -72,7 +72,8 @@ def main() -> None:
     logits_gib = args.tokens * args.vocab * 4 / GIB
 
     print(f"backend={jax.default_backend()}  N={args.tokens}  V={args.vocab}  Ds={ds}  Dt={args.hidden}  "
-          f"hidden={args.dtype}  head={head_dtype}  compute={args.compute_dtype}  kind={args.kind}  top_k={args.top_k}  alpha={args.alpha}")
+          f"hidden={args.dtype}  head={head_dtype}  compute={args.compute_dtype}  kind={args.kind}  "
+          f"top_k={args.top_k}  alpha={args.alpha}")
     print(f"one fp32 [N, V] logits buffer = {logits_gib:.2f} GiB")
 
     naive, secs = compiled_memory(naive_logit_loss, inputs, **options)

@@ -4,8 +4,9 @@
 
 Runs ``minitron_jax.pipeline`` twice on ``configs/smollm2_135m_findings.yaml``:
 
-- ``<out>/base`` (or ``--base-run-dir``): four students with one distillation budget: width-pruned + KD (the paper's recipe), the same with
-  plain next-token cross-entropy, the same architecture from random weights + KD, and depth-pruned + KD;
+- ``<out>/base`` (or ``--base-run-dir``): four students with one distillation budget: width-pruned + KD (the
+  paper's recipe), the same with plain next-token cross-entropy, the same architecture from random weights + KD,
+  and depth-pruned + KD;
 - ``<out>/corrected``: teacher correction first (the teacher fine-tuned on the distillation text), then the
   width-pruned student pruned from and distilled by the corrected teacher.
 
@@ -46,7 +47,7 @@ COMPARISONS = [
     ("4. with vs without teacher correction", ("corrected", "width"), ("base", "width"),
      "correcting the teacher on the distillation data first gives a better student"),
 ]
-NOISE = 0.02  # relative perplexity differences below this are called inconclusive
+SIGMAS = 2.0  # a paired difference within this many standard errors of zero is called inconclusive
 
 
 def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str]) -> dict[str, dict]:
@@ -82,15 +83,28 @@ def _final_val(reports, run: str, model: str) -> float | None:
     return val[-1][1] if val else None
 
 
+def paired(a: list[float], b: list[float]) -> dict:
+    """Per-window NLL difference b − a over the same held-out windows: mean, standard error, windows where a wins."""
+    import numpy as np
+
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "a_wins": int((d > 0).sum()), "windows": int(len(d))}
+
+
 def compare(reports) -> list[dict]:
     out = []
     for title, a, b, claim in COMPARISONS:
         ra, rb = _row(reports, *a), _row(reports, *b)
         rel = rb["ppl"] / ra["ppl"] - 1.0  # > 0: the paper's choice (A) is better
-        verdict = "inconclusive" if abs(rel) < NOISE else ("held" if rel > 0 else "did not hold")
+        p = paired(ra["window_nll"], rb["window_nll"])
+        if abs(p["mean"]) <= SIGMAS * p["se"]:
+            verdict = "inconclusive"
+        else:
+            verdict = "held" if p["mean"] > 0 else "did not hold"
         out.append({"finding": title, "claim": claim, "a": {"run": a[0], **ra, "val_ce": _final_val(reports, *a)},
                     "b": {"run": b[0], **rb, "val_ce": _final_val(reports, *b)}, "relative_ppl_gap": rel,
-                    "verdict": verdict})
+                    "paired": p, "verdict": verdict})
     return out
 
 
@@ -123,14 +137,21 @@ def markdown(results: list[dict], reports: dict, command: str, meta: dict) -> st
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        for side, verdict in ((r["a"], ""), (r["b"], f"**{r['verdict']}** ({r['relative_ppl_gap']:+.1%})")):
+        p = r["paired"]
+        verdict_text = (f"**{r['verdict']}**: ppl {r['relative_ppl_gap']:+.1%}; ΔNLL {p['mean']:+.3f} ± "
+                        f"{p['se']:.3f}, {p['a_wins']}/{p['windows']} windows")
+        for side, verdict in ((r["a"], ""), (r["b"], verdict_text)):
             lines.append(f"| {r['finding'] if side is r['a'] else ''} | {_label(side)} | {side['params'] / 1e6:.1f}M | "
                          f"{side['ppl_pruned']:.1f} | {side['ppl']:.2f} | "
                          f"{'–' if side['val_ce'] is None else format(side['val_ce'], '.3f')} | "
                          f"{'–' if side['mmlu'] is None else format(side['mmlu'], '.3f')} | {verdict} |")
-    lines += ["", "Verdict: whether the first-listed student (the paper's choice) has the lower held-out perplexity; "
-                  f"the percentage is how much higher the alternative's perplexity is; below {NOISE:.0%} it is called "
-                  "inconclusive.", "",
+    lines += ["", "Verdict: for each finding the first-listed student is the paper's choice. *ppl*: how much higher "
+                  "the alternative's held-out perplexity is. *ΔNLL*: the alternative's minus the paper's choice's "
+                  "mean NLL (nats/token) per held-out window, paired over the same "
+                  f"{results[0]['paired']['windows']} windows, ± its standard error, and on how many windows the "
+                  f"paper's choice was better. *held* / *did not hold*: ΔNLL beyond {SIGMAS:g} standard errors in "
+                  "the paper's / the other direction; otherwise *inconclusive*. *val CE*: the trainer's validation "
+                  "rows, which come from the same articles as training rows (see the caveats below).", "",
               "![validation curves](figures/results_curves.png)", "",
               "![held-out perplexity](figures/results_ppl.png)", "", END]
     return "\n".join(lines)
@@ -152,7 +173,6 @@ def plots(results: list[dict], reports: dict, figures: Path) -> None:
         ax.set_title(r["finding"], fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("validation CE (nats/token)")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -217,8 +237,9 @@ def main(argv=None) -> int:
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plots(results, reports, figures)
-    command = "python tools/findings.py" + ("" if Path(args.config) == CONFIG else f" --config {args.config}") \
-        + (f" --base-run-dir {args.base_run_dir}" if args.base_run_dir else "") + "".join(f" {o}" for o in args.overrides)
+    command = ("python tools/findings.py" + ("" if Path(args.config) == CONFIG else f" --config {args.config}")
+               + (f" --base-run-dir {args.base_run_dir}" if args.base_run_dir else "")
+               + "".join(f" {o}" for o in args.overrides))
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                                           f"Python {platform.python_version()}",
             "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60,

@@ -278,7 +278,8 @@ def figure(res: dict, path: Path) -> None:
     a = ax[1, 0]
     L = int(res["config"].split("L=")[1].split()[0])
     for metric, style in (("contiguous", "o-"), ("ppl", "s--"), ("bi", "^:")):  # styles: lines may coincide
-        pts = [(L, base)] + [(L - r["drop"], r["ppl"]) for r in rows if r["group"] == "depth" and r["variant"] == metric]
+        pts = [(L, base)] + [(L - r["drop"], r["ppl"]) for r in rows
+                             if r["group"] == "depth" and r["variant"] == metric]
         a.plot(*zip(*pts), style, label=metric, alpha=0.8)
     a.set_yscale("log")
     a.set_xlabel("layers kept")

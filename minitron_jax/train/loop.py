@@ -25,11 +25,11 @@ import numpy as np
 
 from minitron_jax.sharding import make_mesh
 from minitron_jax.train import inputs
-from minitron_jax.train.checkpoints import (CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer)
+from minitron_jax.train.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer
 from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
 from minitron_jax.train.models import RunModels, load_run_models
 from minitron_jax.train.observe import Reporter, step_flops_per_token
-from minitron_jax.train.state import (TrainState, abstract_train_state, init_train_state, place_teacher)
+from minitron_jax.train.state import TrainState, abstract_train_state, init_train_state, place_teacher
 from minitron_jax.train.step import build_eval_step, build_train_step
 
 

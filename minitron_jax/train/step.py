@@ -32,7 +32,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minitron_jax import losses
 from minitron_jax.config import LlamaConfig
@@ -40,8 +41,14 @@ from minitron_jax.model import Params, hidden_states, lm_head
 from minitron_jax.optim import make_schedule
 from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
-from minitron_jax.train.state import (TrainState, dtype_of, make_run_optimizer, mesh_rules, state_shardings,
-                                      teacher_shardings)
+from minitron_jax.train.state import (
+    TrainState,
+    dtype_of,
+    make_run_optimizer,
+    mesh_rules,
+    state_shardings,
+    teacher_shardings,
+)
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 Batch = dict[str, jax.Array]
