@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +48,13 @@ COMPARISONS = [
     ("4. with vs without teacher correction", ("corrected", "width"), ("base", "width"),
      "correcting the teacher on the distillation data first gives a better student"),
 ]
+REPLICATED = (0, 2)  # indices into COMPARISONS rerun with other seeds (--seeds): the close calls, both in "base"
+REPLICATED_STUDENTS = ("width", "width_ce", "depth")
 SIGMAS = 2.0  # a paired difference within this many standard errors of zero is called inconclusive
 
 
-def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str]) -> dict[str, dict]:
+def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str],
+                  seeds: Sequence[int] = ()) -> dict[str, dict]:
     import dataclasses
 
     from minitron_jax.pipeline import Pipeline, load_pipeline_config
@@ -62,8 +66,15 @@ def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str])
     corrected = dataclasses.replace(
         base, run_dir=str(out / "corrected"), students={"width": base.students["width"]},
         teacher_correction=dataclasses.replace(base.teacher_correction, enabled=True))
+    # Replicates: the students of the findings that are close calls, distilled again with another data order
+    # (distill.seed shuffles the training rows and picks the validation rows); pruning is deterministic.
+    runs = [("base", base), ("corrected", corrected)]
+    for seed in seeds:
+        runs.append((f"seed{seed}", dataclasses.replace(
+            base, run_dir=str(out / f"seed{seed}"), distill=dataclasses.replace(base.distill, seed=seed),
+            students={k: base.students[k] for k in REPLICATED_STUDENTS})))
     reports = {}
-    for name, pc in (("base", base), ("corrected", corrected)):
+    for name, pc in runs:
         t0 = time.perf_counter()
         report = Pipeline(pc).run()
         report["driver_wall_seconds"] = time.perf_counter() - t0
@@ -92,19 +103,35 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean": float(d.mean()), "se": se, "a_wins": int((d > 0).sum()), "windows": int(len(d))}
 
 
+def verdict(p: dict) -> str:
+    if abs(p["mean"]) <= SIGMAS * p["se"]:
+        return "inconclusive"
+    return "held" if p["mean"] > 0 else "did not hold"
+
+
+def replicates(reports) -> list[dict]:
+    """Findings 1 and 3 once per distillation seed (seed 0 is the base run)."""
+    out = []
+    for i in REPLICATED:
+        title, (_, a), (_, b), _ = COMPARISONS[i]
+        for run in ["base"] + sorted(r for r in reports if r.startswith("seed")):
+            ra, rb = _row(reports, run, a), _row(reports, run, b)
+            p = paired(ra["window_nll"], rb["window_nll"])
+            out.append({"finding": title, "seed": 0 if run == "base" else int(run[4:]), "a": a, "b": b,
+                        "ppl_a": ra["ppl"], "ppl_b": rb["ppl"], "paired": p, "verdict": verdict(p)})
+    return out
+
+
 def compare(reports) -> list[dict]:
     out = []
     for title, a, b, claim in COMPARISONS:
         ra, rb = _row(reports, *a), _row(reports, *b)
         rel = rb["ppl"] / ra["ppl"] - 1.0  # > 0: the paper's choice (A) is better
         p = paired(ra["window_nll"], rb["window_nll"])
-        if abs(p["mean"]) <= SIGMAS * p["se"]:
-            verdict = "inconclusive"
-        else:
-            verdict = "held" if p["mean"] > 0 else "did not hold"
+        verdict_ = verdict(p)
         out.append({"finding": title, "claim": claim, "a": {"run": a[0], **ra, "val_ce": _final_val(reports, *a)},
                     "b": {"run": b[0], **rb, "val_ce": _final_val(reports, *b)}, "relative_ppl_gap": rel,
-                    "paired": p, "verdict": verdict})
+                    "paired": p, "verdict": verdict_})
     return out
 
 
@@ -115,15 +142,15 @@ def _label(side: dict) -> str:
     return name
 
 
-def markdown(results: list[dict], reports: dict, command: str, meta: dict) -> str:
+def markdown(results: list[dict], reports: dict, command: str, meta: dict, reps: list[dict] = ()) -> str:
     base = reports["base"]
     corr_teacher = _row(reports, "corrected", "teacher_corrected")
     teacher = _row(reports, "base", "teacher")
     d = base["distill"]
     lines = [
         BEGIN, "",
-        f"Command: `{command}` ({meta['when']}; {meta['machine']}; total wall time {meta['wall_min']:.0f} min, on a "
-        f"{meta['load']}).",
+        f"Command: `{command}` ({meta['when']}; {meta['machine']}; all stages' wall times summed: "
+        f"{meta['wall_min']:.0f} min; {meta['load']}).",
         "",
         f"Budget per student: {d['steps']} steps × {d['batch_size']} × {d['seq_len']} tokens = "
         f"{d['steps'] * d['batch_size'] * d['seq_len']:,} training tokens. Held-out perplexity on "
@@ -151,10 +178,26 @@ def markdown(results: list[dict], reports: dict, command: str, meta: dict) -> st
                   f"{results[0]['paired']['windows']} windows, ± its standard error, and on how many windows the "
                   f"paper's choice was better. *held* / *did not hold*: ΔNLL beyond {SIGMAS:g} standard errors in "
                   "the paper's / the other direction; otherwise *inconclusive*. *val CE*: the trainer's validation "
-                  "rows, which come from the same articles as training rows (see the caveats below).", "",
+                  "rows, packed rows split off the training text that mostly continue passages trained on (see "
+                  "finding 1 below).", "",
+              *_replicate_lines(reps),
               "![validation curves](figures/results_curves.png)", "",
               "![held-out perplexity](figures/results_ppl.png)", "", END]
     return "\n".join(lines)
+
+
+def _replicate_lines(reps: Sequence[dict]) -> list[str]:
+    if not any(r["seed"] for r in reps):
+        return []
+    lines = ["Replicates: the close calls distilled again with other seeds (another training-data order; the same "
+             "pruned students and held-out windows). Seed 0 is the table above.", "",
+             "| finding | seed | ppl, paper's choice | ppl, alternative | ΔNLL ± s.e. | windows won | verdict |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in reps:
+        p = r["paired"]
+        lines.append(f"| {r['finding']} ({r['a']} vs {r['b']}) | {r['seed']} | {r['ppl_a']:.2f} | {r['ppl_b']:.2f} | "
+                     f"{p['mean']:+.3f} ± {p['se']:.3f} | {p['a_wins']}/{p['windows']} | {r['verdict']} |")
+    return lines + [""]
 
 
 def plots(results: list[dict], reports: dict, figures: Path) -> None:
@@ -217,6 +260,16 @@ def write_results_md(path: Path, block: str) -> None:
     path.write_text(text)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds wants comma-separated integers, got {text!r}") from None
+    if 0 in seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: distinct seeds other than 0 (the base run's), got {text!r}")
+    return seeds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="pipeline overrides for both runs, e.g. distill.steps=400")
@@ -225,29 +278,34 @@ def main(argv=None) -> int:
     ap.add_argument("--base-run-dir", default=None,
                     help="run directory of the base run (default <out>/base); runs/smollm2_135m_demo reuses a "
                          "finished demo run, whose width and depth students are the same")
+    ap.add_argument("--seeds", type=_seed_list, default=[],
+                    help="comma-separated extra distillation seeds (e.g. 1,2): findings 1 and 3 rerun per seed")
     ap.add_argument("--docs", default=str(REPO / "docs"), help="where results.md and figures/ are written")
-    ap.add_argument("--load", default="shared machine (other jobs running)", help="a note on the machine's load")
+    ap.add_argument("--load", default="machine otherwise idle",
+                    help="a note on the machine's load, printed beside the wall time")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out).absolute()
     base_dir = Path(args.base_run_dir).absolute() if args.base_run_dir else out / "base"
-    reports = run_pipelines(Path(args.config), out, base_dir, args.overrides)
+    reports = run_pipelines(Path(args.config), out, base_dir, args.overrides, args.seeds)
     results = compare(reports)
+    reps = replicates(reports)
     docs = Path(args.docs)
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plots(results, reports, figures)
     command = ("python tools/findings.py" + ("" if Path(args.config) == CONFIG else f" --config {args.config}")
                + (f" --base-run-dir {args.base_run_dir}" if args.base_run_dir else "")
+               + (f" --seeds {','.join(map(str, args.seeds))}" if args.seeds else "")
                + "".join(f" {o}" for o in args.overrides))
     meta = {"when": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                                                           f"Python {platform.python_version()}",
             "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60,
             "load": args.load}
-    block = markdown(results, reports, command, meta)
+    block = markdown(results, reports, command, meta, reps)
     write_results_md(docs / "results.md", block)
     (figures / "results_findings.json").write_text(json.dumps(
-        {"command": command, "meta": meta, "comparisons": results,
+        {"command": command, "meta": meta, "comparisons": results, "replicates": reps,
          "stages": {k: v["stages"] for k, v in reports.items()}}, indent=1, default=str) + "\n")
     print(block)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min (this invocation)")
