@@ -41,7 +41,8 @@ def _reports(seed_runs=("seed1",)):
 
     def report(models, extra=()):
         return {"rows": [rows[m] for m in models] + list(extra), "curves": {m: curves[m] for m in models},
-                "distill": {"steps": 40, "batch_size": 4, "seq_len": 128}, "eval": {"heldout_tokens": 40 * 256, "mmlu_shots": 0}}
+                "distill": {"steps": 40, "batch_size": 4, "seq_len": 128},
+                "eval": {"heldout_tokens": 40 * 256, "mmlu_shots": 0}}
 
     reports = {"base": report(["teacher", "width", "width_ce", "width_random", "depth"]),
                "corrected": report(["teacher", "width"], [_row("teacher_corrected", base_nll - 1.1)])}
@@ -51,6 +52,8 @@ def _reports(seed_runs=("seed1",)):
         reports[run] = report(["teacher", "width", "width_ce", "depth"])
         # This seed flips finding 3: depth clearly better.
         reports[run]["rows"][3] = _row("depth", width - 0.08 + 0.01 * rng.standard_normal(40))
+        reports[f"corrected_{run}"] = report(["teacher", "width"], [_row("teacher_corrected", base_nll - 1.1)])
+        reports[f"corrected_{run}"]["rows"][1] = _row("width", width + 0.001 * rng.standard_normal(40))
     return reports
 
 
@@ -79,9 +82,15 @@ def test_compare_and_replicates_on_hand_made_reports(F):
 
     reps = F.replicates(reports)
     by = {(r["finding"][:1], r["seed"]): r for r in reps}
-    assert set(by) == {("1", 0), ("1", 1), ("3", 0), ("3", 1)}
+    assert set(by) == {("1", 0), ("1", 1), ("3", 0), ("3", 1), ("4", 0), ("4", 1)}
     assert by[("3", 0)]["verdict"] == "inconclusive" and by[("3", 1)]["verdict"] == "did not hold"
     assert by[("1", 1)]["verdict"] == "held"
+    # Finding 4 pairs the corrected run of a seed with the base run of the same seed.
+    assert by[("4", 0)]["verdict"] == "held" and by[("4", 1)]["verdict"] == "inconclusive"
+    assert by[("4", 1)]["a"] == "width (corrected teacher)" and by[("4", 1)]["b"] == "width"
+    # A seed whose corrected run is missing just has no finding-4 row.
+    partial = {k: v for k, v in reports.items() if k != "corrected_seed1"}
+    assert ("4", 1) not in {(r["finding"][:1], r["seed"]) for r in F.replicates(partial)}
 
     md = F.markdown(F.compare(reports), reports, "python tools/findings.py --seeds 1",
                     {"when": "today", "machine": "m", "wall_min": 1.0, "load": "idle"}, reps)

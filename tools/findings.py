@@ -48,7 +48,7 @@ COMPARISONS = [
     ("4. with vs without teacher correction", ("corrected", "width"), ("base", "width"),
      "correcting the teacher on the distillation data first gives a better student"),
 ]
-REPLICATED = (0, 2)  # indices into COMPARISONS rerun with other seeds (--seeds): the close calls, both in "base"
+REPLICATED = (0, 2, 3)  # indices into COMPARISONS rerun with other seeds (--seeds): the close calls
 REPLICATED_STUDENTS = ("width", "width_ce", "depth")
 SIGMAS = 2.0  # a paired difference within this many standard errors of zero is called inconclusive
 
@@ -73,6 +73,9 @@ def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str],
         runs.append((f"seed{seed}", dataclasses.replace(
             base, run_dir=str(out / f"seed{seed}"), distill=dataclasses.replace(base.distill, seed=seed),
             students={k: base.students[k] for k in REPLICATED_STUDENTS})))
+        runs.append((f"corrected_seed{seed}", dataclasses.replace(
+            corrected, run_dir=str(out / f"corrected_seed{seed}"),
+            distill=dataclasses.replace(corrected.distill, seed=seed))))
     reports = {}
     for name, pc in runs:
         t0 = time.perf_counter()
@@ -109,16 +112,28 @@ def verdict(p: dict) -> str:
     return "held" if p["mean"] > 0 else "did not hold"
 
 
+def _seed_run(run: str, seed: int) -> str:
+    """The run holding ``run``'s students distilled with ``seed`` (seed 0: the run itself)."""
+    if seed == 0:
+        return run
+    return f"seed{seed}" if run == "base" else f"{run}_seed{seed}"
+
+
 def replicates(reports) -> list[dict]:
-    """Findings 1 and 3 once per distillation seed (seed 0 is the base run)."""
+    """The close calls once per distillation seed (seed 0 is the base and corrected runs)."""
+    seeds = [0] + sorted(int(r[4:]) for r in reports if r.startswith("seed"))
     out = []
     for i in REPLICATED:
-        title, (_, a), (_, b), _ = COMPARISONS[i]
-        for run in ["base"] + sorted(r for r in reports if r.startswith("seed")):
-            ra, rb = _row(reports, run, a), _row(reports, run, b)
+        title, a, b, _ = COMPARISONS[i]
+        for seed in seeds:
+            runs = (_seed_run(a[0], seed), _seed_run(b[0], seed))
+            if not all(r in reports for r in runs):
+                continue
+            ra, rb = _row(reports, runs[0], a[1]), _row(reports, runs[1], b[1])
             p = paired(ra["window_nll"], rb["window_nll"])
-            out.append({"finding": title, "seed": 0 if run == "base" else int(run[4:]), "a": a, "b": b,
-                        "ppl_a": ra["ppl"], "ppl_b": rb["ppl"], "paired": p, "verdict": verdict(p)})
+            out.append({"finding": title, "seed": seed, "a": _label({"run": a[0], "model": a[1]}),
+                        "b": _label({"run": b[0], "model": b[1]}), "ppl_a": ra["ppl"], "ppl_b": rb["ppl"],
+                        "paired": p, "verdict": verdict(p)})
     return out
 
 
@@ -189,8 +204,8 @@ def markdown(results: list[dict], reports: dict, command: str, meta: dict, reps:
 def _replicate_lines(reps: Sequence[dict]) -> list[str]:
     if not any(r["seed"] for r in reps):
         return []
-    lines = ["Replicates: the close calls distilled again with other seeds (another training-data order; the same "
-             "pruned students and held-out windows). Seed 0 is the table above.", "",
+    lines = ["Replicates: the close calls distilled again with other seeds (another training-data order, for finding 4 "
+             "also in the teacher correction; the same held-out windows). Seed 0 is the table above.", "",
              "| finding | seed | ppl, paper's choice | ppl, alternative | ΔNLL ± s.e. | windows won | verdict |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in reps:
@@ -279,7 +294,7 @@ def main(argv=None) -> int:
                     help="run directory of the base run (default <out>/base); runs/smollm2_135m_demo reuses a "
                          "finished demo run, whose width and depth students are the same")
     ap.add_argument("--seeds", type=_seed_list, default=[],
-                    help="comma-separated extra distillation seeds (e.g. 1,2): findings 1 and 3 rerun per seed")
+                    help="comma-separated extra distillation seeds (e.g. 1,2): findings 1, 3 and 4 rerun per seed")
     ap.add_argument("--docs", default=str(REPO / "docs"), help="where results.md and figures/ are written")
     ap.add_argument("--load", default="machine otherwise idle",
                     help="a note on the machine's load, printed beside the wall time")
