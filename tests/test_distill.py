@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import _CORPUS, tiny_tokenizer
+from utils import _CORPUS, persistent_compile_cache, tiny_tokenizer
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.convert.hf import save_hf
@@ -41,13 +41,8 @@ def _np(tree):
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache for this module: runs that build the same step (resume, NaN, export) compile once."""
-    path = tmp_path_factory.mktemp("xla_cache")
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    with persistent_compile_cache(tmp_path_factory.mktemp("xla_cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

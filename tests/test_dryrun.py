@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from utils import persistent_compile_cache
 
 from minitron_jax import dryrun, hlo
 from minitron_jax import plan as P
@@ -44,13 +45,8 @@ def _need_8():
 
 @pytest.fixture(scope="module")
 def xla_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dryrun_xla_cache")
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    with persistent_compile_cache(tmp_path_factory.mktemp("dryrun_xla_cache")) as path:
+        yield path
 
 
 def _plan(recipe, *overrides, **kw):

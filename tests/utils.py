@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,19 @@ def tiny_tokenizer(vocab_size: int = 300):
     fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|endoftext|>{% endfor %}"
                           "{% if add_generation_prompt %}<assistant>{% endif %}")
     return fast
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(path: Path):
+    """Point JAX's persistent XLA cache at ``path`` (caching every compile) and restore the settings afterwards:
+    tests that build the same step again then compile it once."""
+    import jax
+
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        yield path
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
