@@ -718,7 +718,8 @@ def distill_parser(prog: str = "python -m minitron_jax.distill") -> argparse.Arg
     return ap
 
 
-def _emit(p: dict[str, Any], json_dest: str | None) -> None:
+def _emit(p: dict[str, Any], json_dest: str | None) -> int:
+    """Print the plan (and write its JSON); the exit code: OK, or DOES_NOT_FIT with the refusal on stderr."""
     text = json.dumps(p, indent=None if json_dest == "-" else 2, default=_json_default)
     if json_dest == "-":
         print(text)
@@ -728,6 +729,10 @@ def _emit(p: dict[str, Any], json_dest: str | None) -> None:
             Path(json_dest).parent.mkdir(parents=True, exist_ok=True)
             Path(json_dest).write_text(text + "\n")
             print(f"plan written to {json_dest}")
+    if not p["fits"]:
+        print(refusal_message(p), file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return EXIT_OK
 
 
 def _json_default(x):
@@ -767,11 +772,7 @@ def distill_main(argv: Sequence[str] | None = None, prog: str = "python -m minit
     except (RunConfigError, DryRunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    _emit(p, args.json)
-    if not p["fits"]:
-        print(refusal_message(p), file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    return EXIT_OK
+    return _emit(p, args.json)
 
 
 def prune_main(argv: Sequence[str] | None = None, prog: str = "python -m minitron_jax.prune") -> int:
@@ -804,11 +805,7 @@ def prune_main(argv: Sequence[str] | None = None, prog: str = "python -m minitro
     except (DryRunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    _emit(p, args.json)
-    if not p["fits"]:
-        print(refusal_message(p), file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    return EXIT_OK
+    return _emit(p, args.json)
 
 
 def markdown_tables(plans: Sequence[dict[str, Any]]) -> str:
