@@ -49,6 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from minitron_jax.exitcodes import ExitCode, cli_exit
+
 ENV_CACHE = "MINITRON_JAX_CACHE"
 
 
@@ -322,6 +324,7 @@ def load_texts(name: str, limit: int | None = None) -> list[str]:
 # CLI
 
 
+@cli_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m minitron_jax.assets",
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = fetch_assets(args.only, quiet=args.quiet)
     except AssetFetchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.SYSTEM
     if args.json:
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     else:

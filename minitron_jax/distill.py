@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.train.checkpoints import export_to_hf
 from minitron_jax.train.config import RunConfig, RunConfigError, load_config
 from minitron_jax.train.loop import NonFiniteLossError, RunResult, run
@@ -32,9 +33,10 @@ __all__ = ["RunConfig", "RunConfigError", "load_config", "run", "RunResult", "No
            "build_train_step", "build_eval_step", "abstract_train_state", "abstract_teacher", "abstract_batch",
            "export_to_hf", "main"]
 
-EXIT_CONFIG, EXIT_NONFINITE = 1, 3
+EXIT_CONFIG, EXIT_NONFINITE = ExitCode.BAD_INPUT, ExitCode.NON_FINITE
 
 
+@cli_exit
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" in argv:  # plan without the hardware: docs/scaling.md

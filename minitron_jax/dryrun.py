@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from minitron_jax import plan as P
+from minitron_jax.exitcodes import ExitCode, cli_exit
 
-EXIT_OK, EXIT_CONFIG, EXIT_DOES_NOT_FIT = 0, 1, 4
+EXIT_OK, EXIT_CONFIG, EXIT_DOES_NOT_FIT = ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.DOES_NOT_FIT
 CHILD_ENV = "MINITRON_DRYRUN_CHILD"
 REPO_MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
@@ -748,6 +749,7 @@ def _needed_devices(rc, devices: int | None) -> int:
     return d * f * t
 
 
+@cli_exit
 def distill_main(argv: Sequence[str] | None = None, prog: str = "python -m minitron_jax.distill") -> int:
     from minitron_jax.train.config import RunConfigError, load_config
 
@@ -775,6 +777,7 @@ def distill_main(argv: Sequence[str] | None = None, prog: str = "python -m minit
     return _emit(p, args.json)
 
 
+@cli_exit
 def prune_main(argv: Sequence[str] | None = None, prog: str = "python -m minitron_jax.prune") -> int:
     """``prune --dry-run``: the options of the prune CLI (``--config``, ``--model``, sizes, calibration shape)."""
     from minitron_jax import prune
@@ -871,6 +874,7 @@ def markdown_tables(plans: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+@cli_exit
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m minitron_jax.dryrun distill|prune ...`` (what the CLIs re-execute into), and
     ``python -m minitron_jax.dryrun table PLAN.json ...`` (markdown tables of saved plans, as in docs/scaling.md)."""

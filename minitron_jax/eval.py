@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.exitcodes import cli_exit
 from minitron_jax.model import Params, hidden_states, lm_head
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -99,6 +100,7 @@ def perplexity(config: LlamaConfig, params: Params, windows: np.ndarray, **kwarg
 
 
 # ------------------------------------------------------------------------------------------------------------------
+@cli_exit
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minitron_jax.eval", description="Perplexity of a model on a text.")
     ap.add_argument("--model", required=True, help="HF directory, .gguf file or minitron_jax checkpoint")

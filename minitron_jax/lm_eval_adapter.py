@@ -71,6 +71,7 @@ import numpy as np
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.eval import token_logprobs
+from minitron_jax.exitcodes import cli_exit
 from minitron_jax.mmlu import bucket_length
 from minitron_jax.model import Params, hidden_states
 
@@ -484,6 +485,7 @@ def register() -> bool:
 register()
 
 
+@cli_exit
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI with ``minitron_jax`` registered (same arguments as ``lm_eval``)."""
     if not lm_eval_available():

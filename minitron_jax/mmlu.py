@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.exitcodes import cli_exit
 from minitron_jax.model import Params, hidden_states, logits_from_hidden
 
 LETTERS = ("A", "B", "C", "D")
@@ -348,6 +349,7 @@ def mmlu_eval(config: LlamaConfig, params: Params, tokenizer, rows: Sequence[MML
 
 
 # ------------------------------------------------------------------------------------------------------------------
+@cli_exit
 def main(argv=None) -> int:
     from minitron_jax.eval import DTYPES
 

@@ -37,9 +37,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from minitron_jax.config import ConfigError, LlamaConfig
+from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.model import count_params
 
-EXIT_ERROR = 2
+EXIT_ERROR = ExitCode.BAD_INPUT
 RANK_BY = ("ce", "kl")
 
 
@@ -608,6 +609,7 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+@cli_exit
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minitron_jax.nas",
                                  description="Enumerate width/depth candidates near a parameter budget, prune each "

@@ -66,9 +66,10 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
+from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.progress import PhaseProgress
 
-EXIT_CONFIG, EXIT_NONFINITE = 2, 3
+EXIT_CONFIG, EXIT_NONFINITE = ExitCode.BAD_INPUT, ExitCode.NON_FINITE
 STAGES_DIR = "stages"
 STUDENT_INITS = ("pruned", "random")
 STUDENT_LOSSES = ("kd", "ce")
@@ -1065,6 +1066,7 @@ def plot_results(report: dict[str, Any], path: Path) -> None:
 # ======================================================================================================================
 # CLI
 # ======================================================================================================================
+@cli_exit
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m minitron_jax.pipeline",

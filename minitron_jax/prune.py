@@ -47,6 +47,7 @@ import numpy as np
 from minitron_jax import importance as imp
 from minitron_jax.config import ConfigError, LlamaConfig
 from minitron_jax.eval import DTYPES
+from minitron_jax.exitcodes import cli_exit
 from minitron_jax.model import Params, axis_sizes, count_params, param_axes
 from minitron_jax.progress import PhaseProgress
 
@@ -524,6 +525,7 @@ def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+@cli_exit
 def main(argv: Sequence[str] | None = None) -> int:
     if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # plan the importance pass: docs/scaling.md
         from minitron_jax import dryrun

@@ -16,6 +16,7 @@ import numpy as np
 
 from minitron_jax.config import ConfigError
 from minitron_jax.convert.hf import ConversionError, hf_tensor_specs
+from minitron_jax.exitcodes import cli_exit
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
@@ -84,6 +85,7 @@ class _nullcontext:
         return False
 
 
+@cli_exit
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minitron_jax.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="a .gguf file, an HF model directory, or a minitron_jax checkpoint directory")
