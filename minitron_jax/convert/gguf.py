@@ -130,28 +130,20 @@ def _open_reader(path: Path):
     """A ``GGUFReader`` for ``path``, with every failure turned into an error that names the file."""
     from gguf import GGUFReader
 
+    from minitron_jax.convert.gguf_header import check_gguf_file
+
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if not path.is_file():
         raise GGUFError(f"{path} is not a file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    # GGUFReader believes every declared count (a 133-byte file can make it allocate until the OOM killer comes):
+    # the header is checked against the file size first, so the reader only ever sees a possible file. The check
+    # also covers what the reader lets through: big-endian files, tensor data past the end of the file.
+    check_gguf_file(path)
     try:
         reader = GGUFReader(path, "r")
-    except Exception as e:  # the reader fails with assorted numpy errors on a cut-off header
+    except Exception as e:  # a header the check accepts but the reader does not: keep the message, name the file
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
-    if reader.byte_order != "I":
-        raise GGUFError(f"{path} is a big-endian GGUF, which is not supported")
-    size = path.stat().st_size
-    for t in reader.tensors:
-        # numpy silently returns a short view past the end of a memmap; check the extent ourselves.
-        if t.data_offset + t.n_bytes > size:
-            raise GGUFError(
-                f"{path} is truncated: tensor {t.name!r} needs bytes up to {t.data_offset + t.n_bytes}, "
-                f"the file has {size}"
-            )
     return reader
 
 
@@ -180,18 +172,50 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def _uniform_int(meta: dict, key: str, default: int | None = None) -> int:
-    """An integer hyperparameter; per-layer arrays are accepted only when all layers agree."""
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # a GGUF BOOL comes back as a Python bool
+
+
+def _uniform_int(meta: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer hyperparameter of at least ``minimum``; per-layer arrays are accepted only when all layers agree.
+
+    The type is checked, not coerced: ``int()`` would take the string "12" or the float 2.5, and a zero head count
+    would only fail later as a division by zero."""
     if key not in meta:
         if default is None:
             raise GGUFError(f"GGUF metadata has no {key!r}")
         return default
     value = meta[key]
     if isinstance(value, list):
+        if not value or not all(_is_int(v) for v in value):
+            raise GGUFError(f"GGUF metadata {key!r} must be an integer or an array of integers, "
+                            f"got {_describe(value)}")
         if len(set(value)) != 1:
             raise GGUFError(f"{key} varies per layer ({value[:8]}...), which a Llama config cannot express")
         value = value[0]
-    return int(value)
+    if not _is_int(value):
+        raise GGUFError(f"GGUF metadata {key!r} must be an integer, got {_describe(value)}")
+    if value < minimum:
+        raise GGUFError(f"GGUF metadata {key!r} is {value}, must be at least {minimum}")
+    return value
+
+
+def _positive_float(meta: dict, key: str, default: float | None = None) -> float:
+    """A positive, finite float hyperparameter (an integer is accepted: GGUF writers differ), as :func:`_f32`."""
+    if key not in meta:
+        if default is None:
+            raise GGUFError(f"GGUF metadata has no {key!r}")
+        return default
+    value = meta[key]
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)) or not math.isfinite(value) \
+            or value <= 0:
+        raise GGUFError(f"GGUF metadata {key!r} must be a positive number, got {_describe(value)}")
+    return _f32(value)
 
 
 _TORCH_DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -209,23 +233,26 @@ def _rope_scaling(meta: dict, arch: str, rope_freqs: np.ndarray | None, theta: f
     """HF ``rope_scaling`` from GGUF metadata (linear/yarn) or from a ``rope_freqs`` tensor (llama3)."""
     p = f"{arch}.rope."
     kind = meta.get(p + "scaling.type")
-    factor = meta.get(p + "scaling.factor")
+    factor_key = p + "scaling.factor"
     if kind is None and meta.get(p + "scale_linear") is not None:  # the pre-2024 key for linear scaling
-        kind, factor = "linear", meta[p + "scale_linear"]
+        kind, factor_key = "linear", p + "scale_linear"
+    if kind is not None and not isinstance(kind, str):
+        raise GGUFError(f"GGUF metadata {p}scaling.type must be a string, got {_describe(kind)}")
     if kind not in (None, "none") and rope_freqs is not None:
         raise GGUFError(f"both {p}scaling.type={kind!r} and a rope_freqs tensor: ambiguous RoPE scaling")
     if kind in (None, "none"):
         return None if rope_freqs is None else _llama3_scaling_from_freqs(rope_freqs, theta, head_dim)
-    if factor is None:
+    if meta.get(factor_key) is None:
         raise GGUFError(f"{p}scaling.type is {kind!r} but {p}scaling.factor is missing")
+    factor = _positive_float(meta, factor_key)
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": _f32(factor)}
-        if (orig := meta.get(p + "scaling.original_context_length")) is not None:
-            out["original_max_position_embeddings"] = int(orig)
-        if (attn := meta.get(p + "scaling.attn_factor")) is not None:
-            out["attention_factor"] = _f32(attn)
+        out = {"rope_type": "yarn", "factor": factor}
+        if meta.get(p + "scaling.original_context_length") is not None:
+            out["original_max_position_embeddings"] = _uniform_int(meta, p + "scaling.original_context_length")
+        if meta.get(p + "scaling.attn_factor") is not None:
+            out["attention_factor"] = _positive_float(meta, p + "scaling.attn_factor")
         return out
     raise GGUFError(f"unsupported RoPE scaling type {kind!r} in {p}scaling.type")
 
@@ -279,7 +306,7 @@ def _build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' can be converted)")
-    if _uniform_int(meta, "llama.expert_count", 0) > 0:
+    if _uniform_int(meta, "llama.expert_count", 0, minimum=0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts Llama GGUFs are not supported")
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: no token_embd.weight tensor")
@@ -293,9 +320,12 @@ def _build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray
         raise GGUFError(f"{path}: partial rotary embeddings (rope dims {rope_dims} < head_dim {head_dim}) "
                         "are not supported")
     vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF order: [hidden, vocab]
-    if "llama.vocab_size" in meta and int(meta["llama.vocab_size"]) != vocab:
+    if "llama.vocab_size" in meta and _uniform_int(meta, "llama.vocab_size") != vocab:
         raise GGUFError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} != token_embd rows {vocab}")
-    theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
+    theta = _positive_float(meta, "llama.rope.freq_base", 10000.0)
+    layers = _uniform_int(meta, "llama.block_count")
+    if layers > len(tensors):  # every layer has 9 tensors; an absurd count would only loop (and allocate) later
+        raise GGUFError(f"{path}: llama.block_count is {layers} but the file has only {len(tensors)} tensors")
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -303,12 +333,12 @@ def _build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _uniform_int(meta, "llama.feed_forward_length"),
-        "num_hidden_layers": _uniform_int(meta, "llama.block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": _positive_float(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": theta,
         "max_position_embeddings": _uniform_int(meta, "llama.context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -319,8 +349,12 @@ def _build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray
     if scaling is not None:
         config["rope_scaling"] = scaling
     for hf_key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        if (token_id := meta.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
-            config[f"{hf_key}_token_id"] = int(token_id)
+        key = f"tokenizer.ggml.{gguf_key}_token_id"
+        if meta.get(key) is not None:
+            token_id = _uniform_int(meta, key, minimum=0)
+            if token_id >= vocab:
+                raise GGUFError(f"{path}: {key} is {token_id}, outside the vocabulary of {vocab} tokens")
+            config[f"{hf_key}_token_id"] = token_id
     config["torch_dtype"] = _torch_dtype_name(dtype)
     return config
 
@@ -459,7 +493,12 @@ def read_gguf(path: str | os.PathLike, dtype=np.float32) -> GGUFModel:
     if "rope_freqs.weight" in by_name:
         t = by_name["rope_freqs.weight"]
         rope_freqs = dequantize_tensor(t.data, t.tensor_type.name, (int(t.n_elements),), t.name)
-    cfg = _build_hf_config(meta, by_name, rope_freqs, dtype, path)
+    try:
+        cfg = _build_hf_config(meta, by_name, rope_freqs, dtype, path)
+    except GGUFError as e:  # the metadata helpers name the key; the one-line CLI error should name the file too
+        if str(path) in str(e):
+            raise
+        raise GGUFError(f"{path}: {e}") from None
     refs = _tensor_refs(reader.tensors, cfg, path)
     return GGUFModel(path=path, hf_config=cfg, metadata=meta, dtype=dtype, _refs=refs)
 

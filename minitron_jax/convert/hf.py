@@ -108,8 +108,58 @@ def _hf_shape(shape: tuple[int, ...], name: HFName) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------------------------------
 # Reading safetensors (memory-mapped; numpy's safetensors reader cannot return bfloat16)
 # ------------------------------------------------------------------------------------------------------------------
+# Every whole-byte dtype the safetensors format defines, with its size. Byte ranges are checked against these even for
+# tensors we cannot load (not in DTYPES), so a header that lies is refused when the file is opened, not when read.
+SAFETENSORS_ITEMSIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+# The header is JSON read whole into memory: cap it (the safetensors library's own limit is 100 MB too).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _json_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false load as Python bools
+
+
+def _check_safetensors_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
+    """Refuse a header entry whose dtype, shape or byte range is impossible, naming the file and the tensor."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ConversionError(f"{where}: header entry is {_short(entry)}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZES:
+        raise ConversionError(f"{where} has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_json_int(d) and d >= 0 for d in shape):
+        raise ConversionError(f"{where} has shape {_short(shape)}; a shape is a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_json_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ConversionError(f"{where} has data_offsets {_short(offsets)}; expected [begin, end] with "
+                              "0 <= begin <= end")
+    if offsets[1] > data_size:
+        raise ConversionError(f"{where} has data_offsets {offsets}, past the end of the {data_size} data bytes "
+                              "(truncated file?)")
+    n_elements = 0 if 0 in shape else 1
+    for d in shape:  # stop once impossible: a long list of huge dims would otherwise build a huge integer
+        n_elements *= d
+        if n_elements > data_size:
+            break
+    n_bytes = n_elements * SAFETENSORS_ITEMSIZES[dtype]
+    if n_bytes != offsets[1] - offsets[0]:
+        raise ConversionError(f"{where}: shape {_short(shape)} of {dtype} needs {n_bytes} bytes but data_offsets "
+                              f"{offsets} hold {offsets[1] - offsets[0]}")
+
+
 class SafetensorsFile:
-    """A memory-mapped safetensors file. Tensors are views into the map: reading one costs only its pages."""
+    """A memory-mapped safetensors file. Tensors are views into the map: reading one costs only its pages.
+
+    The header is untrusted: its length is checked against the file before it is read, and every tensor's dtype,
+    shape and byte range before any tensor is (see :func:`_check_safetensors_entry`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -119,20 +169,28 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise ConversionError(f"{self.path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ConversionError(f"{self.path}: corrupt safetensors header (claims {n} header bytes)")
+            if n > size - 8:
+                raise ConversionError(f"{self.path}: corrupt safetensors header: declares {n} header bytes but only "
+                                      f"{size - 8} follow")
+            if n > MAX_SAFETENSORS_HEADER:
+                raise ConversionError(f"{self.path}: safetensors header of {n} bytes is over the "
+                                      f"{MAX_SAFETENSORS_HEADER}-byte limit")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConversionError(f"{self.path}: corrupt safetensors header: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.entries = header
+            except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors; deep nesting recurses
+                raise ConversionError(f"{self.path}: corrupt safetensors header: {type(e).__name__}: "
+                                      f"{_short(str(e), 200)}") from None
+        if not isinstance(header, dict):
+            raise ConversionError(f"{self.path}: corrupt safetensors header: JSON {type(header).__name__}, "
+                                  "not an object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ConversionError(f"{self.path}: safetensors __metadata__ is {_short(metadata)}, not an object")
         self.data_start = 8 + n
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > size:
-            raise ConversionError(
-                f"{self.path}: truncated: tensors need {self.data_start + end} bytes, file has {size}"
-            )
+        for name, entry in header.items():
+            _check_safetensors_entry(self.path, name, entry, size - self.data_start)
+        self.metadata = metadata
+        self.entries = header
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
     def keys(self):
