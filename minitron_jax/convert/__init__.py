@@ -93,7 +93,8 @@ def gguf_tokenizer_dir(path: Path) -> Path:
     from minitron_jax.convert.gguf import save_tokenizer
 
     stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # "tok2": tokenizers built by our own GGUF reader (earlier caches came from transformers' converter).
+    key = hashlib.sha1(f"tok2:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "gguf_tokenizers" / key
     if not (out / "tokenizer.json").is_file():
         out.mkdir(parents=True, exist_ok=True)

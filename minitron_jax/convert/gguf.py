@@ -19,9 +19,10 @@ What differs between a llama.cpp GGUF and an HF Llama checkpoint, and how each i
 - **Config**: read from ``llama.*`` metadata. Llama-3.1-style RoPE scaling is not stored as metadata but as a
   ``rope_freqs.weight`` tensor of per-frequency divisors; we recover the ``llama3`` ``rope_scaling`` dict from it
   and check that it reproduces the tensor.
-- **Tokenizer**: GGUF stores vocabulary, merges and special ids as metadata. :func:`save_tokenizer` lets
-  transformers' own GGUF tokenizer conversion build the tokenizer, saves it, and checks the saved files tokenize
-  like the in-memory conversion.
+- **Tokenizer**: GGUF stores vocabulary, merges and special ids as metadata. :func:`save_tokenizer` builds the
+  tokenizer with the ``tokenizers`` library (:mod:`~minitron_jax.convert.gguf_tokenizer`: transformers' own GGUF
+  route imports torch, which we do not depend on), saves it, and checks the saved files tokenize like the
+  in-memory tokenizer; the tests check both against transformers' conversion.
 """
 
 from __future__ import annotations
@@ -506,7 +507,7 @@ def read_gguf(path: str | os.PathLike, dtype=np.float32) -> GGUFModel:
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
-# Text the saved tokenizer must encode exactly like transformers' in-memory GGUF conversion: digits, unicode,
+# Text the saved tokenizer must encode exactly like the in-memory one built from the GGUF: digits, unicode,
 # runs of spaces and newlines, punctuation — the places where pre-tokenizers differ.
 _TOKENIZER_PROBE = (
     "Hello world! In 1938, he earned a B.Sc. (forestry) — naïve café, 東京, emoji 🙂.\n\n"
@@ -527,11 +528,12 @@ def _check_gguf_path(gguf_path: str | os.PathLike) -> Path:
 
 
 def load_gguf_tokenizer(gguf_path: str | os.PathLike):
-    """The tokenizer transformers builds from a GGUF's metadata (``AutoTokenizer`` with ``gguf_file=``)."""
-    from transformers import AutoTokenizer
+    """The tokenizer a GGUF's metadata describes, as a transformers ``PreTrainedTokenizerFast``, built without
+    torch (:mod:`minitron_jax.convert.gguf_tokenizer`)."""
+    from minitron_jax.convert.gguf_tokenizer import load_gguf_tokenizer as build
 
-    path = _check_gguf_path(gguf_path).resolve()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    path = _check_gguf_path(gguf_path)
+    return build(path, _open_reader(path))
 
 
 def _update_json(path: Path, updates: dict, drop: tuple[str, ...] = ()) -> None:
@@ -546,7 +548,8 @@ def save_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     """Write HF tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, and
     ``chat_template.jinja`` when the GGUF has ``tokenizer.chat_template``) for a GGUF into ``out_dir``.
 
-    transformers' GGUF conversion builds the tokenizer; we then make the files loadable by older transformers too
+    :mod:`minitron_jax.convert.gguf_tokenizer` builds the tokenizer (no torch); we then make the files loadable by
+    older transformers too
     (``PreTrainedTokenizerFast`` class name, chat template also inside ``tokenizer_config.json``), reload them, and
     refuse to write anything if the reloaded tokenizer encodes a probe text or renders the chat template
     differently. Files are staged in a temporary directory and moved in one by one, so ``out_dir`` may already hold
@@ -594,7 +597,7 @@ def _check_same_tokenizer(reference, candidate, source) -> None:
     for text in texts:
         want, got = reference(text)["input_ids"], candidate(text)["input_ids"]
         if want != got:
-            raise GGUFError(f"saved tokenizer for {source} encodes differently from transformers' GGUF "
-                            f"conversion: {got[:12]}... vs {want[:12]}...")
+            raise GGUFError(f"saved tokenizer for {source} encodes differently from the tokenizer "
+                            f"built from the GGUF: {got[:12]}... vs {want[:12]}...")
         if candidate.decode(got) != reference.decode(want):
-            raise GGUFError(f"saved tokenizer for {source} decodes differently from transformers' GGUF conversion")
+            raise GGUFError(f"saved tokenizer for {source} decodes differently from the tokenizer built from the GGUF")
