@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.exitcodes import cli_exit
+from minitron_jax.exitcodes import NonFiniteError, cli_exit
 from minitron_jax.model import Params, hidden_states, lm_head
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -135,10 +135,18 @@ def _run(args) -> int:
     windows = token_windows(m.tokenizer, text, args.seq_len, args.max_tokens)
     t0 = time.perf_counter()
     total, count = nll_sum(m.config, m.params, windows, batch_size=args.batch_size, dtype=DTYPES[args.dtype])
-    ppl = math.exp(total / count)
+    nll = total / count
+    try:
+        ppl = math.exp(nll)
+    except OverflowError:  # a finite NLL above ~709 nats
+        ppl = math.inf
+    if not math.isfinite(ppl):  # a number nobody can use, and not JSON: exit 3 rather than print it
+        raise NonFiniteError(f"perplexity of {args.model} on {args.text} is not finite (mean NLL {nll}): the model "
+                             "produces NaN/inf logits or is wildly wrong; check its weights")
     if args.json:
         # "tokens" counts the tokens in the windows (windows × N); predictions are windows × (N − 1).
-        print(json.dumps({"perplexity": ppl, "tokens": int(windows.size), "windows": int(len(windows))}))
+        print(json.dumps({"perplexity": ppl, "tokens": int(windows.size), "windows": int(len(windows))},
+                         allow_nan=False))
     else:
         print(f"perplexity {ppl:.4f} over {count} predicted tokens in {len(windows)} windows of {args.seq_len} "
               f"({time.perf_counter() - t0:.1f}s)")

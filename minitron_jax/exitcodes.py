@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
+import numbers
 import sys
 import traceback
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -116,6 +119,24 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror and str(e).startswith("["):
         return f"{e.strerror}: {e.filename}"
     return str(e)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite number (NaN, ±inf) replaced by None, through dicts, lists and tuples.
+
+    JSON has no NaN: ``json.dumps`` would write the non-standard ``NaN``/``Infinity`` that strict readers (jq,
+    JavaScript, Go) reject. Reports and logs that may hold a value that could not be computed write it as ``null``
+    this way, and dump with ``allow_nan=False`` so nothing slips through; results that *are* the answer (a
+    perplexity) refuse instead (:class:`NonFiniteError`)."""
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # numpy/JAX arrays and scalars: to Python, then walk
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def cli_exit(main: Callable[..., int]) -> Callable[..., int]:

@@ -402,7 +402,7 @@ def _run(args, dtype) -> int:
                     batch_size=args.batch_size, dtype=dtype, subjects=subjects, order=args.order, seed=args.seed,
                     max_length=args.max_length, progress=None if args.quiet else progress)
     if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "questions"}))
+        print(json.dumps({k: v for k, v in res.items() if k != "questions"}, allow_nan=False))  # strict JSON
     else:
         width = max(len(s) for s in res["per_subject"])
         for s, r in res["per_subject"].items():

@@ -447,10 +447,15 @@ def nondefault(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """A small JSON file written to a temporary name and renamed: whole or absent."""
+    """A small JSON file written to a temporary name and renamed: whole or absent.
+
+    Strict JSON: a NaN/inf number (a metric that could not be computed, e.g. the perplexity of a broken candidate)
+    is written as null (``exitcodes.finite_or_none``), never as the ``NaN`` that strict readers reject."""
+    from minitron_jax.exitcodes import finite_or_none
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(finite_or_none(data), indent=1, default=_json_default, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

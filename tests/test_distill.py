@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import _CORPUS, persistent_compile_cache, tiny_tokenizer
+from utils import _CORPUS, persistent_compile_cache, poison_hf, tiny_tokenizer
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.convert.hf import save_hf
@@ -261,8 +261,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     run(make_rc(tiny, tmp_path / "run", "train.stop_at=2", "checkpoint.every=1"))
     # Resume against a teacher whose weights hold a NaN: step 3's loss is not finite.
     params = _np(init_params(tiny["teacher_cfg"], jax.random.key(0), std=0.3))
-    params["final_norm"][0] = np.nan
     save_hf(tmp_path / "nan_teacher", tiny["teacher_cfg"], params, tokenizer=tiny["tokenizer"])
+    poison_hf(tmp_path / "nan_teacher")  # final_norm[0] = NaN (save_hf refuses to write it)
     rc = make_rc(tiny, tmp_path / "run", "checkpoint.every=1", f"teacher.path={tmp_path / 'nan_teacher'}")
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
         run(rc)

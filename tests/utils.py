@@ -83,3 +83,16 @@ def persistent_compile_cache(path: Path):
     finally:
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def poison_hf(path: Path, name: str = "model.norm.weight", value: float = float("nan")) -> Path:
+    """Set the first element of tensor ``name`` of the (single-file) HF model at ``path`` to ``value`` in place:
+    ``save_hf`` refuses to write a non-finite model, so a broken one is made by editing a good one."""
+    from safetensors.numpy import load_file, save_file
+
+    file = Path(path) / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = value
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return Path(path)

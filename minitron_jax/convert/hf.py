@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.fsutil import atomic_directory
 from minitron_jax.model import Params, param_axes, param_shapes
 
@@ -306,6 +307,29 @@ _TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat
                       np.dtype(np.float16): "float16"}
 
 
+def first_nonfinite(tree: Any, name: str = "") -> str | None:
+    """The name (``layers.q[3]``: index 3 along the first axis, the layer of a stacked param) of the first floating
+    tensor in ``tree`` holding a NaN/inf, or None. Host-side, a block of rows at a time so the mask stays small."""
+    if isinstance(tree, (dict, list, tuple)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        for key, value in items:
+            found = first_nonfinite(value, f"{name}.{key}" if name else str(key))
+            if found is not None:
+                return found
+        return None
+    arr = np.asarray(tree)
+    if (arr.dtype.kind not in "fc" and arr.dtype != ml_dtypes.bfloat16) or arr.size == 0:
+        return None
+    if arr.ndim == 0:
+        return None if np.isfinite(arr) else name
+    rows = max(1, (1 << 24) // max(1, arr[0].size))
+    for start in range(0, len(arr), rows):
+        finite = np.isfinite(arr[start:start + rows]).reshape(min(rows, len(arr) - start), -1).all(axis=1)
+        if not finite.all():
+            return f"{name}[{start + int(np.argmin(finite))}]"
+    return None
+
+
 def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
             tokenizer_dir: str | Path | None = None, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             overwrite: bool = False, generation_config: dict | None = None,
@@ -317,6 +341,9 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
     The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``."""
     from safetensors.numpy import save_file
 
+    bad = first_nonfinite(params)  # a NaN/inf model loads fine and generates garbage: refuse before writing
+    if bad is not None:
+        raise NonFiniteError(f"not exporting to {path}: tensor {bad} holds NaN/inf values")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         shard_bytes = 0

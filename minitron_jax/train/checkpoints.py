@@ -131,9 +131,26 @@ def export_to_hf(source: str | Path, out: str | Path, *, dtype: str | None = Non
         return save_hf(out, loaded.config, loaded.params, tokenizer=loaded.tokenizer,
                        dtype=jnp.dtype(dtype) if dtype else None, overwrite=overwrite)
     rc, student, params, step = restore_student_params(run_dir, step)
+    _refuse_nonfinite(run_dir, step, params)
     return save_hf(out, student, params, tokenizer_dir=run_dir / STUDENT_DIR,
                    dtype=jnp.dtype(dtype or rc.export.dtype), overwrite=overwrite,
                    generation_config=None)
+
+
+def _refuse_nonfinite(run_dir: Path, step: int, params) -> None:
+    """A checkpoint with NaN/inf params (written before the loop checked every state, or by hand) is not exported;
+    the message names the tensor and the run's other checkpoints."""
+    from minitron_jax.convert.hf import first_nonfinite
+    from minitron_jax.exitcodes import NonFiniteError
+
+    bad = first_nonfinite(params)
+    if bad is None:
+        return
+    others = sorted(int(p.name) for p in (run_dir / CHECKPOINT_DIR).iterdir() if p.name.isdigit() and
+                    int(p.name) != step)
+    raise NonFiniteError(f"checkpoint step {step} of {run_dir} holds NaN/inf values (tensor {bad}); not exporting "
+                         f"it. Other checkpoints: {', '.join(map(str, others)) or 'none'} (export one with "
+                         f"--export-from {run_dir / CHECKPOINT_DIR}/STEP)")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -218,6 +219,10 @@ def validate(rc: RunConfig) -> None:
         if not ok:
             raise RunConfigError(message)
 
+    # YAML reads .nan, .inf and 1e999 as floats, and NaN compares false with every bound, so it would slip past
+    # checks written as "refuse when < 0": every float of the config must be finite, checked first.
+    for key, value in _float_fields(rc):
+        need(math.isfinite(value), f"{key}={value} is not a finite number")
     need(rc.mode in MODES, f"mode must be one of {MODES}, got {rc.mode!r}")
     need(bool(rc.run_dir), "run_dir must be set")
     if rc.mode == "distill":
@@ -269,11 +274,47 @@ def validate(rc: RunConfig) -> None:
     need(t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at must be in [1, train.steps={t.steps}]")
     need(t.eval_every >= 0 and t.log_every >= 1, "train.eval_every must be >= 0 and train.log_every >= 1")
     need(rc.checkpoint.every >= 1 and rc.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    _check_lr_range(rc)
     # The optimizer validates its own fields (warmup < steps, min_lr <= peak_lr, ...): reuse it, re-labelled.
     try:
         optim_config(rc)
     except ValueError as e:
         raise RunConfigError(f"optim: {e}") from None
+
+
+def _float_fields(section: Any, where: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float value in the config's sections (free-form dicts are not walked)."""
+    out = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_fields(value, f"{where}{f.name}.")
+        elif isinstance(value, float):
+            out.append((f"{where}{f.name}", value))
+    return out
+
+
+def _check_lr_range(rc: RunConfig) -> None:
+    """Refuse an LR that overflows the params' dtype.
+
+    Adam's update is about ``lr`` per parameter per step whatever the gradient's scale, so the LR is a step size in
+    parameter units. At or above the largest finite value of the param dtype (or of float32, which the schedule is
+    computed in) the first full-LR update turns every param into inf/NaN, which no training survives; such a value
+    is a typo (1e39 for 1e-39, 3e4 for 3e-4), refused here, naming the key. An LR below that but still absurd
+    (say 1e10) is representable and diverges quickly: the loop's finite checks stop it with exit 3 and keep the
+    last good checkpoint."""
+    import ml_dtypes
+    import numpy as np
+
+    limits = {name: float(ml_dtypes.finfo(getattr(ml_dtypes, name, None) or np.dtype(name)).max)
+              for name in {"float32", rc.train.param_dtype}}
+    name = min(limits, key=limits.get)
+    for key in ("peak_lr", "min_lr"):
+        value = getattr(rc.optim, key)
+        if not abs(value) < limits[name]:
+            raise RunConfigError(f"optim.{key}={value:g} overflows {name} (train.param_dtype is "
+                                 f"{rc.train.param_dtype}, largest finite value {limits[name]:.3g}); a learning rate "
+                                 "is a step size in parameter units, typically 1e-5 to 1e-3")
 
 
 def optim_config(rc: RunConfig):

@@ -55,12 +55,42 @@ def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.P
     except (ValueError, FileNotFoundError) as e:
         raise RunConfigError(f"data.sources: {e}") from None
     if not rc.data.val_rows:
-        return dataset, None
-    try:
-        train, val = dataset.split(rc.data.val_rows, seed=rc.data.seed)
-    except ValueError as e:
-        raise RunConfigError(f"data.val_rows: {e}") from None
-    return train, (val if len(val) else None)
+        train, val = dataset, None
+    else:
+        try:
+            train, val = dataset.split(rc.data.val_rows, seed=rc.data.seed)
+        except ValueError as e:
+            raise RunConfigError(f"data.val_rows: {e}") from None
+    _check_usable(rc, train, val, n_rows=len(dataset))
+    return train, val
+
+
+def _has_loss_tokens(dataset: data.PackedDataset, chunk: int = 256) -> bool:
+    """Whether any row of ``dataset`` has a loss-bearing token. Stops at the first chunk of rows that has one, so
+    real data costs one read of a few rows; only unusable data is read in full."""
+    for start in range(0, len(dataset), chunk):
+        if dataset.rows(np.arange(start, min(start + chunk, len(dataset))))["loss_mask"].any():
+            return True
+    return False
+
+
+def _check_usable(rc: RunConfig, train: data.PackedDataset, val: data.PackedDataset | None, n_rows: int) -> None:
+    """Refuse data that would train on nothing. Without it an empty text gives loss 0 and gradient 0 at every
+    step: the run only decays the weights and reports success."""
+    sources = ", ".join(rc.data.sources)
+    if len(train) == 0:
+        raise RunConfigError(f"data.sources ({sources}): no training rows")
+    if not _has_loss_tokens(train):
+        what = ("no conversation has an assistant token" if rc.mode == "sft"
+                else "every document is empty or a single token")
+        raise RunConfigError(f"data.sources ({sources}): the {len(train)} training rows hold no token to predict "
+                             f"({what}): nothing to learn")
+    if rc.data.val_rows and (val is None or len(val) == 0):
+        raise RunConfigError(f"data.val_rows={rc.data.val_rows} asks for validation but selects 0 of the {n_rows} "
+                             "packed rows: give a row count (e.g. data.val_rows=8), or data.val_rows=0 for none")
+    if val is not None and not _has_loss_tokens(val):
+        raise RunConfigError(f"data.sources ({sources}): the {len(val)} validation rows (data.val_rows="
+                             f"{rc.data.val_rows}) hold no token to predict; validation would report 0")
 
 
 def train_iterator(rc: RunConfig, dataset: data.PackedDataset, state: dict | None = None) -> data.BatchIterator:

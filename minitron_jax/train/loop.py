@@ -5,9 +5,12 @@ Invariants the loop keeps:
 - **Exact resume.** A checkpoint at step k holds the state after k updates and the iterator position after the
   k-th batch; restarting from it replays the same batches through the same compiled step, so N steps straight and
   N/2 + resume + N/2 give bitwise-identical params and losses.
-- **Never save a bad state.** Every step's loss and gradient norm are checked on the host before the state can be
-  checkpointed; a non-finite value ends the run with :class:`NonFiniteLossError` and the previous checkpoints are
-  left as they were.
+- **Never save a bad state.** Every step's loss and gradient norm, and the updated state itself (params and
+  optimizer state: the loss is computed before the update, so it cannot vouch for it), are checked before the state
+  can be checkpointed, logged or exported; a non-finite value ends the run with :class:`NonFiniteLossError` (exit
+  3) and the previous checkpoints are left as they were. A restored checkpoint is checked the same way.
+- **A refused run changes nothing.** config.yaml and the model descriptions are written only once everything that
+  can refuse the run (models, data, checkpoint) has passed.
 - **One process writes files.** Checkpoints are written by all processes (Orbax coordinates them); metrics,
   TensorBoard and the HF export by process 0 only.
 """
@@ -15,7 +18,9 @@ Invariants the loop keeps:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.sharding import make_mesh
 from minitron_jax.train import inputs
 from minitron_jax.train.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer
@@ -33,8 +39,9 @@ from minitron_jax.train.state import TrainState, abstract_train_state, init_trai
 from minitron_jax.train.step import build_eval_step, build_train_step
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradients became NaN/inf; the run stopped without checkpointing that state."""
+class NonFiniteLossError(NonFiniteError, RuntimeError):
+    """The loss, the gradients or the updated state became NaN/inf; the run stopped without checkpointing that
+    state (exit code 3). Still a RuntimeError for callers that caught it as one."""
 
 
 @dataclasses.dataclass
@@ -58,9 +65,13 @@ def _setup_jax(rc: RunConfig) -> None:
 
 
 def _write_run_files(rc: RunConfig, run_dir: Path, models: RunModels, resuming: bool) -> None:
-    """config.yaml always (the config this invocation ran with); model descriptions on a fresh start."""
+    """config.yaml always (the config this invocation ran with); model descriptions on a fresh start.
+
+    config.yaml goes to a temporary name and is renamed, so a crash leaves the old or the new file, never half."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(rc.to_yaml())
+    tmp = run_dir / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(rc.to_yaml())
+    os.replace(tmp, run_dir / CONFIG_FILE)
     if resuming:
         return
     student_dir = run_dir / STUDENT_DIR
@@ -71,6 +82,34 @@ def _write_run_files(rc: RunConfig, run_dir: Path, models: RunModels, resuming: 
     if models.teacher_config is not None:
         (run_dir / TEACHER_DIR).mkdir(exist_ok=True)
         models.teacher_config.to_json_file(run_dir / TEACHER_DIR / "config.json")
+
+
+def _finite_checker(mesh) -> Any:
+    """``tree -> first non-finite leaf path or None``: one jitted all-finite reduction per floating leaf, so the
+    state is read once on device and only a vector of booleans comes to the host.
+
+    Checking the loss is not enough: it is computed *before* the update, so an update that overflows (a huge LR,
+    an inf second moment) leaves NaN/inf params or optimizer state behind a finite loss, and that state would be
+    the one checkpointed. The reduction reads the state once, which is small next to a step that reads it several
+    times over. Its result is replicated so every process can read it, multi-host included."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def floating(x) -> bool:
+        return jnp.issubdtype(x.dtype, jnp.inexact)
+
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    def finite_leaves(leaves):
+        return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+    def first_nonfinite(tree) -> str | None:
+        named = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+                 if floating(x)]
+        ok = np.asarray(finite_leaves([x for _, x in named]).addressable_data(0))
+        bad = np.flatnonzero(~ok)
+        return named[bad[0]][0] if len(bad) else None
+
+    return first_nonfinite
 
 
 def _host_params(tree) -> Any:
@@ -97,7 +136,7 @@ def _validate(eval_step, state: TrainState, teacher_params, batches, shardings, 
 
 
 def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
-    """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss."""
+    """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss or state."""
     _setup_jax(rc)
     is_main = jax.process_index() == 0
     run_dir = Path(rc.run_dir).absolute()
@@ -113,8 +152,6 @@ def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
         log = print if is_main else (lambda *_: None)
         models = load_run_models(rc, run_dir if latest is not None else None, log=log)
         student_cfg, teacher_cfg = models.student_config, models.teacher_config
-        if is_main:
-            _write_run_files(rc, run_dir, models, resuming=latest is not None)
         train_ds, val_ds = inputs.build_datasets(rc, models.tokenizer)
         val_batches = inputs.validation_batches(rc, val_ds)
 
@@ -123,15 +160,24 @@ def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
         teacher_params = place_teacher(rc, mesh, teacher_cfg, models.teacher_params) if teacher_cfg else {}
         models.teacher_params = None  # the host copy is no longer needed
 
+        first_nonfinite = _finite_checker(mesh)
         if latest is not None:
-            state, data_state, _ = ckpt.restore(latest, abstract_train_state(rc, mesh, student_cfg, teacher_cfg))
+            state, data_state = _restore(ckpt, latest, abstract_train_state(rc, mesh, student_cfg, teacher_cfg))
             log(f"resumed {run_dir} at step {latest}")
         else:
             state, data_state = init_train_state(rc, mesh, student_cfg, teacher_cfg, models.student_params), None
         models.student_params = None
+        bad = first_nonfinite(state)
+        if bad is not None:  # a checkpoint from before this check, or a model that is NaN already
+            where = f"checkpoint step {latest} in {ckpt.directory}" if latest is not None else "the initial state"
+            raise NonFiniteLossError(f"{where} holds non-finite values (first: {bad}); refusing to train from it")
         step = int(jax.device_get(state.step))
         stop = rc.train.stop_at or rc.train.steps
         prefetch = inputs.Prefetcher(inputs.train_iterator(rc, train_ds, data_state))
+        # Only now, with the models loaded and compatible, the data built and the checkpoint restored, has
+        # everything that can refuse this run passed: a refused run leaves the run dir's files as they were.
+        if is_main:
+            _write_run_files(rc, run_dir, models, resuming=latest is not None)
 
         tokens_per_step = rc.data.batch_size * rc.data.seq_len
         reporter = Reporter(run_dir, total_steps=rc.train.steps, start_step=step,
@@ -155,8 +201,16 @@ def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}); "
-                    f"stopped without saving it. Latest good checkpoint: step {ckpt.latest_step()} in "
-                    f"{ckpt.directory}. Lower optim.peak_lr, check the data, or set optim.grad_clip.")
+                    f"stopped without saving it. {_latest_good(ckpt)}. Lower optim.peak_lr, check the data, or "
+                    "set optim.grad_clip.")
+            # Every state is checked, not only the ones saved: so every checkpoint (and the export) is finite, and
+            # metrics.jsonl never holds a line for a step whose result was refused.
+            bad = first_nonfinite(state)
+            if bad is not None:
+                raise NonFiniteLossError(
+                    f"non-finite state after step {step} (first: {bad}; loss {metrics['loss']}, grad norm "
+                    f"{metrics['grad_norm']}); stopped without saving it. {_latest_good(ckpt)}. Lower "
+                    "optim.peak_lr or set optim.grad_clip.")
             history.append({"step": step, **metrics})
             reporter.step(step, metrics, seconds=seconds, tokens=tokens_per_step, compiled=first)
             first = False
@@ -183,6 +237,24 @@ def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
         if reporter is not None:
             reporter.close()
         ckpt.close()
+
+
+def _latest_good(ckpt: Checkpointer) -> str:
+    latest = ckpt.latest_step()
+    return (f"Latest good checkpoint: step {latest} in {ckpt.directory}" if latest is not None
+            else f"No checkpoint was written yet in {ckpt.directory}")
+
+
+def _restore(ckpt: Checkpointer, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    """The state and data iterator position of checkpoint ``step``; a checkpoint that does not fit this run's
+    config (a changed model, hidden loss or dtype) is bad input, named, not an Orbax traceback."""
+    try:
+        state, data_state, _ = ckpt.restore(step, abstract_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunConfigError(f"cannot resume from checkpoint step {step} in {ckpt.directory}: it does not match "
+                             f"this run's config ({type(e).__name__}: {str(e)[:300]}); resume with the config it "
+                             "was written with (config.yaml) or pick a new run_dir") from None
+    return state, data_state
 
 
 def _export(rc: RunConfig, run_dir: Path, student_cfg, params) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any
 import jax
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.exitcodes import finite_or_none
 from minitron_jax.model import count_params
+
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per chip, by a substring of ``device.device_kind``. Checked in order (v5p before v5).
 PEAK_FLOPS_BF16: tuple[tuple[str, float], ...] = (
@@ -79,7 +83,11 @@ class Reporter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        # Steps past the checkpoint we start from ran before a crash and are about to run again: drop their lines
+        # so every step is logged once. (TensorBoard event files cannot be cut; TensorBoard itself shows the
+        # re-run steps over the old ones, by wall time.)
+        truncate_metrics(run_dir / METRICS_FILE, start_step)
+        self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -136,7 +144,9 @@ class Reporter:
         self.print("validation @ step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
 
     def _write(self, record: dict[str, Any], prefix: str) -> None:
-        self._jsonl.write(json.dumps({"kind": prefix, **record, "time": time.time()}) + "\n")
+        # Strict JSON: a value that could not be computed is null (the loop never logs a step it refused).
+        line = json.dumps(finite_or_none({"kind": prefix, **record, "time": time.time()}), allow_nan=False)
+        self._jsonl.write(line + "\n")
         self._jsonl.flush()
         if self._writer is not None:
             for key, value in record.items():
@@ -153,9 +163,30 @@ class Reporter:
         sys.stdout.flush()
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of ``path`` (a ``metrics.jsonl``) with ``step <= last_step``, and drop lines that do
+    not parse (one cut short by a kill). Rewritten to a temporary file and renamed: the old or the new log, whole."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_metrics(run_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` of one kind ("train" or "val"), in order."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]
