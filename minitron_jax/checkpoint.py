@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.fsutil import atomic_directory
+from minitron_jax.fsutil import atomic_directory, quiet_refusal_logs
 from minitron_jax.model import Params, abstract_params, check_params
 
 MARKER = "minitron_jax.json"
@@ -34,12 +34,15 @@ def is_model_checkpoint(path: str | Path) -> bool:
 
 
 def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
-               tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+               tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+               sources: Sequence[str | Path | None] = ()) -> Path:
+    """``sources`` (the inputs) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``."""
     from minitron_jax.convert.hf import copy_tokenizer_files
 
     check_params(config, params)
     path = Path(path).absolute()
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    quiet_refusal_logs()  # a full disk is reported once, as one line, not as Orbax's absl tracebacks
+    with atomic_directory(path, overwrite=overwrite, sources=[*sources, tokenizer_dir]) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()

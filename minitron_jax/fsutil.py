@@ -1,13 +1,44 @@
-"""Atomic directory writes: a model, checkpoint or report directory appears whole or not at all."""
+"""Safe directory writes: a model, checkpoint or report directory appears whole or not at all, one writer at a time,
+and never at the cost of an input or of a directory we did not write.
+
+Every directory :func:`atomic_directory` produces carries a small marker file (``.minitron_jax``); ``overwrite`` may
+replace only a directory that has one (or is empty), so ``--overwrite`` can never delete a user's own directory.
+A destination that is, contains or lies inside one of the sources is refused outright (``convert sb/model sb
+--overwrite`` would otherwise move the input away and delete it).
+
+Writers take an advisory lock (``flock`` on the sibling file ``.<name>.lock``) for the whole write; the training
+loop, the pipeline and the NAS hold the same kind of lock on their run directory for the whole run
+(:func:`lock_directory`). A second writer gets :class:`~minitron_jax.exitcodes.BusyError` at once instead of
+interleaving with the first. Under the lock, the staging directories a killed writer left behind are removed (or the
+previous directory restored, when the kill fell between the two renames of an overwrite).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterator
+
+from minitron_jax.exitcodes import BadInputError, BusyError, SystemRefusedError, describe_os_error
+
+MARKER_NAME = ".minitron_jax"
+# Checkpoints written before the marker existed carry this file, which only we write: also proof of ownership.
+_OWNED_BY = (MARKER_NAME, "minitron_jax.json")
+# errno values that mean "the machine refused the write", reported with the destination (exit 6).
+REFUSED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                            errno.EFBIG})
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'")
+_LOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
 def _umask() -> int:
@@ -16,34 +47,249 @@ def _umask() -> int:
     return mask
 
 
+def lock_path_for(path: str | Path) -> Path:
+    """The lock file of ``path``: a hidden sibling, so the lock exists before (and without) the directory."""
+    path = Path(path).absolute()
+    return path.parent / f".{path.name}.lock"
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_destination(path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse a destination that writing to would destroy something: raises, or returns the absolute path.
+
+    Refused: a destination that is, contains or lies inside a source (symlinks resolved); an existing one without
+    ``overwrite``; with ``overwrite``, an existing one that is not a directory, or is a non-empty directory without
+    our marker. Cheap, so commands call it before minutes of loading; :func:`atomic_directory` calls it again under
+    the lock."""
+    dst = Path(path).absolute()
+    for src in sources:
+        if src is None:
+            continue
+        # Both as written and with symlinks resolved: replacing a directory that holds a link to the source
+        # deletes the link (the path the user gave), and one reached through a link deletes the source itself.
+        for d, s in ((dst, Path(src).absolute()), (Path(os.path.realpath(dst)), Path(os.path.realpath(src)))):
+            if _within(d, s) or _within(s, d):
+                how = "is" if d == s else "lies inside" if _within(d, s) else "contains"
+                raise BadInputError(f"the destination {dst} {how} the source {src}; refusing to write there "
+                                    "(choose a destination outside the source)")
+    if not (dst.exists() or dst.is_symlink()):
+        return dst
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not dst.is_dir():
+        raise BadInputError(f"{dst} exists and is not a directory; refusing to replace it — remove it yourself or "
+                            "choose another path")
+    if not any((dst / name).is_file() for name in _OWNED_BY) and any(dst.iterdir()):
+        raise BadInputError(f"{dst} exists and was not written by minitron_jax; refusing to replace it — remove it "
+                            "yourself or choose another path")
+    return dst
+
+
+def refusal_errno(e: BaseException) -> int | None:
+    """The errno of ``e`` when it is the system refusing a write (disk full, read-only...), else None. Also for
+    errors that are not OSError but carry the errno in their text: "(os error 28)" from Rust (safetensors),
+    "[os_error_code='28']" from tensorstore (Orbax)."""
+    if isinstance(e, OSError):
+        code = e.errno
+    else:
+        m = _ERRNO_IN_TEXT.search(str(e))
+        code = int(m.group(1) or m.group(2)) if m else None
+    return code if code in REFUSED_ERRNOS else None
+
+
+class _DropRefusalLogs(logging.Filter):
+    """Drops the error records (with tracebacks, from background threads) that Orbax logs for a write the system
+    refused: the same failure is raised to the caller and reported there as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and refusal_errno(exc) is not None:
+            return False
+        m = _ERRNO_IN_TEXT.search(record.getMessage())
+        return not (m and int(m.group(1) or m.group(2)) in REFUSED_ERRNOS)
+
+
+def quiet_refusal_logs(logger: str = "absl") -> None:
+    """Install :class:`_DropRefusalLogs` on ``logger`` once (Orbax logs through absl)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _DropRefusalLogs) for f in log.filters):
+        log.addFilter(_DropRefusalLogs())
+
+
+def refused(e: BaseException, path: Path, staging: Path | None = None) -> SystemRefusedError | None:
+    """``e`` as a one-line SystemRefusedError naming ``path`` when it is the system refusing a write, else None.
+
+    Also recognizes I/O errors that are not OSError but carry the errno in their text (safetensors, Orbax)."""
+    if isinstance(e, SystemRefusedError):
+        if staging is None or str(staging) not in str(e):
+            return None
+        # Raised by a nested write into our staging directory (prune's save_hf): name the real destination.
+        err = SystemRefusedError(str(e).replace(str(staging), str(path)))
+        err.errno = e.errno
+        return err
+    code = refusal_errno(e)
+    if code is None:
+        return None
+    filename = e.filename if isinstance(e, OSError) else None
+    if filename is not None and staging is not None and not any(
+            _within(Path(os.fsdecode(filename)).absolute(), p) for p in (staging, path)):
+        return None  # not the write being refused (reading an input, say): the error already names its file
+    what = describe_os_error(OSError(code, os.strerror(code)))
+    detail = os.strerror(code)
+    if filename is not None:
+        shown = str(filename)
+        if staging is not None:  # the staging name means nothing to the user: show where it was going
+            shown = shown.replace(str(staging), str(path))
+        if shown != str(path):
+            detail += f": {shown}"
+    err = SystemRefusedError(f"{what} writing {path} ({detail})")
+    err.errno = code
+    return err
+
+
+def _acquire(lock_file: Path, path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on ``lock_file``; None where the file system has no locks."""
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise BusyError(f"{path} is being written by another process (pid {pid}); try again when it "
+                            "finishes") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in _LOCK_UNSUPPORTED:  # e.g. some network file systems: write unlocked rather than never
+                warnings.warn(f"cannot lock {lock_file} ({e.strerror}); writing {path} without a lock", stacklevel=3)
+                return None
+            raise
+        # The holder we waited on unlinks its lock file before closing it: if we locked an unlinked file, another
+        # process may already hold a fresh one under the same name. Retry on the current file.
+        try:
+            st, cur = os.fstat(fd), os.stat(lock_file)
+            same = (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message the next writer gets
+            return fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def lock_directory(path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of directory ``path`` (which need not exist yet) for the duration of the block.
+
+    A second process asking for the same lock gets BusyError at once (exit 5). ``path`` must be a directory or
+    absent (BadInputError otherwise). The lock file is removed on release."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise BadInputError(f"{path} is a file, not a directory; choose a directory path")
+    lock_file = lock_path_for(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock_file, path)
+    except OSError as e:
+        err = refused(e, path)
+        if err is None:
+            raise
+        raise err from e
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            # Unlink while still holding it (see _acquire), so no lock files pile up next to the outputs.
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
+            os.close(fd)
+
+
+def _leftovers(path: Path) -> tuple[list[Path], list[Path]]:
+    """The staging (``.NAME.tmp-XXXXXXXX``) and set-aside (``.NAME.old-XXXXXXXX``) siblings of ``path``."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    found: dict[str, list[Path]] = {"tmp": [], "old": []}
+    with contextlib.suppress(FileNotFoundError):
+        for p in path.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m:
+                found[m.group(1)].append(p)
+    return sorted(found["tmp"]), sorted(found["old"])
+
+
+def clean_leftovers(path: str | Path) -> list[Path]:
+    """Remove what a killed writer of ``path`` left behind; call only under ``path``'s lock (no live owner then).
+
+    A set-aside previous directory is put back when ``path`` is missing (the kill fell between the two renames of an
+    overwrite): it is the only whole copy. Returns what was removed."""
+    path = Path(path).absolute()
+    tmps, olds = _leftovers(path)
+    for old in olds:
+        previous = old / "previous"
+        if (previous.exists() or previous.is_symlink()) and not (path.exists() or path.is_symlink()):
+            os.rename(previous, path)
+    for p in tmps + olds:
+        shutil.rmtree(p, ignore_errors=True)
+    return tmps + olds
+
+
+def write_marker(directory: Path) -> None:
+    (directory / MARKER_NAME).write_text(json.dumps({"tool": "minitron_jax", "written": time.time()}) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, *, overwrite: bool = False,
+                     sources: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it is renamed to ``path``.
 
     On any exception the temporary directory is removed and ``path`` is untouched. With ``overwrite`` an existing
     ``path`` is moved aside first and deleted only after the new one is in place, so there is always one whole
-    directory. Permissions follow the umask (``mkdtemp`` would leave 0700)."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        mask = _umask()
-        for root, dirs, files in os.walk(tmp):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o777 & ~mask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "previous")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    directory; only a directory we wrote (marker) or an empty one is replaced (see :func:`check_destination`, also
+    for ``sources``). The write holds ``path``'s lock throughout (BusyError for a second writer). The system
+    refusing a write (disk full, read-only...) becomes a SystemRefusedError naming ``path``. Permissions follow the
+    umask (``mkdtemp`` would leave 0700)."""
+    sources = list(sources)
+    path = check_destination(path, overwrite=overwrite, sources=sources)
+    with lock_directory(path):
+        clean_leftovers(path)
+        check_destination(path, overwrite=overwrite, sources=sources)  # again: another writer may have finished
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        except OSError as e:
+            err = refused(e, path)
+            if err is None:
+                raise
+            raise err from e
+        try:
+            yield tmp
+            write_marker(tmp)
+            mask = _umask()
+            for root, dirs, files in os.walk(tmp):
+                for d in dirs:
+                    os.chmod(os.path.join(root, d), 0o777 & ~mask)
+                for f in files:
+                    os.chmod(os.path.join(root, f), 0o666 & ~mask)
+            os.chmod(tmp, 0o777 & ~mask)
+            if path.exists() or path.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, old / "previous")
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a failure between the two renames: put the previous one back
+                clean_leftovers(path)
+            err = refused(e, path, staging=tmp)
+            if err is None:
+                raise
+            raise err from e

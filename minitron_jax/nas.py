@@ -354,12 +354,23 @@ def prune_candidate(config: LlamaConfig, params, cand: Candidate, shared: Shared
     return new_config, new_params, [int(i) for i in keep["drop_layers"]]
 
 
-def run_search(model_path: str, target_params: int, *, out: str | Path, train_text: str, calib_text: str,
-               tolerance: float = 0.05, settings: SearchSettings | None = None,
-               grids: dict[str, Sequence[int]] | None = None, max_candidates: int = 8,
-               candidates: Sequence[Candidate] | None = None, mesh: dict[str, int] | None = None,
-               console=None) -> dict[str, Any]:
-    """The whole search (see the module docstring); returns the report dict (also written to ``out``)."""
+def run_search(model_path: str, target_params: int, *, out: str | Path, **kwargs) -> dict[str, Any]:
+    """The whole search (see the module docstring; keyword arguments: :func:`_search`'s); returns the report dict
+    (also written to ``out``).
+
+    Holds ``out``'s lock throughout: a second search into one directory would mix its candidates' results with
+    ours; it gets BusyError (exit 5) before anything is written."""
+    from minitron_jax.fsutil import lock_directory
+
+    with lock_directory(out):
+        return _search(model_path, target_params, out=out, **kwargs)
+
+
+def _search(model_path: str, target_params: int, *, out: str | Path, train_text: str, calib_text: str,
+            tolerance: float = 0.05, settings: SearchSettings | None = None,
+            grids: dict[str, Sequence[int]] | None = None, max_candidates: int = 8,
+            candidates: Sequence[Candidate] | None = None, mesh: dict[str, int] | None = None,
+            console=None) -> dict[str, Any]:
     import jax
 
     from minitron_jax import importance as imp
@@ -477,7 +488,8 @@ def run_search(model_path: str, target_params: int, *, out: str | Path, train_te
         if best is None or final < best[0]:
             from minitron_jax.train.state import student_params_to_host
 
-            save_hf(out / "winner", cfg, student_params_to_host(state), tokenizer=m.tokenizer, overwrite=True)
+            save_hf(out / "winner", cfg, student_params_to_host(state), tokenizer=m.tokenizer, overwrite=True,
+                    sources=[model_path])
             best = (final, cand.name)
             write_json_atomic(best_file, {"loss": final, "name": cand.name})
         write_json_atomic(done_file, record)

@@ -546,6 +546,14 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        # One pipeline per run directory at a time: a second one would redo and delete the first one's stages
+        # under it. It gets BusyError (exit 5) before anything is written.
+        from minitron_jax.fsutil import lock_directory
+
+        with lock_directory(self.run_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         pc = self.pc
         self.run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -713,7 +721,7 @@ class Pipeline:
                 raise PipelineConfigError(f"the teacher at {src} carries no tokenizer")
             path = str(self.run_dir / "teacher")
             with self.console.status(f"writing the teacher as an HF directory to {path} ..."):
-                save_hf(path, m.config, m.params, tokenizer=m.tokenizer, overwrite=True)
+                save_hf(path, m.config, m.params, tokenizer=m.tokenizer, overwrite=True, sources=[src])
             self._teacher_cache[path] = m
         if m.tokenizer is None:
             raise PipelineConfigError(f"the teacher at {src} carries no tokenizer")

@@ -544,14 +544,15 @@ def _run(opts: dict[str, Any]) -> int:
 
     from minitron_jax.convert import detect_format, load_model, read_source_config
     from minitron_jax.data import read_text
+    from minitron_jax.fsutil import check_destination
 
     missing = [f"--{k}" for k in ("model", "calib", "out") if not opts.get(k)]
     spec = PruneSpec.from_dict({k: v for k, v in opts.items() if k not in _PATH_KEYS})
     if missing and not (missing == ["--calib"] and not spec.needs_calibration):
         raise ValueError(f"missing required option(s): {', '.join(missing)}")
     out = Path(opts["out"])
-    if out.exists() and not opts.get("overwrite"):
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    sources = [opts["model"], opts.get("calib")]
+    check_destination(out, overwrite=bool(opts.get("overwrite")), sources=sources)  # again under the lock
     calib_text = read_text(opts["calib"]) if spec.needs_calibration else None
     if detect_format(opts["model"]) != "gguf":  # a GGUF's config costs a full read: checked after loading
         check_spec(read_source_config(opts["model"]), spec)  # before minutes of weight loading
@@ -571,21 +572,22 @@ def _run(opts: dict[str, Any]) -> int:
     report["timings"]["load_s"] = load_s
     report["model"], report["calib"] = str(opts["model"]), opts.get("calib")
     with console.status(f"writing {out} ..."):
-        _write_output(out, config, params, m.tokenizer, report, overwrite=bool(opts.get("overwrite")))
+        _write_output(out, config, params, m.tokenizer, report, overwrite=bool(opts.get("overwrite")),
+                      sources=sources)
     console.print(f"pruned {report['params_before']:,} → {report['params_after']:,} params "
                   f"({config.describe()}) into {out}")
     return 0
 
 
 def _write_output(out: Path, config: LlamaConfig, params: Params, tokenizer, report: dict, *,
-                  overwrite: bool) -> None:
+                  overwrite: bool, sources: Sequence[str | Path | None] = ()) -> None:
     """The HF model, importance.npz and prune_report.json, assembled in a temporary sibling and renamed into
     place, so ``out`` is either untouched or complete."""
     from minitron_jax.convert.hf import save_hf
     from minitron_jax.fsutil import atomic_directory
 
     scores = report.pop("importance")
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, sources=sources) as tmp:
         save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True)  # tmp: atomic_directory's empty staging
         np.savez(tmp / IMPORTANCE_NAME, **{k: np.asarray(v, np.float32) for k, v in scores.items()})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -349,9 +349,17 @@ def test_cli_error_exits_leave_nothing(cli_model, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert run_cli(*base, "--out", out, "--ffn", 8, "--importance", "random") == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a directory we wrote (or an empty one): never the user's files.
+    assert run_cli(*base, "--out", out, "--ffn", 8, "--importance", "random", "--overwrite") == 2
+    assert "was not written by minitron_jax" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     assert run_cli(*base, "--out", out, "--ffn", 8, "--importance", "random", "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert run_cli(*base, "--out", out, "--ffn", 16, "--importance", "random", "--overwrite") == 0
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # An output inside the input model would be written into it: refused.
+    assert run_cli(*base, "--out", cli_model / "model" / "pruned", "--ffn", 8, "--importance", "random") == 2
+    assert "lies inside the source" in capsys.readouterr().err and not (cli_model / "model" / "pruned").exists()
 
 
 def test_cli_module_entry_point(cli_model, tmp_path):

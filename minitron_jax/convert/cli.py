@@ -7,6 +7,7 @@ destination is an HF directory unless ``--to orbax``. Writes are atomic: DST app
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,11 @@ import numpy as np
 
 from minitron_jax.config import ConfigError
 from minitron_jax.convert.hf import ConversionError, hf_tensor_specs
-from minitron_jax.exitcodes import cli_exit
+from minitron_jax.exitcodes import BadInputError, cli_exit
+from minitron_jax.fsutil import check_destination
 
+# Below this a shard holds one small tensor or less: hundreds of files and nothing gained (1 MiB, in GB).
+MIN_SHARD_GB = 1 / 1024
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
@@ -43,10 +47,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | No
     if to not in ("hf", "orbax"):
         raise ValueError(f"--to must be hf or orbax, got {to!r}")
     np_dtype = DTYPES[dtype] if dtype else None
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise ValueError("SRC and DST are the same path")
+    # Before minutes of loading; checked again under the destination's lock when writing.
+    check_destination(dst, overwrite=overwrite, sources=[src])
     fmt = detect_format(src)
 
     from minitron_jax.convert import read_source_config
@@ -58,10 +60,11 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | No
     if to == "hf":
         progress, tick = _progress("writing hf", n_tensors)
         with progress if not quiet else _nullcontext():
-            save_hf(dst, m.config, m.params, tokenizer=m.tokenizer, overwrite=overwrite,
-                    max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=None if quiet else tick)
+            save_hf(dst, m.config, m.params, tokenizer=m.tokenizer, overwrite=overwrite, sources=[src],
+                    max_shard_bytes=DEFAULT_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
+                    progress=None if quiet else tick)
     else:
-        checkpoint.save_model(dst, m.config, m.params, tokenizer=m.tokenizer, overwrite=overwrite)
+        checkpoint.save_model(dst, m.config, m.params, tokenizer=m.tokenizer, overwrite=overwrite, sources=[src])
     leaves = [np.asarray(x) for x in _leaves(m.params)]
     return {
         "source": str(src), "source_format": fmt, "destination": str(dst), "destination_format": to,
@@ -97,9 +100,13 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    shard = args.max_shard_size
+    if shard is not None and not (math.isfinite(shard) and shard >= MIN_SHARD_GB):  # nan fails both comparisons
+        raise BadInputError(f"--max-shard-size must be a size in GB of at least {MIN_SHARD_GB:.6f} (1 MiB), "
+                            f"got {shard:g}")
     try:
         summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
-                          max_shard_bytes=int(args.max_shard_size * 1024**3) if args.max_shard_size else None,
+                          max_shard_bytes=int(shard * 1024**3) if shard is not None else None,
                           quiet=args.quiet)
     except (FileNotFoundError, FileExistsError, ValueError, ConfigError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)

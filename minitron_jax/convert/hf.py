@@ -11,18 +11,19 @@ peak host memory stays near one copy of the model.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.exitcodes import NonFiniteError
+from minitron_jax.exitcodes import BadInputError, NonFiniteError
 from minitron_jax.fsutil import atomic_directory
 from minitron_jax.model import Params, param_axes, param_shapes
 
@@ -333,18 +334,21 @@ def first_nonfinite(tree: Any, name: str = "") -> str | None:
 def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
             tokenizer_dir: str | Path | None = None, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             overwrite: bool = False, generation_config: dict | None = None,
-            progress: Callable[[str], None] | None = None) -> Path:
+            progress: Callable[[str], None] | None = None, sources: Sequence[str | Path | None] = ()) -> Path:
     """Write an HF ``LlamaForCausalLM`` directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Written into a temporary sibling directory and renamed into place at the end, so a crash never leaves a
     half-written model at ``path``. Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``.
-    The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``."""
+    The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``. ``sources`` (the
+    inputs, e.g. the model converted) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``."""
     from safetensors.numpy import save_file
 
+    if not (isinstance(max_shard_bytes, numbers.Real) and max_shard_bytes > 0):  # <= 0 wrote one file per tensor
+        raise BadInputError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     bad = first_nonfinite(params)  # a NaN/inf model loads fine and generates garbage: refuse before writing
     if bad is not None:
         raise NonFiniteError(f"not exporting to {path}: tensor {bad} holds NaN/inf values")
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, sources=[*sources, tokenizer_dir]) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         shard_bytes = 0
         files: list[str] = []

@@ -18,6 +18,7 @@ ignored (and cleaned up) by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.fsutil import check_destination, quiet_refusal_logs, refused
 from minitron_jax.train.config import CheckpointConfig, RunConfigError, load_config
 from minitron_jax.train.state import TrainState
 
@@ -43,6 +45,7 @@ class Checkpointer:
                                                create=True, cleanup_tmp_directories=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet_refusal_logs()  # a full disk is reported once, as one line (see _refusals), not as absl tracebacks
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -55,7 +58,8 @@ class Checkpointer:
         so the caller may donate ``state`` to the next step right away."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
+        with self._refusals():
+            self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
         """(state placed by the shardings in ``abstract_state``, data iterator state, meta)."""
@@ -65,11 +69,25 @@ class Checkpointer:
         return restored.state, restored.data, restored.meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._refusals():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self._refusals():
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _refusals(self):
+        """A full disk or read-only file system under Orbax surfaces as a ValueError carrying the errno in its
+        text (from a background thread when saving asynchronously): make it the one-line, exit-6 kind."""
+        try:
+            yield
+        except Exception as e:
+            err = refused(e, self.directory)
+            if err is None:
+                raise
+            raise err from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,14 +145,18 @@ def export_to_hf(source: str | Path, out: str | Path, *, dtype: str | None = Non
     except FileNotFoundError:
         from minitron_jax.convert import load_model
 
+        check_destination(out, overwrite=overwrite, sources=[source])  # before loading
         loaded = load_model(source)
         return save_hf(out, loaded.config, loaded.params, tokenizer=loaded.tokenizer,
-                       dtype=jnp.dtype(dtype) if dtype else None, overwrite=overwrite)
+                       dtype=jnp.dtype(dtype) if dtype else None, overwrite=overwrite, sources=[source])
+    # What is read, not the whole run directory: the default export lives inside it (RUN/hf).
+    sources = [run_dir / CHECKPOINT_DIR, run_dir / STUDENT_DIR, run_dir / CONFIG_FILE]
+    check_destination(out, overwrite=overwrite, sources=sources)  # before restoring the checkpoint
     rc, student, params, step = restore_student_params(run_dir, step)
     _refuse_nonfinite(run_dir, step, params)
     return save_hf(out, student, params, tokenizer_dir=run_dir / STUDENT_DIR,
                    dtype=jnp.dtype(dtype or rc.export.dtype), overwrite=overwrite,
-                   generation_config=None)
+                   generation_config=None, sources=sources)
 
 
 def _refuse_nonfinite(run_dir: Path, step: int, params) -> None:

@@ -135,6 +135,32 @@ def _validate(eval_step, state: TrainState, teacher_params, batches, shardings, 
     return out
 
 
+def _holding_run_dir_lock(fn):
+    """Run ``fn(rc, ...)`` holding ``rc.run_dir``'s lock, taken before anything is written (fsutil.lock_directory).
+
+    Two runs on one run_dir would interleave metrics.jsonl and race in Orbax: the second gets BusyError (exit 5)
+    at once; a run_dir that is a file is bad input (exit 2). Only process 0 locks: every host of one run shares
+    the run_dir. A destination the export at the end would refuse is refused now, not after hours of training."""
+
+    @functools.wraps(fn)
+    def locked(rc: RunConfig, **kwargs):
+        from minitron_jax.fsutil import check_destination, lock_directory
+
+        _setup_jax(rc)
+        if jax.process_index() != 0:
+            return fn(rc, **kwargs)
+        run_dir = Path(rc.run_dir).absolute()
+        with lock_directory(run_dir):
+            if rc.export.at_end and not str(rc.export.path or "").startswith("asset:"):
+                inputs_read = [p for p in (rc.teacher.path, rc.student.path) if p and not p.startswith("asset:")]
+                check_destination(Path(rc.export.path) if rc.export.path else run_dir / "hf", overwrite=True,
+                                  sources=[*inputs_read, run_dir / CHECKPOINT_DIR, run_dir / STUDENT_DIR])
+            return fn(rc, **kwargs)
+
+    return locked
+
+
+@_holding_run_dir_lock
 def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
     """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss or state."""
     _setup_jax(rc)
