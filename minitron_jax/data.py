@@ -31,12 +31,19 @@ the last column is a dummy). ``loss_mask[t] = 1`` exactly when ``segment_ids[t] 
 position of every segment (a document's EOS, or the last token of a row-split piece) and the last column of every
 row carry no loss, and no position ever predicts a token of another document or padding.
 
-**Cache**: ``build_token_cache`` packs the sources once into ``.npy`` shards (``tokens``, ``segment_ids``) under a
-directory named by a hash of (source paths + sizes + mtimes, tokenizer fingerprint, seq_len, format version).
-The shards are written into a private staging directory that is renamed into place at the end, so a cache
-directory is either complete or absent, and concurrent builders cannot corrupt each other. Later runs
-memory-map the shards. ``positions`` and ``loss_mask`` are derived from ``segment_ids`` per batch (cheap) rather
-than stored.
+**Held-out documents** (validation): whole documents are held out *before* packing and packed into their own rows,
+so no validation row shares a document with a training row (a split of packed rows would: a document spans rows
+and a row packs documents, so validation rows would mostly continue passages trained on). Which documents is
+decided by a seeded hash of each document's text (``document_key``, ``holdout_mask``): the same on every host,
+for every tokenizer, independent of file order, and identical documents always on the same side. Ask for a
+fraction of the documents or for at least N validation rows' worth of them.
+
+**Cache**: ``build_token_cache`` packs the sources once into ``.npy`` shards (``tokens``, ``segment_ids``) of a
+``train`` and, with held-out documents, a ``validation`` split, under a directory named by a hash of (source
+paths + sizes + mtimes, tokenizer fingerprint, seq_len, held-out settings, format version). The shards are
+written into a private staging directory that is renamed into place at the end, so a cache directory is either
+complete or absent, and concurrent builders cannot corrupt each other. Later runs memory-map the shards.
+``positions`` and ``loss_mask`` are derived from ``segment_ids`` per batch (cheap) rather than stored.
 
 **Iterator**: ``PackedDataset.batches`` returns a ``BatchIterator`` whose whole state is
 ``{"epoch", "index", "seed", "batch_size", "num_rows"}`` (JSON-able); restoring it replays exactly the same
@@ -62,9 +69,11 @@ import glob as globlib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import shutil
 import uuid
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +84,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SOURCE_SUFFIXES = (".txt", ".jsonl", ".parquet")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: train/validation splits of whole documents
 _GLOB_CHARS = set("*?[")
 
 
@@ -124,7 +133,7 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     elif path.suffix == ".parquet":
         yield from _parquet_documents(path)
     else:
-        yield path.read_text(encoding="utf-8")
+        yield _read_utf8(path)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -132,7 +141,7 @@ def read_text(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.suffix in (".jsonl", ".parquet"):
         return "\n\n".join(read_documents(path))
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
 
 
 def iter_source_documents(spec) -> Iterator[str]:
@@ -141,9 +150,29 @@ def iter_source_documents(spec) -> Iterator[str]:
         yield from read_documents(path)
 
 
+def _decode_utf8(raw: bytes, where: str, file_offset: int = 0) -> str:
+    """``raw`` as UTF-8, or a ValueError naming ``where`` and the first bad byte's offset in the file (Python's own
+    UnicodeDecodeError names neither the file nor the line, so a stray binary file was hard to find)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {file_offset + e.start})") \
+            from None
+
+
+def _read_utf8(path: Path) -> str:
+    # The newline translation Path.read_text did (universal newlines), so a CRLF file keeps giving the same text.
+    return _decode_utf8(path.read_bytes(), str(path)).replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # Binary lines: JSON Lines separates records by b"\n" only, and decoding per line lets an encoding error name
+    # its line.
+    offset = 0
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_utf8(raw, f"{path}:{line_no}", offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -378,49 +407,133 @@ def pack_documents(tokenizer, documents: Iterable[str], seq_len: int, *,
 # ==================================================================================================================
 # Tokenized-shard cache
 # ==================================================================================================================
+class HoldoutError(ValueError):
+    """The requested validation documents cannot be held out of these sources (too few documents)."""
+
+
+def check_holdout(validation: int | float) -> int | float:
+    """``validation`` normalized: ``0`` (hold nothing out), an int >= 1 (at least that many validation rows' worth
+    of documents) or a float in (0, 1) (that fraction of the documents). ValueError for anything else."""
+    if isinstance(validation, bool) or not isinstance(validation, numbers.Real):
+        raise ValueError(f"validation must be a row count or a fraction, got {validation!r}")
+    if isinstance(validation, numbers.Integral):
+        if validation < 0:
+            raise ValueError(f"validation rows must be >= 0, got {validation}")
+        return int(validation)
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"a validation fraction must be in [0, 1), got {validation} (a row count is an integer)")
+    return float(validation) if validation > 0 else 0
+
+
+def document_key(text: str, seed: int = 0) -> int:
+    """A document's place in the held-out order: a seeded 64-bit hash of its UTF-8 text.
+
+    Of the text rather than of the document's position: identical documents (common in web text, or when sources
+    overlap) always land on the same side, so no validation document is a verbatim copy of a training one, and
+    reordering or renaming source files holds out the same documents. Of the text rather than of its tokens: every
+    tokenizer and ``seq_len`` holds out the same documents, so runs of different models validate on the same text.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(int(seed)).encode()).digest()
+    return int.from_bytes(digest, "little")
+
+
+def holdout_mask(keys: np.ndarray, lengths: np.ndarray, validation: int | float, seq_len: int,
+                 source: str = "data") -> np.ndarray:
+    """Which documents are validation documents, from their ``document_key``s and token counts (bool ``[n]``).
+
+    - fraction ``f``: the documents whose key lies in the lowest ``f`` of the 64-bit range (at least the one with
+      the smallest key). About ``f`` of them, and a document's side depends on its text alone, so documents
+      appended to the sources later never move an earlier one across the split.
+    - row count ``N``: the documents with the smallest keys, as many as it takes to fill at least ``N`` packed rows
+      of ``seq_len`` tokens (packing fills rows completely, so ``ceil(tokens / seq_len)`` rows).
+
+    Identical documents share a key and are always taken together. Raises ``HoldoutError`` naming ``source`` when
+    there are fewer than two documents or the held-out set would leave nothing to train on.
+    """
+    keys, lengths = np.asarray(keys, np.uint64), np.asarray(lengths, np.int64)
+    n = len(keys)
+    if n < 2:
+        raise HoldoutError(f"{source}: only {n} document: cannot hold out a validation document")
+    if isinstance(validation, float):
+        held = keys < np.uint64(min(int(validation * 2.0**64), 2**64 - 1))
+        if not held.any():
+            held = keys == keys.min()
+        what = f"a fraction {validation} of the documents"
+    else:
+        order = np.argsort(keys, kind="stable")
+        filled = np.cumsum(lengths[order])
+        last = int(np.searchsorted(filled, (validation - 1) * seq_len + 1))  # first prefix filling N rows
+        if last == n:
+            raise HoldoutError(f"{source}: all {n} documents fill only {-(-int(filled[-1]) // seq_len)} rows of "
+                               f"{seq_len} tokens, not the {validation} validation rows asked for and a training set")
+        held = keys <= keys[order[last]]
+        what = f"{validation} validation rows' worth of documents"
+    if held.all():
+        distinct = len(np.unique(keys))
+        raise HoldoutError(f"{source}: holding out {what} takes all {n} documents"
+                           + (f" ({distinct} distinct)" if distinct < n else "") + ": none left to train on")
+    return held
+
+
 @dataclass
 class TokenCache:
-    """A packed, tokenized copy of some sources on disk. ``hit`` says whether it already existed."""
+    """A packed, tokenized copy of some sources on disk: a ``train`` split and, when documents were held out, a
+    ``validation`` split (``build_token_cache``). ``hit`` says whether it already existed."""
 
     path: Path
     manifest: dict
     hit: bool
 
     @property
-    def num_rows(self) -> int:
-        return self.manifest["num_rows"]
-
-    @property
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
 
-    def columns(self) -> dict[str, list[np.ndarray]]:
-        """Memory-mapped shards per column: ``{"tokens": [shard0, ...], "segment_ids": [...]}``."""
-        names = ("tokens", "segment_ids")
-        return {n: [np.load(self.path / s[n], mmap_mode="r") for s in self.manifest["shards"]] for n in names}
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.manifest["splits"])
+
+    def num_rows(self, split: str = "train") -> int:
+        return self._split(split)["num_rows"]
+
+    def columns(self, split: str = "train") -> dict[str, list[np.ndarray]]:
+        """Memory-mapped shards per column of ``split``: ``{"tokens": [shard0, ...], "segment_ids": [...]}``."""
+        shards = self._split(split)["shards"]
+        return {n: [np.load(self.path / s[n], mmap_mode="r") for s in shards] for n in ("tokens", "segment_ids")}
+
+    def _split(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"token cache {self.path} has no {split!r} split (it has {', '.join(self.splits)})")
+        return self.manifest["splits"][split]
 
 
-def _cache_key(files: list[Path], tokenizer, seq_len: int, eos: int) -> tuple[str, dict]:
+def _cache_key(files: list[Path], tokenizer, seq_len: int, eos: int, holdout: dict | None) -> tuple[str, dict]:
     stats = []
     for f in files:
         st = f.stat()
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     inputs = {"version": CACHE_FORMAT_VERSION, "sources": stats, "tokenizer": tokenizer_fingerprint(tokenizer),
-              "seq_len": seq_len, "eos": eos}
+              "seq_len": seq_len, "eos": eos, "holdout": holdout}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
 def build_token_cache(sources, tokenizer, seq_len: int, cache_dir: str | os.PathLike, *,
-                      eos_id: int | None = None, rows_per_shard: int | None = None) -> TokenCache:
+                      eos_id: int | None = None, rows_per_shard: int | None = None,
+                      validation: int | float = 0, split_seed: int = 0) -> TokenCache:
     """Pack ``sources`` (any ``expand_sources`` spec) into ``cache_dir/<key>/`` once; afterwards return it as is.
 
-    The key hashes the source paths, sizes and mtimes, the tokenizer fingerprint, ``seq_len`` and the EOS id, so
-    editing a source or switching tokenizers builds a new cache. Shards hold ``rows_per_shard`` rows (default:
-    about 64M tokens) so memory stays bounded while building.
+    ``validation`` (``check_holdout``) holds whole documents out *before* packing (``holdout_mask``, keyed by
+    ``document_key(text, split_seed)``): they are packed into their own ``validation`` rows, the rest into
+    ``train`` rows, so no validation document has a token in a training row. 0 packs everything into ``train``.
+
+    The key hashes the source paths, sizes and mtimes, the tokenizer fingerprint, ``seq_len``, the EOS id and the
+    held-out settings, so editing a source, switching tokenizers or changing the split builds a new cache. Shards
+    hold ``rows_per_shard`` rows (default: about 64M tokens) so memory stays bounded while building.
     """
+    validation = check_holdout(validation)
     files = expand_sources(sources)
     eos = eos_token_id(tokenizer, eos_id)
-    key, inputs = _cache_key(files, tokenizer, seq_len, eos)
+    holdout = {"validation": validation, "seed": int(split_seed)} if validation else None
+    key, inputs = _cache_key(files, tokenizer, seq_len, eos, holdout)
     final = Path(cache_dir) / key
     if (final / "manifest.json").exists():
         return TokenCache(final, json.loads((final / "manifest.json").read_text()), hit=True)
@@ -429,7 +542,7 @@ def build_token_cache(sources, tokenizer, seq_len: int, cache_dir: str | os.Path
     staging = Path(cache_dir) / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        manifest = _write_shards(staging, files, tokenizer, seq_len, eos, rows_per_shard)
+        manifest = _write_shards(staging, files, tokenizer, seq_len, eos, rows_per_shard, holdout)
         manifest["inputs"] = inputs
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         try:
@@ -443,18 +556,65 @@ def build_token_cache(sources, tokenizer, seq_len: int, cache_dir: str | os.Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("token cache %s: %d rows x %d (%d documents)", final, manifest["num_rows"], seq_len,
-                manifest["num_documents"])
+    logger.info("token cache %s: %s", final, "; ".join(
+        f"{name} {s['num_rows']} rows x {seq_len} ({s['num_documents']} documents)"
+        for name, s in manifest["splits"].items()))
     return TokenCache(final, manifest, hit=False)
 
 
-def _write_shards(directory: Path, files: list[Path], tokenizer, seq_len: int, eos: int,
-                  rows_per_shard: int) -> dict:
-    """Stream documents → packed rows → ``tokens-XXXXX.npy`` / ``segment_ids-XXXXX.npy`` shards."""
+def _write_shards(directory: Path, files: list[Path], tokenizer, seq_len: int, eos: int, rows_per_shard: int,
+                  holdout: dict | None) -> dict:
+    """Documents → (held-out choice) → packed rows of each split → ``.npy`` shards; returns the manifest."""
+    keys = array("Q")
+
+    def keyed_texts():
+        for text in iter_source_documents(files):
+            if holdout:
+                keys.append(document_key(text, holdout["seed"]))
+            yield text
+
+    tokenized = document_token_ids(tokenizer, keyed_texts(), eos_id=eos)
+    if not holdout:
+        splits = {"train": _pack_split(directory, "train", tokenized, seq_len, eos, rows_per_shard)}
+    else:
+        # The held-out set depends on every document (a row count needs their token counts), so the tokens are
+        # staged once in a flat file and then packed split by split: tokenizing twice would cost far more than
+        # the temporary disk space (about the size of the cache).
+        staged, lengths = directory / "documents.int32", array("q")
+        with staged.open("wb") as f:
+            for ids in tokenized:
+                f.write(ids.tobytes())
+                lengths.append(len(ids))
+        splits = {}
+        if lengths:
+            n_tokens = np.frombuffer(lengths, np.int64)
+            source = ", ".join(str(f) for f in files)
+            held = holdout_mask(np.frombuffer(keys, np.uint64), n_tokens, holdout["validation"], seq_len, source)
+            flat = np.memmap(staged, np.int32, mode="r")
+            ends = np.cumsum(n_tokens)
+
+            def documents(select: np.ndarray) -> Iterator[np.ndarray]:
+                for i in np.flatnonzero(select):
+                    yield flat[ends[i] - n_tokens[i]:ends[i]]
+
+            for name, select in (("train", ~held), ("validation", held)):
+                splits[name] = _pack_split(directory, name, documents(select), seq_len, eos, rows_per_shard)
+            del flat
+        staged.unlink()
+    num_documents = sum(s["num_documents"] for s in splits.values())
+    if not num_documents:
+        raise ValueError(f"sources {[str(f) for f in files]} contain no documents")
+    return {"version": CACHE_FORMAT_VERSION, "seq_len": seq_len, "num_documents": num_documents,
+            "num_tokens": sum(s["num_tokens"] for s in splits.values()), "holdout": holdout, "splits": splits}
+
+
+def _pack_split(directory: Path, split: str, docs: Iterable[np.ndarray], seq_len: int, eos: int,
+                rows_per_shard: int) -> dict:
+    """Stream ``docs`` → packed rows → ``{split}-tokens-XXXXX.npy`` / ``{split}-segment_ids-XXXXX.npy`` shards."""
     counts = {"num_documents": 0, "num_tokens": 0}
 
     def counted_docs():
-        for doc in document_token_ids(tokenizer, iter_source_documents(files), eos_id=eos):
+        for doc in docs:
             counts["num_documents"] += 1
             counts["num_tokens"] += len(doc)
             yield doc
@@ -466,9 +626,10 @@ def _write_shards(directory: Path, files: list[Path], tokenizer, seq_len: int, e
     def flush():
         name = f"{len(shards):05d}.npy"
         tokens, segments = (np.stack(x) for x in zip(*buffer))
-        np.save(directory / f"tokens-{name}", tokens)
-        np.save(directory / f"segment_ids-{name}", segments.astype(seg_dtype))
-        shards.append({"tokens": f"tokens-{name}", "segment_ids": f"segment_ids-{name}", "rows": len(buffer)})
+        np.save(directory / f"{split}-tokens-{name}", tokens)
+        np.save(directory / f"{split}-segment_ids-{name}", segments.astype(seg_dtype))
+        shards.append({"tokens": f"{split}-tokens-{name}", "segment_ids": f"{split}-segment_ids-{name}",
+                       "rows": len(buffer)})
         buffer.clear()
 
     for row in pack_rows(counted_docs(), seq_len, pad_id=eos):
@@ -477,10 +638,7 @@ def _write_shards(directory: Path, files: list[Path], tokenizer, seq_len: int, e
             flush()
     if buffer:
         flush()
-    if not shards:
-        raise ValueError(f"sources {[str(f) for f in files]} contain no documents")
-    return {"version": CACHE_FORMAT_VERSION, "seq_len": seq_len, "num_rows": sum(s["rows"] for s in shards),
-            **counts, "shards": shards}
+    return {"num_rows": sum(s["rows"] for s in shards), **counts, "shards": shards}
 
 
 # ==================================================================================================================
@@ -514,7 +672,7 @@ class PackedDataset:
     """Random access to rows of equal-length columns (``tokens`` and ``segment_ids`` at least).
 
     Columns are arrays ``[n_rows, seq_len]`` or lists of such shards (e.g. memory-mapped cache shards). A
-    dataset can be a view on a subset of rows (``split``). ``rows(indices)`` returns complete int32 batches with
+    dataset can be a view on a subset of rows (``split_rows``). ``rows(indices)`` returns complete int32 batches with
     ``positions`` and ``loss_mask`` derived from ``segment_ids`` where they are not stored.
     """
 
@@ -532,13 +690,14 @@ class PackedDataset:
         self.seq_len = int(self._shards["tokens"][0].shape[1])
 
     @classmethod
-    def from_cache(cls, cache: TokenCache) -> PackedDataset:
-        return cls(cache.columns())
+    def from_cache(cls, cache: TokenCache, split: str = "train") -> PackedDataset:
+        return cls(cache.columns(split))
 
     @classmethod
-    def from_sources(cls, sources, tokenizer, seq_len: int, cache_dir, **cache_kwargs) -> PackedDataset:
-        """Build (or reuse) the token cache of ``sources`` and open it."""
-        return cls.from_cache(build_token_cache(sources, tokenizer, seq_len, cache_dir, **cache_kwargs))
+    def from_sources(cls, sources, tokenizer, seq_len: int, cache_dir, *, split: str = "train",
+                     **cache_kwargs) -> PackedDataset:
+        """Build (or reuse) the token cache of ``sources`` (``build_token_cache`` arguments) and open ``split``."""
+        return cls.from_cache(build_token_cache(sources, tokenizer, seq_len, cache_dir, **cache_kwargs), split)
 
     def __len__(self) -> int:
         return len(self._row_ids)
@@ -567,9 +726,13 @@ class PackedDataset:
             out[order[sel]] = shards[s][sorted_rows[sel] - self._offsets[s]]
         return out
 
-    def split(self, validation: float | int, seed: int = 0) -> tuple[PackedDataset, PackedDataset]:
-        """``(train, validation)`` views: ``validation`` is a fraction in [0, 1) or a number of rows; which rows
-        go where is a seeded permutation (the same on every host)."""
+    def split_rows(self, validation: float | int, seed: int = 0) -> tuple[PackedDataset, PackedDataset]:
+        """``(train, validation)`` views by *row*: ``validation`` is a fraction in [0, 1) or a number of rows; which
+        rows go where is a seeded permutation (the same on every host).
+
+        Honest only when every row is one whole document (chat SFT). Packed text rows continue each other's
+        documents, so a row split would validate on passages trained on: hold documents out before packing
+        instead (``build_token_cache(validation=...)``)."""
         n = len(self)
         if isinstance(validation, float):
             if not 0.0 <= validation < 1.0:

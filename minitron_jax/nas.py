@@ -11,7 +11,9 @@
    distinct number of dropped layers, through a single compiled function).
 3. **Distill** each candidate briefly from the unpruned teacher (forward KL, the trainer's own jitted step) on the
    same batches in the same order, evaluating the validation loss right after pruning (step 0) and at
-   ``--eval-steps``. Candidates run one after another; a jitted step is built once per distinct shape and reused.
+   ``--eval-steps``. Validation rows hold documents that no training row touches (at least ``--val-rows`` rows'
+   worth, held out before packing: ``minitron_jax.data``), so the ranking rewards generalizing, not fitting the
+   training passages. Candidates run one after another; a jitted step is built once per distinct shape and reused.
 4. **Rank** by validation loss (LM cross-entropy by default, or the KL to the teacher) at every evaluation step and
    report how stable the ranking is: Kendall's tau against the final ranking and against the previous evaluation,
    whether the top-1 candidate agrees with the final one, and the step after which the ranking (and the top-1) no
@@ -376,7 +378,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     from minitron_jax import importance as imp
     from minitron_jax.convert import load_model
     from minitron_jax.convert.hf import save_hf
-    from minitron_jax.data import read_text, token_windows
+    from minitron_jax.data import CACHE_FORMAT_VERSION, read_text, token_windows
     from minitron_jax.pipeline import write_json_atomic
     from minitron_jax.progress import PhaseProgress
     from minitron_jax.sharding import make_mesh
@@ -414,7 +416,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     train_ds, val_ds = inputs.build_datasets(rc, m.tokenizer)
     val_batches = inputs.validation_batches(rc, val_ds)
     if not val_batches:
-        raise NASError("the search needs validation rows (--val-rows)")
+        raise NASError("the search needs held-out validation documents (--val-rows)")
 
     # One calibration pass for every candidate.
     windows = token_windows(m.tokenizer, read_text(calib_text), settings.calib_seq_len,
@@ -430,11 +432,14 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     cache = StepCache(rc, mesh_obj, m.config)
     results: list[dict[str, Any]] = []
     best: tuple[float, str] | None = None
+    # Results are comparable only under the same settings and the same validation data: the token-cache format
+    # changes with packing or the held-out split (format 2 validates on held-out documents, not packed rows).
+    settings_key = json.dumps({**dataclasses.asdict(settings), "data_format": CACHE_FORMAT_VERSION}, sort_keys=True)
     best_file = out / "winner_so_far.json"
     if best_file.is_file():
         b = json.loads(best_file.read_text())
-        best = (b["loss"], b["name"])
-    settings_key = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+        if b.get("settings") == settings_key:
+            best = (b["loss"], b["name"])
     for ci, cand in enumerate(candidates):
         done_file = out / "candidates" / f"{cand.name}.json"
         if done_file.is_file():
@@ -491,7 +496,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
             save_hf(out / "winner", cfg, student_params_to_host(state), tokenizer=m.tokenizer, overwrite=True,
                     sources=[model_path])
             best = (final, cand.name)
-            write_json_atomic(best_file, {"loss": final, "name": cand.name})
+            write_json_atomic(best_file, {"loss": final, "name": cand.name, "settings": settings_key})
         write_json_atomic(done_file, record)
         results.append(record)
         del state
@@ -648,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peak-lr", type=float, default=1e-4)
     ap.add_argument("--min-lr", type=float, default=1e-5)
     ap.add_argument("--warmup-steps", type=int, default=10)
-    ap.add_argument("--val-rows", type=int, default=16)
+    ap.add_argument("--val-rows", type=int, default=16,
+                    help="validate on at least this many rows' worth of documents held out of --data")
     ap.add_argument("--val-batches", type=int, default=2)
     ap.add_argument("--rank-by", choices=RANK_BY, default="ce", help="validation CE (default) or KL to the teacher")
     ap.add_argument("--calib-samples", type=int, default=16)

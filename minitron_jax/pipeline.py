@@ -149,7 +149,7 @@ class DistillSection:
     warmup_steps: int = 4
     weight_decay: float = 0.1
     eval_every: int = 10
-    val_rows: int = 16
+    val_rows: int = 16  # at least this many validation rows' worth of training-text documents, held out whole
     val_batches: int = 2
     checkpoint_every: int = 10
     compute_dtype: str = "float32"  # XLA:CPU runs bf16 matmuls slower than fp32; bfloat16 on GPU/TPU

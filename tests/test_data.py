@@ -100,6 +100,24 @@ def test_plain_text_read_whole(tmp_path):
     assert list(data.read_documents(path)) == [text]
 
 
+def test_non_utf8_names_file_line_and_offset(tmp_path):
+    """A binary file among the sources is a ValueError naming the file (and the jsonl line) and the first bad byte
+    with its offset in the file, not a bare UnicodeDecodeError."""
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(b"abc\n\xff\xfe rest")
+    for read in (data.read_text, lambda p: list(data.read_documents(p))):
+        with pytest.raises(ValueError, match=r"blob\.txt: not UTF-8 text \(byte 0xff at offset 4\)"):
+            read(blob)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # a Latin-1 e-acute on line 2
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 28\)"):
+        data.read_text(mixed)
+    # Reading bytes keeps the newline translation text mode did.
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb\rc\n")
+    assert data.read_text(crlf) == "a\nb\nc\n"
+
+
 def test_parquet_documents(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -223,7 +241,8 @@ def test_cache_hit_and_invalidation(tmp_path, tokenizer):
     cache_dir = tmp_path / "cache"
     seq_len = 32
     first = data.build_token_cache(corpus, tokenizer, seq_len, cache_dir, rows_per_shard=3)
-    assert not first.hit and len(first.manifest["shards"]) > 1
+    assert not first.hit and len(first.manifest["splits"]["train"]["shards"]) > 1
+    assert first.splits == ("train",)  # nothing held out
     second = data.build_token_cache(corpus, tokenizer, seq_len, cache_dir, rows_per_shard=3)
     assert second.hit and second.path == first.path
     cols = second.columns()
@@ -253,6 +272,134 @@ def test_cache_key_tracks_tokenizer(tmp_path, tokenizer, bare_tokenizer):
     a = data.build_token_cache(corpus, tokenizer, 32, tmp_path / "c")
     b = data.build_token_cache(corpus, tokenizer, 32, tmp_path / "c", eos_id=0)
     assert a.path != b.path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Held-out documents
+# ------------------------------------------------------------------------------------------------------------------
+def marked_documents(n_docs, seed=0):
+    """Documents with a unique marker each ("doc 17: ..."), of 1-6 sentences (many longer than a 16-token row),
+    plus two exact copies of earlier documents (identical documents must land on the same side)."""
+    rng = np.random.default_rng(seed)
+    docs = [f"doc {i}: " + " ".join(rng.choice(SENTENCES, size=rng.integers(1, 7))) for i in range(n_docs)]
+    return docs + [docs[3], docs[5]]
+
+
+def write_sources(directory, docs, n_files):
+    """``docs`` spread over ``n_files`` jsonl files (so the same corpus can come in different files)."""
+    directory.mkdir()
+    for k, part in enumerate(np.array_split(np.arange(len(docs)), n_files)):
+        write_jsonl(directory / f"part{k}.jsonl", [{"text": docs[i]} for i in part])
+    return directory
+
+
+def split_documents(ds, eos):
+    """The documents of a packed split read back from its rows: packing is seamless, so the real tokens of the
+    rows in order are the documents end to end, each ending in EOS."""
+    rows = ds.rows(np.arange(len(ds)))
+    stream = rows["tokens"][rows["segment_ids"] > 0]
+    return [tuple(d) for d in np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]]
+
+
+def held_out_texts(cache, tokenizer, docs):
+    """``(train, validation)`` texts of a cache, identified from the packed rows alone."""
+    text_of = {tuple(ids): text for ids, text in zip(data.document_token_ids(tokenizer, docs), docs)}
+    eos = data.eos_token_id(tokenizer)
+    return tuple([text_of[d] for d in split_documents(data.PackedDataset.from_cache(cache, split), eos)]
+                 for split in ("train", "validation"))
+
+
+@pytest.mark.parametrize("validation", [0.25, 6])
+def test_validation_holds_out_whole_documents(tmp_path, tokenizer, validation):
+    docs = marked_documents(60)
+    seq_len = 16
+    cache = data.build_token_cache(write_sources(tmp_path / "src", docs, 3), tokenizer, seq_len, tmp_path / "c",
+                                   rows_per_shard=4, validation=validation, split_seed=3)
+    assert cache.splits == ("train", "validation")
+    assert not list((tmp_path / "c").glob("*/documents.*")), "the staged tokens are removed"
+    ids = [tuple(x) for x in data.document_token_ids(tokenizer, docs)]
+    assert sum(len(d) > seq_len for d in ids) > 20, "documents span rows, so a row split would leak"
+    train, val = held_out_texts(cache, tokenizer, docs)
+    # Every document exactly once, whole, and no validation document on a training row (copies included).
+    assert sorted(train + val) == sorted(docs)
+    assert not set(train) & set(val) and val
+    assert (docs[3] in val) == (train.count(docs[3]) == 0)
+    if isinstance(validation, int):  # at least that many rows, and not a document more than needed
+        assert cache.num_rows("validation") >= validation
+        assert sum(map(len, ids)) > 0
+        val_tokens = sum(len(i) for i, d in zip(ids, docs) if d in set(val))
+        largest = max(set(val), key=lambda d: data.document_key(d, 3))
+        assert -(-(val_tokens - val.count(largest) * len(ids[docs.index(largest)])) // seq_len) < validation
+    else:
+        assert 0.1 < len(set(val)) / len(set(docs)) < 0.4
+
+
+def test_holdout_deterministic_and_independent_of_files_shards_and_tokenizer(tmp_path, tokenizer, bare_tokenizer):
+    docs = marked_documents(60)
+    reordered = list(reversed(docs))
+    a = data.build_token_cache(write_sources(tmp_path / "a", docs, 1), tokenizer, 16, tmp_path / "c",
+                               rows_per_shard=2, validation=0.3)
+    b = data.build_token_cache(write_sources(tmp_path / "b", reordered, 4), tokenizer, 16, tmp_path / "c",
+                               rows_per_shard=50, validation=0.3)
+    c = data.build_token_cache(tmp_path / "a", bare_tokenizer, 24, tmp_path / "c", eos_id=2, validation=0.3)
+    held_a, held_b = held_out_texts(a, tokenizer, docs)[1], held_out_texts(b, tokenizer, docs)[1]
+    assert sorted(held_a) == sorted(held_b)  # other files, order and shard size: the same documents
+    again = data.build_token_cache(tmp_path / "a", tokenizer, 16, tmp_path / "c2", rows_per_shard=2, validation=0.3)
+    assert not again.hit
+    for split in ("train", "validation"):  # a rebuild elsewhere (another host) packs identical rows
+        for col, shards in a.columns(split).items():
+            np.testing.assert_array_equal(np.concatenate(shards), np.concatenate(again.columns(split)[col]))
+    # Another tokenizer and seq_len hold out the same texts (the key hashes the text, not its tokens).
+    eos = data.eos_token_id(bare_tokenizer, 2)
+    text_of = {tuple(i): t for i, t in zip(data.document_token_ids(bare_tokenizer, docs, eos_id=2), docs)}
+    val_c = [text_of[d] for d in split_documents(data.PackedDataset.from_cache(c, "validation"), eos)]
+    assert sorted(val_c) == sorted(held_a)
+    other_seed = data.build_token_cache(tmp_path / "a", tokenizer, 16, tmp_path / "c", validation=0.3, split_seed=1)
+    assert sorted(held_out_texts(other_seed, tokenizer, docs)[1]) != sorted(held_a)
+
+
+def test_holdout_mask_fraction_and_rows():
+    keys = np.array([data.document_key(f"document {i}") for i in range(4000)], np.uint64)
+    lengths = np.random.default_rng(0).integers(1, 50, len(keys))
+    held = data.holdout_mask(keys, lengths, 0.1, seq_len=8)
+    assert 0.08 < held.mean() < 0.12
+    # A document's side depends on its text alone: appending documents moves none across the split.
+    np.testing.assert_array_equal(data.holdout_mask(keys[:1000], lengths[:1000], 0.1, 8), held[:1000])
+    assert data.holdout_mask(keys[:5], lengths[:5], 0.01, 8).sum() == 1  # at least one document
+    rows = data.holdout_mask(keys, lengths, 30, seq_len=8)
+    assert -(-lengths[rows].sum() // 8) >= 30
+    last = np.flatnonzero(rows)[np.argmax(keys[rows])]
+    assert -(-(lengths[rows].sum() - lengths[last]) // 8) < 30  # the smallest-key prefix that fills 30 rows
+
+
+def test_holdout_refuses_too_few_documents(tmp_path, tokenizer):
+    one = tmp_path / "one.txt"
+    one.write_text("just one document", encoding="utf-8")
+    cache_dir = tmp_path / "c"
+    for validation in (2, 0.5):
+        with pytest.raises(data.HoldoutError,
+                           match=r"one\.txt: only 1 document: cannot hold out a validation document"):
+            data.build_token_cache(one, tokenizer, 16, cache_dir, validation=validation)
+    assert not list(cache_dir.iterdir()), "no staging leftovers"
+    assert data.build_token_cache(one, tokenizer, 16, cache_dir).splits == ("train",)  # without validation: fine
+    copies = write_jsonl(tmp_path / "copies.jsonl", [{"text": "the same"}] * 3)
+    with pytest.raises(ValueError, match=r"copies\.jsonl: holding out .* takes all 3 documents \(1 distinct\)"):
+        data.build_token_cache(copies, tokenizer, 16, cache_dir, validation=1)
+    corpus = write_jsonl(tmp_path / "small.jsonl", [{"text": s} for s in SENTENCES])
+    with pytest.raises(ValueError, match=r"small\.jsonl: all 5 documents fill only \d+ rows of 16 tokens, not the "
+                                         r"100 validation rows"):
+        data.build_token_cache(corpus, tokenizer, 16, cache_dir, validation=100)
+    for bad in (1.0, -1, True, "8"):
+        with pytest.raises(ValueError):
+            data.build_token_cache(corpus, tokenizer, 16, cache_dir, validation=bad)
+
+
+def test_cache_key_tracks_holdout(tmp_path, tokenizer):
+    corpus = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in SENTENCES * 2])
+    build = lambda **kw: data.build_token_cache(corpus, tokenizer, 16, tmp_path / "c", **kw).path  # noqa: E731
+    paths = {build(), build(validation=0.3), build(validation=0.3, split_seed=1), build(validation=2)}
+    assert len(paths) == 4
+    assert build(split_seed=5) == build()  # nothing held out: the split seed does not matter
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -327,17 +474,20 @@ def test_eval_pass_pads_and_stops():
     assert seen == list(range(23))
 
 
-def test_split():
+def test_split_rows():
+    """The row split (for SFT, where a row is one conversation) is explicitly named: packed text is split by
+    document before packing instead, and the old ``split`` of packed rows is gone."""
+    assert not hasattr(data.PackedDataset, "split")
     ds = toy_dataset()
-    train, val = ds.split(0.2, seed=1)
+    train, val = ds.split_rows(0.2, seed=1)
     assert (len(train), len(val)) == (18, 5)
     t, v = row_ids(train.rows(np.arange(len(train)))), row_ids(val.rows(np.arange(len(val))))
     assert not set(t) & set(v) and sorted(t + v) == list(range(23))
-    _, val2 = ds.split(0.2, seed=1)
+    _, val2 = ds.split_rows(0.2, seed=1)
     assert row_ids(val2.rows(np.arange(5))) == v
-    assert len(ds.split(3)[1]) == 3
+    assert len(ds.split_rows(3)[1]) == 3
     with pytest.raises(ValueError):
-        ds.split(23)
+        ds.split_rows(23)
     it = train.batches(6, seed=0)
     assert set(sum(take(it, 3), [])) == set(t)
 

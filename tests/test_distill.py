@@ -116,6 +116,27 @@ def test_config_errors_are_clear(tiny, tmp_path):
     assert load_config(tmp_path / "c.yaml") == rc
 
 
+def test_validation_documents_are_held_out_of_training(tiny, tmp_path):
+    """The trainer validates on whole documents that no training row touches, and a corpus too small to hold one out
+    is a config error naming data.val_rows and the source."""
+    from minitron_jax.train.inputs import build_datasets
+
+    rc = make_rc(tiny, tmp_path, "data.val_rows=8", "data.seq_len=16")
+    train, val = build_datasets(rc, tiny["tokenizer"])
+    assert len(val) >= 8
+
+    def docs(ds):  # the documents of a split, from its rows (each ends with EOS; rows pack them seamlessly)
+        rows = ds.rows(np.arange(len(ds)))
+        stream = rows["tokens"][rows["segment_ids"] > 0]
+        return {tuple(d) for d in np.split(stream, np.flatnonzero(stream == tiny["tokenizer"].eos_token_id) + 1)}
+
+    assert not (docs(train) & docs(val)) - {()}
+    (tmp_path / "one.txt").write_text("a single document about the quick brown fox")
+    with pytest.raises(RunConfigError, match=r"data\.val_rows=8: .*one\.txt: only 1 document: cannot hold out"):
+        build_datasets(make_rc(tiny, tmp_path, "data.val_rows=8", f"data.sources={tmp_path / 'one.txt'}"),
+                       tiny["tokenizer"])
+
+
 def test_demo_and_paper_configs_parse():
     root = Path(__file__).parent.parent / "configs"
     configs = sorted([*root.glob("distill_*.yaml"), *root.glob("teacher_correction_*.yaml")])

@@ -67,7 +67,8 @@ def run_pipelines(config: Path, out: Path, base_dir: Path, overrides: list[str],
         base, run_dir=str(out / "corrected"), students={"width": base.students["width"]},
         teacher_correction=dataclasses.replace(base.teacher_correction, enabled=True))
     # Replicates: the students of the findings that are close calls, distilled again with another data order
-    # (distill.seed shuffles the training rows and picks the validation rows); pruning is deterministic.
+    # (distill.seed shuffles the training rows; the held-out validation documents stay the same, data.split_seed);
+    # pruning is deterministic.
     runs = [("base", base), ("corrected", corrected)]
     for seed in seeds:
         runs.append((f"seed{seed}", dataclasses.replace(
@@ -169,8 +170,8 @@ def markdown(results: list[dict], reports: dict, command: str, meta: dict, reps:
         "",
         f"Budget per student: {d['steps']} steps × {d['batch_size']} × {d['seq_len']} tokens = "
         f"{d['steps'] * d['batch_size'] * d['seq_len']:,} training tokens. Held-out perplexity on "
-        f"{base['eval']['heldout_tokens']:,} tokens of Wikipedia passages never trained on; validation CE on rows "
-        f"held out of the training text. Teacher (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized): "
+        f"{base['eval']['heldout_tokens']:,} tokens of Wikipedia passages never trained on; validation CE on "
+        f"whole documents held out of the training text. Teacher (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized): "
         f"{teacher['params'] / 1e6:.1f}M params, held-out perplexity {teacher['ppl']:.2f}, MMLU "
         f"{base['eval']['mmlu_shots']}-shot {teacher['mmlu']:.3f} on {teacher['mmlu_n']} questions; corrected teacher "
         f"({corr_teacher['tokens']:,} tokens of CE): perplexity {corr_teacher['ppl']:.2f}.",
@@ -193,8 +194,8 @@ def markdown(results: list[dict], reports: dict, command: str, meta: dict, reps:
                   f"{results[0]['paired']['windows']} windows, ± its standard error, and on how many windows the "
                   f"paper's choice was better. *held* / *did not hold*: ΔNLL beyond {SIGMAS:g} standard errors in "
                   "the paper's / the other direction; otherwise *inconclusive*. *val CE*: the trainer's validation "
-                  "rows, packed rows split off the training text that mostly continue passages trained on (see "
-                  "finding 1 below).", "",
+                  "rows: whole training-text documents held out before packing, so no validation row continues a "
+                  "passage trained on (see finding 1 below).", "",
               *_replicate_lines(reps),
               "![validation curves](figures/results_curves.png)", "",
               "![held-out perplexity](figures/results_ppl.png)", "", END]

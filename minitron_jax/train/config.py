@@ -72,9 +72,14 @@ class DataConfig:
     sources: list[str] = dataclasses.field(default_factory=list)
     seq_len: int = 2048
     batch_size: int = 8  # global rows per optimizer update (all micro-batches, all hosts)
-    val_rows: int | float = 0.01  # held-out rows: a count or a fraction of the packed rows
+    # Validation holds whole documents out before packing (never a passage trained on): an int is at least that many
+    # rows' worth of documents, a float in (0, 1) that fraction of the documents, 0 none. (sft: rows = conversations.)
+    val_rows: int | float = 0.01
     val_batches: int | None = 8  # cap on validation batches per evaluation (None: the whole split)
-    seed: int = 0  # shuffling seed (the train/val split uses it too)
+    seed: int = 0  # shuffling seed
+    # Which documents are held out (a seeded hash of their text); apart from `seed` so runs that differ only in
+    # their shuffling seed validate on the same documents.
+    split_seed: int = 0
     cache_dir: str | None = None  # tokenized-shard cache; default: <minitron_jax cache>/tokens
 
 
@@ -247,6 +252,8 @@ def validate(rc: RunConfig) -> None:
     need(rc.data.seq_len >= 2, f"data.seq_len must be >= 2, got {rc.data.seq_len}")
     need(rc.data.batch_size >= 1, f"data.batch_size must be >= 1, got {rc.data.batch_size}")
     need(rc.data.val_rows >= 0, f"data.val_rows must be >= 0, got {rc.data.val_rows}")
+    need(not isinstance(rc.data.val_rows, float) or rc.data.val_rows < 1,
+         f"data.val_rows: a fraction of the documents must be < 1, got {rc.data.val_rows} (a row count is an integer)")
     need(rc.data.val_batches is None or rc.data.val_batches >= 1, "data.val_batches must be >= 1 or null")
 
     need(rc.loss.kind in KD_KINDS, f"loss.kind must be one of {KD_KINDS}, got {rc.loss.kind!r}")

@@ -1,8 +1,8 @@
 """Training data of a run, through :mod:`minitron_jax.data`: datasets, the resumable iterator, global batches.
 
 - ``distill`` / ``teacher_correction``: text sources are tokenized with the run's tokenizer and packed into
-  ``data.seq_len`` rows with segment ids (cached on disk), then split into train/validation rows with
-  ``data.seed``.
+  ``data.seq_len`` rows with segment ids (cached on disk); ``data.val_rows`` worth of whole documents, chosen by
+  ``data.split_seed``, are held out before packing and packed into their own validation rows.
 - ``sft``: jsonl chat records ``{"messages": [...]}`` → one conversation per row, loss on assistant tokens only.
 
 Each process reads only its slice of every global batch (``BatchIterator(process_index=, process_count=)``); the
@@ -42,7 +42,11 @@ def _chat_records(files) -> Iterator[dict[str, Any]]:
 
 
 def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.PackedDataset | None]:
-    """(train, validation or None) datasets of the run."""
+    """(train, validation or None) datasets of the run.
+
+    Packed text holds whole documents out before packing (``data.build_token_cache``), so validation never
+    continues a passage trained on; an SFT row is one whole conversation, so there a row split is a document split.
+    """
     try:
         if rc.mode == "sft":
             files = data.expand_sources(_sources(rc))
@@ -50,18 +54,24 @@ def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.P
         else:
             from minitron_jax.assets import cache_dir
 
-            cache = rc.data.cache_dir or str(cache_dir() / "tokens")
-            dataset = data.PackedDataset.from_sources(_sources(rc), tokenizer, rc.data.seq_len, cache)
+            cache = data.build_token_cache(_sources(rc), tokenizer, rc.data.seq_len,
+                                           rc.data.cache_dir or str(cache_dir() / "tokens"),
+                                           validation=rc.data.val_rows, split_seed=rc.data.split_seed)
+    except data.HoldoutError as e:
+        raise RunConfigError(f"data.val_rows={rc.data.val_rows}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
         raise RunConfigError(f"data.sources: {e}") from None
-    if not rc.data.val_rows:
+    if rc.mode != "sft":
+        train = data.PackedDataset.from_cache(cache)
+        val = data.PackedDataset.from_cache(cache, "validation") if "validation" in cache.splits else None
+    elif not rc.data.val_rows:
         train, val = dataset, None
     else:
         try:
-            train, val = dataset.split(rc.data.val_rows, seed=rc.data.seed)
+            train, val = dataset.split_rows(rc.data.val_rows, seed=rc.data.split_seed)
         except ValueError as e:
             raise RunConfigError(f"data.val_rows: {e}") from None
-    _check_usable(rc, train, val, n_rows=len(dataset))
+    _check_usable(rc, train, val, n_rows=len(train) + (len(val) if val is not None else 0))
     return train, val
 
 
