@@ -165,9 +165,12 @@ def _read_utf8(path: Path) -> str:
     return _decode_utf8(path.read_bytes(), str(path)).replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a JSON Lines file, ``where`` being ``"FILE:LINE"``; a line
+    that is not UTF-8 or not JSON is a ValueError naming the file and line."""
     # Binary lines: JSON Lines separates records by b"\n" only, and decoding per line lets an encoding error name
     # its line.
+    path = Path(path)
     offset = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -179,7 +182,12 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            yield _record_text(record, f"{path}:{line_no}")
+            yield f"{path}:{line_no}", record
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for where, record in jsonl_records(path):
+        yield _record_text(record, where)
 
 
 def _record_text(record: Any, where: str) -> str:

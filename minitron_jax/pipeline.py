@@ -555,6 +555,17 @@ class Pipeline:
 
     def _run_locked(self) -> dict[str, Any]:
         pc = self.pc
+        # A pipeline deletes and redoes stage directories under its run dir; pointed at a directory it did not
+        # make (run_dir=$HOME by mistake) that could delete the user's files. Our run dirs carry pipeline.yaml.
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not (self.run_dir / "pipeline.yaml").is_file():
+            from minitron_jax.exitcodes import BadInputError
+
+            raise BadInputError(f"run_dir {self.run_dir} is not empty and holds no pipeline.yaml, so it is not a "
+                                "pipeline run directory; refusing to write stages into it (choose a new run_dir)")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            from minitron_jax.exitcodes import BadInputError
+
+            raise BadInputError(f"run_dir {self.run_dir} is a file, not a directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 

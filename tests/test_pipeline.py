@@ -274,3 +274,22 @@ def test_demo_config_is_valid_and_students_match_in_size():
     assert set(counts) == {"width", "depth"}
     assert max(counts.values()) / min(counts.values()) < 1.05
     assert all(85e6 < n < 100e6 for n in counts.values()), counts
+
+
+def test_foreign_run_dir_is_refused(tiny_cfg, tmp_path, capsys):
+    """A run_dir the pipeline did not make (say $HOME by mistake) is never written into: the pipeline deletes and
+    redoes stage directories under its run dir, which there could be the user's own."""
+    from minitron_jax.pipeline import main
+
+    home = tmp_path / "home"
+    (home / "distill" / "width").mkdir(parents=True)
+    (home / "distill" / "width" / "thesis.tex").write_text("years of work")
+    assert main(["--config", str(tiny_cfg), f"run_dir={home}", "--stop-after", "data"]) == 2
+    err = capsys.readouterr().err
+    assert "not a pipeline run directory" in err and len(err.strip().splitlines()) == 1
+    assert (home / "distill" / "width" / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in home.iterdir()) == ["distill"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["--config", str(tiny_cfg), f"run_dir={afile}", "--stop-after", "data"]) == 2
+    assert afile.read_text() == "x"

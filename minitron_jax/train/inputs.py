@@ -12,7 +12,6 @@ global, so a run can resume under a different process count.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -31,14 +30,10 @@ def _sources(rc: RunConfig) -> list[str]:
 
 def _chat_records(files) -> Iterator[dict[str, Any]]:
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                    raise RunConfigError(f"{path}:{lineno}: an sft record needs a 'messages' list")
-                yield record
+        for where, record in data.jsonl_records(path):
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise RunConfigError(f"{where}: an sft record needs a 'messages' list")
+            yield record
 
 
 def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.PackedDataset | None]:
