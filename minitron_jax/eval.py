@@ -132,7 +132,10 @@ def _run(args) -> int:
     m = load_model(args.model)
     if m.tokenizer is None:
         raise ValueError(f"{args.model} carries no tokenizer; perplexity needs one")
-    windows = token_windows(m.tokenizer, text, args.seq_len, args.max_tokens)
+    try:
+        windows = token_windows(m.tokenizer, text, args.seq_len, args.max_tokens)
+    except ValueError as e:  # "text has 0 tokens ...": say which text
+        raise ValueError(f"{args.text}: {e}") from None
     t0 = time.perf_counter()
     total, count = nll_sum(m.config, m.params, windows, batch_size=args.batch_size, dtype=DTYPES[args.dtype])
     nll = total / count

@@ -153,6 +153,7 @@ def cli_exit(main: Callable[..., int]) -> Callable[..., int]:
             raise
         except BaseException as e:  # noqa: BLE001 - the one place failures become exit codes
             code, msg = classify(e)
+            msg = " ".join(msg.split())  # the contract is one line, whatever a library's message looked like
             if code is ExitCode.INTERNAL:
                 traceback.print_exc()
             print(f"error: {msg}" if code is not ExitCode.INTERRUPTED else msg, file=sys.stderr, flush=True)

@@ -509,15 +509,12 @@ def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
     """YAML options (if ``--config``) overridden by the flags actually given."""
     opts: dict[str, Any] = {}
     if args.config:
-        import yaml
+        from minitron_jax.train.config import read_yaml_sections
 
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        loaded = read_yaml_sections(path, ValueError)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of options, got {type(loaded).__name__}")
         opts.update({k.replace("-", "_"): v for k, v in loaded.items()})

@@ -440,7 +440,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise RunConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise RunConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(e)})") from None
     return parts, value
 
 
@@ -464,6 +464,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def yaml_problem(e: Exception) -> str:
+    """PyYAML's multi-line error as one line: the problem and where (``line 2, column 1: expected ',' or ']'``)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def read_yaml_sections(path: str | Path | None, error: type[Exception] = RunConfigError) -> dict[str, Any]:
     """The top-level mapping of a YAML config file ({} when ``path`` is None); ``error`` names what is wrong."""
     if path is None:
@@ -472,9 +479,11 @@ def read_yaml_sections(path: str | Path | None, error: type[Exception] = RunConf
     if not path.is_file():
         raise error(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise error(f"{path} is not valid YAML: {e}") from None
+        raise error(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of sections at the top level")
     return data
