@@ -40,12 +40,8 @@ from typing import Any
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
-
-
-class GGUFError(ValueError):
-    """A GGUF file that is missing, malformed, or describes something we cannot convert."""
-
+# The header checker is the lowest GGUF module: it owns the magic and the error type, re-exported here.
+from minitron_jax.convert.gguf_header import GGUF_MAGIC, GGUFError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor types

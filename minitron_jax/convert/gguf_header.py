@@ -23,7 +23,11 @@ import os
 import struct
 from pathlib import Path
 
-from minitron_jax.convert.gguf import GGUF_MAGIC, GGUFError
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is missing, malformed, or describes something we cannot convert."""
 
 # GGUF value types (gguf.constants.GGUFValueType), with the byte size of the fixed-size ones.
 _FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

@@ -185,13 +185,17 @@ def build_tokenizer(fields: dict[str, Any], source: Any = "GGUF"):
 
 def load_gguf_tokenizer(path: str | Path, reader=None):
     """The GGUF's tokenizer as a transformers ``PreTrainedTokenizerFast`` (torch-free), with its special tokens,
-    BOS/EOS convention and chat template."""
+    BOS/EOS convention and chat template. ``reader``: an open ``GGUFReader`` of ``path`` (default: opened here,
+    after the header check)."""
     from transformers import PreTrainedTokenizerFast
 
     if reader is None:
-        from minitron_jax.convert.gguf import _open_reader
+        from gguf import GGUFReader
 
-        reader = _open_reader(Path(path))
+        from minitron_jax.convert.gguf_header import check_gguf_file
+
+        check_gguf_file(Path(path))
+        reader = GGUFReader(Path(path), "r")
     fields = read_tokenizer_fields(reader, path)
     backend = build_tokenizer(fields, path)
     tokens = fields["tokens"]
