@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_assets():
     """Paths of the embedded SmolLM2 GGUF and texts (fetched once into the user cache)."""
-    from minitron_jax.assets import fetch_assets
+    from minitron_jax.data.assets import fetch_assets
 
     try:
         return fetch_assets(quiet=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minitron_jax import assets
+from minitron_jax.data import assets
 
 GGUF_BYTES = b"GGUF" + bytes(range(256)) * 4
 

@@ -61,7 +61,7 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
 def _main(command: str):
     import importlib
 
-    module = {"convert": "minitron_jax.convert.cli"}.get(command, f"minitron_jax.{command}")
+    module = {"convert": "minitron_jax.cli.convert"}.get(command, f"minitron_jax.{command}")
     return importlib.import_module(module).main
 
 

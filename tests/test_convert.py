@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from utils import save_tiny_hf, tiny_hf_model, tiny_tokenizer, torch_logits
 
-from minitron_jax import checkpoint
 from minitron_jax import model as M
+from minitron_jax.cli.convert import main as convert_main
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import detect_format, load_model
-from minitron_jax.convert.cli import main as convert_main
+from minitron_jax.convert import orbax as checkpoint
 from minitron_jax.convert.hf import ConversionError, SafetensorsDir, load_hf_params, save_hf
 
 

@@ -142,7 +142,7 @@ def test_demo_and_paper_configs_parse():
     configs = sorted([*root.glob("distill_*.yaml"), *root.glob("teacher_correction_*.yaml")])
     assert {p.name for p in configs} >= {"distill_smollm2_135m_demo.yaml", "distill_llama31_8b_to_4b_width.yaml",
                                          "distill_llama31_8b_to_4b_depth.yaml", "teacher_correction_llama31_8b.yaml"}
-    from minitron_jax.prune import PruneSpec
+    from minitron_jax.compress.prune import PruneSpec
 
     for path in configs:
         rc = load_config(path)
@@ -228,7 +228,7 @@ def test_step_gradients_chunked_naive_and_accumulated_agree(tiny, tmp_path):
 
 def test_chunked_cross_entropy_matches_naive():
     """The teacher-free chunked CE (teacher correction, SFT) equals CE on full logits, with gradients."""
-    from minitron_jax import losses
+    from minitron_jax.train import losses
 
     rng = np.random.default_rng(0)
     h = rng.normal(size=(3, 20, 16)).astype(np.float32)
@@ -276,7 +276,7 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
-    from minitron_jax.distill import main
+    from minitron_jax.cli.distill import main
     from minitron_jax.train.checkpoints import Checkpointer
 
     run(make_rc(tiny, tmp_path / "run", "train.stop_at=2", "checkpoint.every=1"))
@@ -300,7 +300,7 @@ def test_loss_falls_validation_tensorboard_and_export(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minitron_jax.distill import main
+    from minitron_jax.cli.distill import main
     from minitron_jax.model import forward
 
     rc = make_rc(tiny, tmp_path / "run", "data.val_rows=8", "train.eval_every=6", "checkpoint.every=6",

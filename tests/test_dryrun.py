@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import pytest
 from utils import persistent_compile_cache
 
-from minitron_jax import dryrun, hlo
-from minitron_jax import plan as P
+from minitron_jax.planning import capacity as P
+from minitron_jax.planning import dryrun, hlo
 from minitron_jax.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_plan_that_cannot_fit_is_refused(depth_plan, capsys, tmp_path):
     """The depth recipe on a device with 45% of an H100's memory usable: refused through the CLI with the numbers,
     exit 4, and the nearest setting that fits named and compiled to confirm. (The recipe's own program comes from
     the XLA cache the depth fixture filled; docs/scaling.md shows the remat=none refusal.)"""
-    from minitron_jax import distill
+    from minitron_jax.cli import distill
 
     out = tmp_path / "plan.json"
     code = distill.main(["--config", str(DEPTH), "--dry-run", "--memory-fraction", "0.45", "--json", str(out)])
@@ -258,7 +258,7 @@ def test_abstract_mesh_lowering_of_the_70b_recipe():
 
 def test_importance_pass_dry_run(xla_cache, tmp_path):
     """``prune --dry-run``: the calibration pass compiled for one device, weights never loaded."""
-    from minitron_jax import prune
+    from minitron_jax.compress import prune
 
     out = tmp_path / "importance.json"
     code = prune.main(["--config", str(ROOT / "configs" / "prune_llama31_8b_width.yaml"),

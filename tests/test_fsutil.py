@@ -14,7 +14,7 @@ import pytest
 from utils import save_tiny_hf, tiny_tokenizer
 
 from minitron_jax import fsutil
-from minitron_jax.convert.cli import main as convert_main
+from minitron_jax.cli.convert import main as convert_main
 from minitron_jax.exitcodes import BadInputError, BusyError, SystemRefusedError
 from minitron_jax.fsutil import MARKER_NAME, atomic_directory, check_destination, lock_directory, lock_path_for
 
@@ -164,8 +164,8 @@ def test_lock_in_this_process_and_recheck_under_the_lock(model_dir, tmp_path, ca
 
 
 def test_run_directories_are_locked(tmp_path, capsys):
-    from minitron_jax.distill import main as distill_main
-    from minitron_jax.nas import run_search
+    from minitron_jax.cli.distill import main as distill_main
+    from minitron_jax.compress.nas import run_search
     from minitron_jax.pipeline import Pipeline, load_pipeline_config
     from minitron_jax.pipeline import main as pipeline_main
 
@@ -183,7 +183,7 @@ def test_run_directories_are_locked(tmp_path, capsys):
 
 
 def test_exports_never_replace_their_run_or_a_foreign_directory(model_dir, tmp_path, capsys):
-    from minitron_jax.distill import main as distill_main
+    from minitron_jax.cli.distill import main as distill_main
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -204,7 +204,7 @@ def test_exports_never_replace_their_run_or_a_foreign_directory(model_dir, tmp_p
 
 
 def test_run_dir_that_is_a_file(tmp_path, capsys):
-    from minitron_jax.distill import main as distill_main
+    from minitron_jax.cli.distill import main as distill_main
 
     (tmp_path / "run").write_text("not a directory")
     assert distill_main([f"run_dir={tmp_path / 'run'}", "teacher.path=t", "student.path=s",
@@ -303,7 +303,7 @@ def test_disk_full_in_convert(model_dir, tmp_path, capsys, monkeypatch, error):
 def test_disk_full_in_prune(model_dir, tmp_path, capsys, monkeypatch):
     import numpy as np
 
-    from minitron_jax import prune
+    from minitron_jax.compress import prune
 
     def full(file, **arrays):
         raise OSError(errno.ENOSPC, "No space left on device", str(file))

@@ -604,7 +604,7 @@ def test_smollm2_layout_gives_low_perplexity(smol, smol_tokenizer_dir):
     from transformers import AutoTokenizer, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from minitron_jax.assets import load_texts
+    from minitron_jax.data.assets import load_texts
 
     tokenizer = AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
     ids = torch.tensor([tokenizer(load_texts("wikipedia", 1)[0])["input_ids"][:64]])
@@ -633,7 +633,7 @@ def test_smollm2_layout_gives_low_perplexity(smol, smol_tokenizer_dir):
 def test_smollm2_tokenizer_round_trip(smol_tokenizer_dir, smol_reference_tokenizer):
     from transformers import AutoTokenizer
 
-    from minitron_jax.assets import load_texts
+    from minitron_jax.data.assets import load_texts
 
     ours = AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
     reference = smol_reference_tokenizer

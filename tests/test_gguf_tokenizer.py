@@ -145,7 +145,7 @@ def test_unsupported_and_inconsistent_metadata(tmp_path):
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_assets):
-    from minitron_jax.assets import load_texts
+    from minitron_jax.data.assets import load_texts
 
     smol_path = smollm2_assets["smollm2_gguf"]
     ours = load_gguf_tokenizer(smol_path)
@@ -160,7 +160,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_assets):
 _NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError, and transformers sees no torch
-from minitron_jax.convert.cli import main
+from minitron_jax.cli.convert import main
 rc = main([sys.argv[1], sys.argv[2], "--quiet"])
 from minitron_jax.convert import load_model
 m = load_model(sys.argv[2])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from utils import tiny_hf_model
 
-from minitron_jax import importance as imp
-from minitron_jax import prune
+from minitron_jax.compress import importance as imp
+from minitron_jax.compress import prune
 from minitron_jax.convert.hf import load_hf_params
-from minitron_jax.eval import _batch_nll, perplexity
+from minitron_jax.evaluate.perplexity import _batch_nll, perplexity
 
 N_WINDOWS, SEQ, BATCH = 5, 16, 2  # 5 windows in batches of 2: three batches, the last one padded
 

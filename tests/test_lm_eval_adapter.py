@@ -1,4 +1,4 @@
-"""The lm-eval adapter's pure scoring ≡ minitron_jax.eval; lm-eval's rolling windows and tokenization rules;
+"""The lm-eval adapter's pure scoring ≡ evaluate.perplexity; lm-eval's rolling windows and tokenization rules;
 is_greedy; batching; generate_until; and, when lm-eval is installed, the registered class on real Instances and
 through simple_evaluate on a tiny local task."""
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from utils import _CORPUS, save_tiny_hf, tiny_tokenizer
 
-from minitron_jax import eval as E
 from minitron_jax import generate as G
-from minitron_jax import lm_eval_adapter as A
 from minitron_jax.convert import load_model
 from minitron_jax.data import token_windows
+from minitron_jax.evaluate import lm_eval_adapter as A
+from minitron_jax.evaluate import perplexity as E
 from minitron_jax.model import hidden_states
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None

@@ -1,4 +1,4 @@
-"""Tests for minitron_jax.losses: per-token losses against float64 numpy, chunked ≡ naive, memory."""
+"""Tests for minitron_jax.train.losses: per-token losses against float64 numpy, chunked ≡ naive, memory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import losses
+from minitron_jax.train import losses
 
 # ----------------------------------------------------------------------------------------------
 # float64 numpy references, written straight from the definitions

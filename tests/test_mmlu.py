@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from utils import save_tiny_hf, tiny_hf_model, tiny_tokenizer, torch_logits
 
-from minitron_jax import mmlu
 from minitron_jax.convert import load_model
+from minitron_jax.evaluate import mmlu
 
 SUBJECTS = ("college biology", "abstract algebra", "marketing")
 WORDS = ("fox", "dog", "teacher", "student", "heads", "neurons", "mesh", "pure", "lazy", "brown", "mean", "jumps")

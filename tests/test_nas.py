@@ -9,9 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import count_params
-from minitron_jax.nas import (
+from minitron_jax.compress.nas import (
     Candidate,
     NASError,
     enumerate_candidates,
@@ -22,6 +20,8 @@ from minitron_jax.nas import (
     ranking_stability,
     select_spread,
 )
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import count_params
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                       num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
@@ -180,8 +180,8 @@ def test_ranking_stability_flip_at_the_end_and_stable_from_start():
 def test_tiny_search_end_to_end(tmp_path):
     from utils import save_tiny_hf, tiny_tokenizer
 
+    from minitron_jax.compress.nas import SearchSettings, run_search
     from minitron_jax.convert import load_model
-    from minitron_jax.nas import SearchSettings, run_search
 
     save_tiny_hf(tmp_path / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
     words = "the quick brown fox jumps over lazy dog pruning removes heads neurons teacher student".split()
@@ -222,7 +222,7 @@ def test_tiny_search_end_to_end(tmp_path):
 def test_step_cache_builds_once_per_shape():
     import jax
 
-    from minitron_jax.nas import SearchSettings, StepCache, _run_config
+    from minitron_jax.compress.nas import SearchSettings, StepCache, _run_config
     from minitron_jax.sharding import make_mesh
 
     rc = _run_config(SearchSettings(steps=4, eval_steps=(4,), seq_len=16, batch_size=2), __import__("pathlib").Path(

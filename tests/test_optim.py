@@ -1,4 +1,4 @@
-"""Tests for minitron_jax.optim: schedule values, decay mask, clipping, accumulation, validation."""
+"""Tests for minitron_jax.train.optim: schedule values, decay mask, clipping, accumulation, validation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from minitron_jax.optim import (
+from minitron_jax.train.optim import (
     OptimConfig,
     default_weight_decay_mask,
     learning_rate_at,

@@ -10,7 +10,7 @@ import pytest
 from utils import tiny_hf_model, tiny_tokenizer, torch_logits
 
 from minitron_jax import model as M
-from minitron_jax import prune
+from minitron_jax.compress import prune
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import load_model
 from minitron_jax.convert.hf import load_hf_params

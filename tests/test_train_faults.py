@@ -21,7 +21,7 @@ import pytest
 from test_distill import compile_cache, make_rc, tiny  # noqa: F401  (fixtures)
 from utils import poison_hf
 
-from minitron_jax import distill
+from minitron_jax.cli import distill
 from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.train import loop
 from minitron_jax.train.checkpoints import Checkpointer
@@ -137,7 +137,7 @@ def test_save_hf_refuses_nonfinite_params(tiny, tmp_path):  # noqa: F811
 
 
 def test_eval_of_a_nan_model_exits_3_without_printing_nan(tiny, tmp_path, capsys):  # noqa: F811
-    from minitron_jax import eval as eval_cli
+    from minitron_jax.evaluate import perplexity as eval_cli
 
     model = poison_hf(shutil.copytree(tiny["root"] / "student", tmp_path / "nan_student"))
     args = ["--model", str(model), "--text", str(tiny["root"] / "corpus.jsonl"), "--seq-len", "16",

@@ -51,9 +51,9 @@ def run_config(args, *extra):
 
 
 def cpu_models():
-    from minitron_jax.assets import smollm2_gguf
+    from minitron_jax.compress.prune import PruneSpec, prune_from_spec
     from minitron_jax.convert import load_model
-    from minitron_jax.prune import PruneSpec, prune_from_spec
+    from minitron_jax.data.assets import smollm2_gguf
 
     teacher = load_model(smollm2_gguf(), with_tokenizer=False)
     student_cfg, student_params, _ = prune_from_spec(teacher.config, teacher.params, None,

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.model is None:
-        from minitron_jax.assets import fetch_assets
+        from minitron_jax.data.assets import fetch_assets
 
         args.model = str(fetch_assets(quiet=True)["smollm2_gguf"])
     log(f"loading {args.model}")

@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.losses import KD_KINDS, chunked_logit_loss, naive_logit_loss
+from minitron_jax.train.losses import KD_KINDS, chunked_logit_loss, naive_logit_loss
 
 GIB = 2**30
 

@@ -4,14 +4,14 @@
                                    [--depth-calib-samples 4] [--hidden 480] [--ffn 1024] [--drop 6,12]
 
 Calibration text is ``owt`` (OpenWebText passages) and evaluation text ``wikipedia``: disjoint sources, both from
-``minitron_jax.assets``. Compared, all at the same target sizes:
+``minitron_jax.data.assets``. Compared, all at the same target sizes:
 
 - width (hidden + FFN, heads kept, ~90M params): activation importance vs weight magnitude vs random; every
   (sequence, batch) aggregation pair of the activation importance; the gate pre-activation neuron variant;
 - depth: the three layer metrics (contiguous block by perplexity, single-layer perplexity, Block Importance) at
   each number of dropped layers.
 
-One calibration pass gives every activation variant and BI (see ``minitron_jax.importance``); the layer-perplexity
+One calibration pass gives every activation variant and BI (see ``compress.importance``); the layer-perplexity
 scans use the first ``--depth-calib-samples`` calibration windows. Results go to ``docs/figures/prune_ablation.json``
 and ``.png``, and a markdown section replaces the one between the ABLATION markers in ``docs/pruning.md``.
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from minitron_jax import importance as imp
-from minitron_jax import prune
-from minitron_jax.eval import perplexity
+from minitron_jax.compress import importance as imp
+from minitron_jax.compress import prune
+from minitron_jax.evaluate.perplexity import perplexity
 from minitron_jax.model import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +81,9 @@ class Clock:
 
 
 def load_inputs(args):
-    from minitron_jax.assets import smollm2_gguf, text_path
     from minitron_jax.convert import load_model
     from minitron_jax.data import read_text, token_windows
+    from minitron_jax.data.assets import smollm2_gguf, text_path
 
     m = load_model(args.model or smollm2_gguf())
     calib_path, eval_path = args.calib_text or text_path("owt"), args.eval_text or text_path("wikipedia")

@@ -28,7 +28,7 @@ class LoadedModel:
 
 
 def detect_format(path: str | Path) -> str:
-    from minitron_jax.checkpoint import is_model_checkpoint
+    from minitron_jax.convert.orbax import is_model_checkpoint
 
     path = Path(path)
     if not path.exists():
@@ -56,7 +56,7 @@ def load_model(path: str | Path, dtype=None, *, with_tokenizer: bool = True,
 
         config, params = load_hf_params(path, dtype=dtype, progress=progress)
     elif fmt == "orbax":
-        from minitron_jax.checkpoint import load_model as load_orbax
+        from minitron_jax.convert.orbax import load_model as load_orbax
 
         config, params = load_orbax(path, dtype=dtype)
         params = _to_numpy(params)
@@ -89,8 +89,8 @@ def read_source_config(path: str | Path, fmt: str | None = None) -> LlamaConfig:
 
 def gguf_tokenizer_dir(path: Path) -> Path:
     """Tokenizer files built from a GGUF's metadata, cached beside our other assets (keyed by file identity)."""
-    from minitron_jax.assets import cache_dir
     from minitron_jax.convert.gguf import save_tokenizer
+    from minitron_jax.data.assets import cache_dir
 
     stat = path.stat()
     # "tok2": tokenizers built by our own GGUF reader (earlier caches came from transformers' converter).

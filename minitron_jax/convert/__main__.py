@@ -1,5 +1,5 @@
 import sys
 
-from minitron_jax.convert.cli import main
+from minitron_jax.cli.convert import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ so a typo or a wrong type fails before anything is loaded::
 CLI overrides are ``section.key=value`` with the value parsed as YAML (``train.steps=20``, ``loss.top_k=null``,
 ``data.sources=[a.txt,b.txt]``); floats may be written the C way (``optim.peak_lr=3e-4``).
 
-Values of the form ``asset:NAME`` in model and data paths are resolved through :mod:`minitron_jax.assets`
+Values of the form ``asset:NAME`` in model and data paths are resolved through :mod:`minitron_jax.data.assets`
 (``asset:smollm2_gguf``, ``asset:wikipedia``, ``asset:owt``) when the run starts, not when the config is read,
 so reading or printing a config never touches the network.
 """
@@ -97,7 +97,7 @@ class HiddenLossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The logit loss (see :mod:`minitron_jax.losses`): ``alpha * kd + (1 - alpha) * ce``; alpha=1 is pure KD."""
+    """The logit loss (see :mod:`minitron_jax.train.losses`): ``alpha * kd + (1 - alpha) * ce``; alpha=1 is pure KD."""
 
     kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     temperature: float = 1.0
@@ -111,7 +111,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    """Fields of :class:`minitron_jax.optim.OptimConfig`; its ``total_steps`` is ``train.steps``."""
+    """Fields of :class:`minitron_jax.train.optim.OptimConfig`; its ``total_steps`` is ``train.steps``."""
 
     peak_lr: float = 1e-4
     min_lr: float = 1e-5
@@ -217,8 +217,8 @@ class RunConfig:
 # Validation of values (types are checked while building, see `from_dict`)
 # ----------------------------------------------------------------------------------------------------------------
 def validate(rc: RunConfig) -> None:
-    from minitron_jax.losses import HIDDEN_LOSS_KINDS, KD_KINDS
     from minitron_jax.model import ATTENTION_IMPLS, REMAT_POLICIES
+    from minitron_jax.train.losses import HIDDEN_LOSS_KINDS, KD_KINDS
 
     def need(ok: bool, message: str):
         if not ok:
@@ -325,11 +325,11 @@ def _check_lr_range(rc: RunConfig) -> None:
 
 
 def optim_config(rc: RunConfig):
-    """The :class:`minitron_jax.optim.OptimConfig` of a run.
+    """The :class:`minitron_jax.train.optim.OptimConfig` of a run.
 
     Gradient accumulation happens inside the jitted step (see ``train/step.py``), so the optimizer itself never
     accumulates (``accumulate_steps=1``) and one ``train.steps`` is one optimizer update."""
-    from minitron_jax.optim import OptimConfig
+    from minitron_jax.train.optim import OptimConfig
 
     return OptimConfig(total_steps=rc.train.steps, accumulate_steps=1, **dataclasses.asdict(rc.optim))
 
@@ -502,7 +502,7 @@ def resolve_path(value: str | None) -> str | None:
     """``asset:NAME`` → the fetched asset's path; anything else is returned unchanged."""
     if value is None or not value.startswith(ASSET_PREFIX):
         return value
-    from minitron_jax.assets import fetch_assets
+    from minitron_jax.data.assets import fetch_assets
 
     name = value[len(ASSET_PREFIX):]
     return str(fetch_assets([name], quiet=True)[name])

@@ -47,7 +47,7 @@ def build_datasets(rc: RunConfig, tokenizer) -> tuple[data.PackedDataset, data.P
             files = data.expand_sources(_sources(rc))
             dataset = data.PackedDataset(data.sft_examples(tokenizer, _chat_records(files), rc.data.seq_len))
         else:
-            from minitron_jax.assets import cache_dir
+            from minitron_jax.data.assets import cache_dir
 
             cache = data.build_token_cache(_sources(rc), tokenizer, rc.data.seq_len,
                                            rc.data.cache_dir or str(cache_dir() / "tokens"),

@@ -64,7 +64,7 @@ def _load(path: str, what: str, progress: Callable[[str], None] | None = None):
 
 def prune_student(rc: RunConfig, teacher, log: Callable[[str], None]):
     """Apply ``student.prune`` (PruneSpec fields) to the teacher, with ``student.calib`` as calibration text."""
-    from minitron_jax import prune
+    from minitron_jax.compress import prune
     from minitron_jax.data import read_text
 
     try:

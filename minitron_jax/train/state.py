@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from minitron_jax import sharding as shd
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, abstract_params
-from minitron_jax.optim import make_optimizer
 from minitron_jax.train.config import RunConfig, optim_config
+from minitron_jax.train.optim import make_optimizer
 
 # The projection of the hidden-state loss: one [Ds, Dt] map per matched layer pair.
 PROJ_AXES = ("hidden_pair", "embed", "teacher_embed")

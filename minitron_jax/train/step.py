@@ -7,7 +7,7 @@ explicit in/out shardings and the train state donated. Inside it:
    batch sharding) and scanned over;
 2. per micro-batch, the teacher runs forward-only in ``teacher.dtype`` under ``stop_gradient``, the student runs
    in ``train.compute_dtype`` from fp32 master weights, and the loss is computed from both models' *final hidden
-   states and lm_heads* by :func:`minitron_jax.losses.chunked_logit_loss`, so ``[tokens × vocab]`` logits are
+   states and lm_heads* by :func:`minitron_jax.train.losses.chunked_logit_loss`, so ``[tokens × vocab]`` logits are
    never materialized;
 3. gradients are **sums** over tokens, divided once by the batch's token count: a batch split into micro-batches
    gives the same update as the whole batch at once (token-weighted, not a mean of micro-batch means). This is
@@ -35,12 +35,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minitron_jax import losses
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, hidden_states, lm_head
-from minitron_jax.optim import make_schedule
 from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
+from minitron_jax.train import losses
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
+from minitron_jax.train.optim import make_schedule
 from minitron_jax.train.state import (
     TrainState,
     dtype_of,

@@ -37,8 +37,8 @@ def _progress(description: str, total: int):
 def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | None = None,
             overwrite: bool = False, max_shard_bytes: int | None = None, quiet: bool = False) -> dict:
     """Convert SRC to DST and return a summary dict (params, dtype, bytes, seconds, formats)."""
-    from minitron_jax import checkpoint
     from minitron_jax.convert import detect_format, load_model
+    from minitron_jax.convert import orbax as checkpoint
     from minitron_jax.convert.hf import DEFAULT_SHARD_BYTES, save_hf
     from minitron_jax.model import count_params
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.eval import nll_sum, padded_batches
+from minitron_jax.evaluate.perplexity import nll_sum, padded_batches
 from minitron_jax.model import Params, axis_sizes, hidden_states, param_axes
 
 SEQ_AGGS = ("mean", "l2", "var")

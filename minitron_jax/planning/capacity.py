@@ -1,8 +1,8 @@
 """Capacity planning, analytically: bytes per device, FLOPs, step time and whether a run fits an accelerator.
 
-The dry run (:mod:`minitron_jax.dryrun`) compiles the real train step and reads the compiler's numbers; this module
-holds everything that does not need a compiler, so that the two can be printed side by side and so that candidate
-settings can be re-planned in microseconds when a plan does not fit:
+The dry run (:mod:`minitron_jax.planning.dryrun`) compiles the real train step and reads the compiler's numbers;
+this module holds everything that does not need a compiler, so that the two can be printed side by side and so
+that candidate settings can be re-planned in microseconds when a plan does not fit:
 
 - :data:`ACCELERATORS`: peak dense bf16 FLOP/s, memory and interconnect of the devices we plan for;
 - :func:`param_bytes` (exact, from the sharding rules) and the naive ``params × bytes ÷ shards``;

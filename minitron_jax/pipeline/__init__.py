@@ -15,9 +15,9 @@ stage               writes                          does
                                                     depth scans the students need, shared by every student
 ``prune.<s>``       ``prune/<s>/``                  student ``s``: the teacher sliced by the shared importance (or a
                                                     random init of the same shape, for the ablation)
-``distill.<s>``     ``distill/<s>/``                the trainer (:mod:`minitron_jax.distill`) run: Orbax checkpoints,
+``distill.<s>``     ``distill/<s>/``                the trainer (:mod:`minitron_jax.train`) run: Orbax checkpoints,
                                                     exact resume, the student exported to ``distill/<s>/hf``
-``eval.<m>``        ``eval/<m>.json``               held-out perplexity (``minitron_jax.eval`` rules) and MMLU
+``eval.<m>``        ``eval/<m>.json``               held-out perplexity (``evaluate.perplexity`` rules) and MMLU
 ``report``          ``results.{md,json,png}``       the comparison table (printed with rich) and the plot
 ==================  ==============================  ===========================================================
 
@@ -33,7 +33,7 @@ the command line are dotted paths with YAML values, e.g. ``distill.steps=400 stu
 run_dir=/tmp/run``)::
 
     name: smollm2_135m_demo
-    teacher: asset:smollm2_gguf           # HF dir, .gguf or minitron_jax checkpoint; asset:NAME = minitron_jax.assets
+    teacher: asset:smollm2_gguf           # HF dir, .gguf or minitron_jax checkpoint; asset:NAME = data.assets
     texts: {train: asset:wikipedia, calib: asset:owt, heldout_docs: 100}
     teacher_correction: {enabled: false, steps: 40}
     importance: {calib_samples: 16, seq_len: 256, depth_samples: 3}
@@ -199,7 +199,7 @@ class PipelineConfig:
 
 
 def validate(pc: PipelineConfig) -> None:
-    from minitron_jax import importance as imp
+    from minitron_jax.compress import importance as imp
 
     def need(ok: bool, message: str):
         if not ok:
@@ -251,7 +251,7 @@ def validate(pc: PipelineConfig) -> None:
 
 def _prune_spec(pc: PipelineConfig, student: StudentSpec):
     """The PruneSpec of a student: its sizes plus the shared importance settings."""
-    from minitron_jax.prune import PruneSpec
+    from minitron_jax.compress.prune import PruneSpec
 
     sizes = {k.replace("-", "_"): v for k, v in student.prune.items()}
     allowed = {"hidden", "ffn", "heads_per_group", "heads", "drop_layers", "layers", "depth_metric"}
@@ -618,9 +618,9 @@ class Pipeline:
 
     def _preflight(self) -> None:
         """Refuse sizes the teacher cannot be pruned to before any work (reads the teacher's config only)."""
+        from minitron_jax.compress.prune import check_spec, target_config
         from minitron_jax.convert import read_source_config
         from minitron_jax.model import count_params
-        from minitron_jax.prune import check_spec, target_config
 
         try:
             teacher = read_source_config(self._resolve(self.pc.teacher))
@@ -747,9 +747,9 @@ class Pipeline:
         return {**res, "params": count_params(cfg), "arch": _arch(cfg)}
 
     def _importance(self, teacher_path: str, calib_text: str) -> dict[str, Any]:
-        from minitron_jax import importance as imp
+        from minitron_jax.compress import importance as imp
         from minitron_jax.data import read_text, token_windows
-        from minitron_jax.eval import DTYPES
+        from minitron_jax.evaluate.perplexity import DTYPES
         from minitron_jax.fsutil import atomic_directory
 
         i = self.pc.importance
@@ -782,7 +782,7 @@ class Pipeline:
                 "timings": timings}
 
     def _prune(self, student: str, teacher_path: str, importance: dict[str, Any]) -> dict[str, Any]:
-        from minitron_jax import prune
+        from minitron_jax.compress import prune
         from minitron_jax.convert.hf import save_hf
         from minitron_jax.fsutil import atomic_directory
         from minitron_jax.model import count_params, init_params
@@ -869,7 +869,7 @@ class Pipeline:
 
     def _evaluate(self, model_path: str, heldout: str, mmlu: bool) -> dict[str, Any]:
         from minitron_jax.data import read_text, token_windows
-        from minitron_jax.eval import DTYPES, nll_sum
+        from minitron_jax.evaluate.perplexity import DTYPES, nll_sum
 
         e = self.pc.eval
         m = self._load(model_path)
@@ -890,7 +890,7 @@ class Pipeline:
                    "windows": int(len(windows)), "window_nll": [float(x) for x in window_nll],
                    "predicted_tokens": int(count), "perplexity_seconds": time.perf_counter() - t0, "mmlu": None}
             if mmlu and e.mmlu_limit > 0:
-                from minitron_jax.mmlu import default_data_path, load_mmlu, mmlu_eval
+                from minitron_jax.evaluate.mmlu import default_data_path, load_mmlu, mmlu_eval
 
                 rows = load_mmlu(self._resolve(e.mmlu_data) if e.mmlu_data else default_data_path())
                 res = mmlu_eval(m.config, m.params, m.tokenizer, rows, shots=e.mmlu_shots, limit=e.mmlu_limit,

@@ -1,0 +1,1 @@
+"""Compression: importance from calibration passes, pruning by named axis, and architecture search."""

@@ -1,0 +1,594 @@
+"""Structured pruning as pure functions ``(config, params, kept indices) → (config', params')``, and its CLI.
+
+Everything rests on one generic operation, :func:`keep_along_axis`: keep some indices along one *logical* axis
+(``model.param_axes``) in every parameter that has that axis. Width and depth are that operation on one axis each:
+
+=================  ===========  ======================================================================================
+dimension          axis         indices
+=================  ===========  ======================================================================================
+hidden size        ``embed``    [D'] shared by every layer (the residual stream: norms, embedding, lm_head, …)
+FFN size           ``mlp``      [L, F'] each layer its own neurons
+attention heads    ``q_per_kv`` [L, K, G'] per layer and KV group, so every group keeps the same count (GQA);
+                                KV heads and head_dim are kept, as the paper does for Llama-3.1
+depth              ``layer``    [L'] the layers kept
+=================  ===========  ======================================================================================
+
+Ranks come from :mod:`minitron_jax.compress.importance`; :class:`PruneSpec` + :func:`prune_from_spec` run the
+whole recipe (calibrate, rank, slice) and are what the distillation trainer calls to build a student.
+
+CLI::
+
+    python -m minitron_jax.prune --model PATH --calib FILE --out DIR [--hidden H] [--ffn F] [--heads-per-group G]
+        [--drop-layers K | --layers i,j,...] [--depth-metric contiguous|ppl|bi]
+        [--importance activation|magnitude|random] [--seq-agg mean|l2|var] [--batch-agg mean|l2|var] [--preact]
+        [--calib-samples N] [--seq-len T] [--batch-size B] [--seed S] [--dtype float32|bfloat16]
+        [--config FILE.yaml] [--overwrite]
+    python -m minitron_jax.prune --config FILE.yaml --model PATH_OR_NAME --dry-run [--accelerator h100] [--json]
+
+DIR receives an HF model directory (with the tokenizer), ``importance.npz`` (``heads`` [L, H], ``neurons`` [L, F],
+``channels`` [D] when width is pruned; ``layers`` [L] when layers are chosen by a metric; all on the unpruned
+model) and ``prune_report.json``. It is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax.compress import importance as imp
+from minitron_jax.config import ConfigError, LlamaConfig
+from minitron_jax.evaluate.perplexity import DTYPES
+from minitron_jax.exitcodes import cli_exit
+from minitron_jax.model import Params, axis_sizes, count_params, param_axes
+from minitron_jax.progress import PhaseProgress
+
+REPORT_NAME = "prune_report.json"
+IMPORTANCE_NAME = "importance.npz"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The one slicing operation
+# ------------------------------------------------------------------------------------------------------------------
+def resized_config(config: LlamaConfig, axis: str, n: int) -> LlamaConfig:
+    """``config`` with logical ``axis`` resized to ``n``."""
+    if axis == "layer":
+        return config.replace(num_layers=n)
+    if axis == "embed":
+        return config.replace(hidden_size=n)
+    if axis == "mlp":
+        return config.replace(intermediate_size=n)
+    if axis == "q_per_kv":
+        return config.replace(num_heads=config.num_kv_heads * n)
+    if axis == "kv_heads":  # whole groups go with their query heads
+        return config.replace(num_kv_heads=n, num_heads=n * config.q_per_kv)
+    # head_dim: RoPE rotates dims i and i + Hd/2 together; vocab: the tokenizer would no longer match.
+    raise ConfigError(f"pruning the {axis!r} axis is not supported")
+
+
+def _check_indices(indices, axis: str, size: int, batch_shape: tuple[int, ...]) -> np.ndarray:
+    """Indices [*batch_shape, n] as int64, or a ValueError saying what is wrong with them."""
+    idx = np.asarray(indices)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{axis} indices must be integers, got {idx.dtype}")
+    idx = idx.astype(np.int64)
+    if idx.ndim != len(batch_shape) + 1 or idx.shape[:-1] != batch_shape:
+        raise ValueError(f"{axis} indices must have shape {batch_shape + ('n',)}, got {idx.shape}")
+    if idx.shape[-1] == 0:
+        raise ConfigError(f"cannot keep zero entries along {axis!r}")
+    if idx.min() < 0 or idx.max() >= size:
+        raise ValueError(f"{axis} indices out of range [0, {size}): min {idx.min()}, max {idx.max()}")
+    if (np.diff(np.sort(idx, axis=-1), axis=-1) == 0).any():
+        raise ValueError(f"{axis} indices contain duplicates")
+    return idx
+
+
+def _gather(arr, axes: tuple[str, ...], axis: str, idx: np.ndarray, batch_axes: tuple[str, ...]):
+    """``take_along_axis`` of ``arr`` along ``axis`` with ``idx`` [*batch_axes, n] broadcast over its other axes."""
+    dims = [axes.index(b) for b in batch_axes] + [axes.index(axis)]
+    order = np.argsort(dims)  # idx's own axes, rearranged into arr's axis order
+    shape = [1] * len(axes)
+    for i, d in enumerate(sorted(dims)):
+        shape[d] = idx.shape[order[i]]
+    ix = np.transpose(idx, order).reshape(shape)
+    if isinstance(arr, jax.Array):  # stay on device
+        return jnp.take_along_axis(arr, jnp.asarray(ix), axis=axes.index(axis))
+    return np.take_along_axis(np.asarray(arr), ix, axis=axes.index(axis))
+
+
+def keep_along_axis(config: LlamaConfig, params: Params, axis: str, indices,
+                    batch_axes: Sequence[str] = ()) -> tuple[LlamaConfig, Params]:
+    """Keep ``indices`` along logical ``axis`` in every parameter that has it.
+
+    ``indices`` has shape ``[*sizes of batch_axes, n]``: with ``batch_axes=("layer",)`` each layer keeps its own
+    n entries. Every parameter with ``axis`` must also have the batch axes. Order is preserved as given (the
+    ranking helpers return sorted indices, so the original order survives)."""
+    sizes = axis_sizes(config)
+    batch_axes = tuple(batch_axes)
+    idx = _check_indices(indices, axis, sizes[axis], tuple(sizes[b] for b in batch_axes))
+    new_config = resized_config(config, axis, idx.shape[-1])
+
+    def one(axes, arr):
+        if axis not in axes:
+            return arr
+        if not all(b in axes for b in batch_axes):
+            raise ValueError(f"a parameter with axes {axes} has {axis!r} but not all of {batch_axes}")
+        return _gather(arr, axes, axis, idx, batch_axes)
+
+    return new_config, jax.tree.map(one, param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Width and depth
+# ------------------------------------------------------------------------------------------------------------------
+def prune_hidden(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
+    """Keep hidden channels ``keep`` [D'] in every array touching the residual stream."""
+    return keep_along_axis(config, params, "embed", keep)
+
+
+def prune_ffn(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
+    """Keep FFN neurons: ``keep`` [L, F'] per layer, or [F'] for the same neurons in every layer."""
+    keep = np.asarray(keep)
+    if keep.ndim == 1:
+        keep = np.broadcast_to(keep, (config.num_layers, keep.shape[0]))
+    return keep_along_axis(config, params, "mlp", keep, ("layer",))
+
+
+def prune_heads(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
+    """Keep query heads within their KV groups: ``keep`` [L, K, G'] (or [K, G'] for every layer) holds positions
+    0..G−1 inside each group, so every group keeps G' heads and GQA stays intact."""
+    keep = np.asarray(keep)
+    if keep.ndim == 2:
+        keep = np.broadcast_to(keep, (config.num_layers,) + keep.shape)
+    return keep_along_axis(config, params, "q_per_kv", keep, ("layer", "kv_heads"))
+
+
+def drop_layers(config: LlamaConfig, params: Params, drop: Sequence[int]) -> tuple[LlamaConfig, Params]:
+    """Remove the layers ``drop`` (0-based); the others keep their order."""
+    drop = check_drop_list(config, drop)
+    return keep_along_axis(config, params, "layer", [i for i in range(config.num_layers) if i not in drop])
+
+
+def check_drop_list(config: LlamaConfig, drop: Sequence[int]) -> list[int]:
+    """Validated, sorted layer indices to drop (in range, no duplicates, at least one layer left)."""
+    drop = [int(i) for i in drop]
+    L = config.num_layers
+    bad = [i for i in drop if not 0 <= i < L]
+    if bad:
+        raise ConfigError(f"layer indices {bad} out of range for a {L}-layer model (0..{L - 1})")
+    if len(set(drop)) != len(drop):
+        raise ConfigError(f"layer indices to drop contain duplicates: {drop}")
+    if len(drop) >= L:
+        raise ConfigError(f"cannot drop {len(drop)} layers of a {L}-layer model: at least one must remain")
+    return sorted(drop)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ranking
+# ------------------------------------------------------------------------------------------------------------------
+def top_k_indices(scores, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores along the last axis, sorted ascending (original order kept).
+
+    Ties go to the lower index; NaN ranks lowest."""
+    scores = np.asarray(scores, np.float64)
+    if not 1 <= k <= scores.shape[-1]:
+        raise ConfigError(f"cannot keep {k} of {scores.shape[-1]}")
+    ranked = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")
+    return np.sort(ranked[..., :k], axis=-1)
+
+
+def heads_to_keep(config: LlamaConfig, head_scores, heads_per_group: int) -> np.ndarray:
+    """[L, H] head scores (HF order) → [L, K, G'] positions of the best ``heads_per_group`` heads in each group."""
+    scores = np.asarray(head_scores).reshape(config.num_layers, config.num_kv_heads, config.q_per_kv)
+    return top_k_indices(scores, heads_per_group)
+
+
+def layers_to_drop(layer_scores, k: int, metric: str) -> list[int]:
+    """The ``k`` layers a depth metric marks least important (higher score = more important).
+
+    ``contiguous``: the window ``s .. s + k − 1`` whose start has the lowest score (block perplexity);
+    ``ppl``/``bi``: the ``k`` lowest per-layer scores, wherever they are."""
+    scores = np.asarray(layer_scores, np.float64)
+    if k == 0:
+        return []
+    if metric == "contiguous":
+        start = int(np.nanargmin(scores))
+        return list(range(start, start + k))
+    return sorted(int(i) for i in top_k_indices(-scores, k))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A whole recipe
+# ------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    """Target sizes (None keeps a dimension) and how to rank.
+
+    Attributes:
+      hidden, ffn: target hidden and FFN sizes.
+      heads_per_group: query heads to keep in each KV group (``heads``: the same as a total, a multiple of K).
+      drop_layers: number of layers to remove, chosen by ``depth_metric``; ``layers``: exactly which to remove.
+      depth_metric: ``contiguous`` (best window of consecutive layers by calibration perplexity), ``ppl`` (the
+        layers whose single removal hurts perplexity least) or ``bi`` (lowest Block Importance).
+      importance: width ranking by ``activation`` (calibration pass), weight ``magnitude`` or seeded ``random``.
+      seq_agg, batch_agg: activation aggregation over tokens, then samples (see ``minitron_jax.compress.importance``).
+      preact: rank neurons by the gate pre-activation (the paper's variant) instead of ``silu(gate) * up``.
+      calib_samples, seq_len: calibration windows (at most ``calib_samples`` windows of ``seq_len`` tokens).
+      batch_size: calibration batch size; seed: for ``random``; dtype: compute dtype of calibration.
+    """
+
+    hidden: int | None = None
+    ffn: int | None = None
+    heads_per_group: int | None = None
+    heads: int | None = None
+    drop_layers: int | None = None
+    layers: tuple[int, ...] | None = None
+    depth_metric: str = "contiguous"
+    importance: str = "activation"
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    preact: bool = False
+    calib_samples: int = 1024
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        for name, choices in (("depth_metric", imp.DEPTH_METRICS), ("importance", imp.WIDTH_METHODS),
+                              ("seq_agg", imp.SEQ_AGGS), ("batch_agg", imp.BATCH_AGGS), ("dtype", tuple(DTYPES))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("hidden", "ffn", "heads_per_group", "heads"):
+            _check_int(name, getattr(self, name), minimum=1, optional=True)
+        _check_int("drop_layers", self.drop_layers, minimum=0, optional=True)
+        for name in ("calib_samples", "seq_len", "batch_size"):
+            _check_int(name, getattr(self, name), minimum=2 if name == "seq_len" else 1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.drop_layers is not None and self.layers is not None:
+            raise ValueError("give either drop_layers (how many, chosen by a metric) or layers (which), not both")
+        if self.heads is not None and self.heads_per_group is not None:
+            raise ValueError("give either heads or heads_per_group, not both")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneSpec:
+        """From a dict of field names (``-`` or ``_``), refusing unknown keys by name."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        norm = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(norm) - fields)
+        if unknown:
+            raise ValueError(f"unknown prune option(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        return cls(**norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @property
+    def prunes_width(self) -> bool:
+        return any(x is not None for x in (self.hidden, self.ffn, self.heads_per_group, self.heads))
+
+    @property
+    def ranks_layers(self) -> bool:
+        return bool(self.drop_layers)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.prunes_width and self.importance == "activation") or self.ranks_layers
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def resolve_heads_per_group(config: LlamaConfig, spec: PruneSpec) -> int | None:
+    """Target query heads per KV group (from ``heads_per_group`` or a total ``heads``), or None to keep them."""
+    if spec.heads is None:
+        return spec.heads_per_group
+    if spec.heads % config.num_kv_heads:
+        raise ConfigError(f"heads={spec.heads} is not divisible across the {config.num_kv_heads} KV groups: every "
+                          f"group must keep the same number of query heads (try a multiple of {config.num_kv_heads})")
+    return spec.heads // config.num_kv_heads
+
+
+def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
+    """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config``."""
+    def at_most(name, value, limit, what):
+        if value is not None and value > limit:
+            raise ConfigError(f"{name}={value} exceeds the model's {what} ({limit}): pruning cannot grow a model")
+
+    at_most("hidden", spec.hidden, config.hidden_size, "hidden size")
+    at_most("ffn", spec.ffn, config.intermediate_size, "FFN size")
+    at_most("heads", spec.heads, config.num_heads, "number of attention heads")
+    g = resolve_heads_per_group(config, spec)
+    at_most("heads_per_group", g, config.q_per_kv, "query heads per KV group")
+    if spec.drop_layers is not None and spec.drop_layers >= config.num_layers:
+        raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {config.num_layers}-layer model")
+    if spec.layers is not None:
+        check_drop_list(config, spec.layers)
+    _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
+
+
+def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
+    """The pruned model's config: fixed by the target sizes alone, before any importance is computed."""
+    g = resolve_heads_per_group(config, spec)
+    n_drop = len(spec.layers) if spec.layers is not None else (spec.drop_layers or 0)
+    return config.replace(
+        hidden_size=spec.hidden or config.hidden_size,
+        intermediate_size=spec.ffn or config.intermediate_size,
+        num_heads=config.num_kv_heads * (g or config.q_per_kv),
+        num_layers=config.num_layers - n_drop,
+    )
+
+
+def calibration_windows(tokenizer, text: str, spec: PruneSpec) -> np.ndarray:
+    """At most ``calib_samples`` windows of ``seq_len`` tokens, by the shared text rules of ``minitron_jax.data``."""
+    from minitron_jax.data import token_windows
+
+    return token_windows(tokenizer, text, spec.seq_len, spec.calib_samples * spec.seq_len)
+
+
+def rank(config: LlamaConfig, params: Params, spec: PruneSpec, windows: np.ndarray | None,
+         progress: imp.Progress | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Importance arrays on the unpruned model for what ``spec`` prunes, and the seconds each phase took."""
+    dtype = DTYPES[spec.dtype]
+    timings: dict[str, float] = {}
+    stats = None
+    if (spec.prunes_width and spec.importance == "activation") or (spec.ranks_layers and spec.depth_metric == "bi"):
+        t0 = time.perf_counter()
+        stats = imp.collect_activation_stats(config, params, windows, batch_size=spec.batch_size, dtype=dtype,
+                                             progress=progress)
+        timings["calibration_pass_s"] = time.perf_counter() - t0
+        timings["calibration_tokens_per_s"] = windows.size / timings["calibration_pass_s"]
+    scores: dict[str, np.ndarray] = {}
+    if spec.prunes_width:
+        scores.update(imp.width_importance(config, params, spec.importance, stats=stats, seq_agg=spec.seq_agg,
+                                           batch_agg=spec.batch_agg, preact=spec.preact, seed=spec.seed))
+    if spec.ranks_layers:
+        t0 = time.perf_counter()
+        scores["layers"] = imp.layer_importance(config, params, spec.depth_metric, windows=windows, stats=stats,
+                                                block_size=spec.drop_layers, batch_size=spec.batch_size,
+                                                dtype=dtype, progress=progress)
+        timings["layer_metric_s"] = time.perf_counter() - t0
+    return scores, timings
+
+
+def plan(config: LlamaConfig, spec: PruneSpec, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Indices to keep per dimension (None where a dimension is kept whole) from importance ``scores``."""
+    g = resolve_heads_per_group(config, spec)
+    if spec.layers is not None:
+        drop = check_drop_list(config, spec.layers)
+    else:
+        drop = layers_to_drop(scores["layers"], spec.drop_layers, spec.depth_metric) if spec.ranks_layers else []
+    return {
+        "hidden": top_k_indices(scores["channels"], spec.hidden) if spec.hidden is not None else None,
+        "ffn": top_k_indices(scores["neurons"], spec.ffn) if spec.ffn is not None else None,
+        "heads": heads_to_keep(config, scores["heads"], g) if g is not None else None,
+        "drop_layers": drop,
+    }
+
+
+def apply_plan(config: LlamaConfig, params: Params, keep: dict[str, Any]) -> tuple[LlamaConfig, Params]:
+    """Slice ``params`` by a :func:`plan` (width first, on all original layers; then depth)."""
+    if keep.get("heads") is not None:
+        config, params = prune_heads(config, params, keep["heads"])
+    if keep.get("ffn") is not None:
+        config, params = prune_ffn(config, params, keep["ffn"])
+    if keep.get("hidden") is not None:
+        config, params = prune_hidden(config, params, keep["hidden"])
+    if keep.get("drop_layers"):
+        config, params = drop_layers(config, params, keep["drop_layers"])
+    return config, params
+
+
+def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneSpec, calib_text: str | None, *,
+                    progress: imp.Progress | None = None) -> tuple[LlamaConfig, Params, dict[str, Any]]:
+    """Calibrate, rank and slice: the whole Minitron pruning step. Stable API (the distillation trainer calls it).
+
+    Args:
+      config, params: the unpruned model (host numpy or device arrays; slices stay where the inputs are).
+      tokenizer: a transformers (or bare ``tokenizers``) tokenizer; used only when calibration is needed.
+      spec: what to prune and how to rank (:class:`PruneSpec`).
+      calib_text: calibration text (the string ``minitron_jax.data.read_text`` gives), tokenized by
+        ``data.token_windows``; may be None when nothing needs calibration (magnitude/random width ranking and an
+        explicit ``layers`` list).
+      progress: optional ``(phase, done, total)`` callback.
+
+    Returns:
+      ``(new_config, new_params, report)``. ``report`` is JSON-serialisable except ``report["importance"]``, a dict
+      of numpy arrays computed on the unpruned model (``heads`` [L, H], ``neurons`` [L, F], ``channels`` [D] when
+      width is pruned; ``layers`` [L] when layers are ranked). Other keys: ``kept`` (``hidden`` [D'], ``ffn``
+      [L, F'], ``heads`` [L, H'] in HF head numbering, ``layers`` / ``dropped_layers``), ``config_before`` /
+      ``config_after`` (HF dicts), ``params_before`` / ``params_after``, ``options``, ``calibration``, ``timings``.
+
+    Raises:
+      ConfigError (a ValueError) before any work for a size that cannot be built; ValueError when calibration
+      is needed and ``calib_text`` or ``tokenizer`` is missing or too short.
+    """
+    t_start = time.perf_counter()
+    check_spec(config, spec)
+    windows = None
+    if spec.needs_calibration:
+        if calib_text is None or tokenizer is None:
+            raise ValueError(f"{'activation importance' if spec.prunes_width else 'the depth metric'} needs "
+                             "calibration text and a tokenizer")
+        windows = calibration_windows(tokenizer, calib_text, spec)
+    scores, timings = rank(config, params, spec, windows, progress)
+    t0 = time.perf_counter()
+    keep = plan(config, spec, scores)
+    new_config, new_params = apply_plan(config, params, keep)
+    timings["slice_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    report = {
+        "kept": _kept_for_report(config, keep),
+        "config_before": config.to_hf(),
+        "config_after": new_config.to_hf(),
+        "params_before": count_params(config),
+        "params_after": count_params(new_config),
+        "options": spec.to_dict(),
+        "calibration": None if windows is None else {
+            "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "tokens": int(windows.size),
+            "requested_windows": spec.calib_samples},
+        "timings": timings,
+        "importance": scores,
+    }
+    return new_config, new_params, report
+
+
+def _kept_for_report(config: LlamaConfig, keep: dict[str, Any]) -> dict[str, Any]:
+    """Kept indices as JSON lists; heads in HF numbering (h = k * G + g of the unpruned model)."""
+    def tolist(a):
+        return None if a is None else np.asarray(a).tolist()
+
+    heads = keep["heads"]
+    if heads is not None:
+        heads = heads + (np.arange(config.num_kv_heads) * config.q_per_kv)[None, :, None]
+        heads = heads.reshape(config.num_layers, -1)
+    drop = keep["drop_layers"]
+    return {"hidden": tolist(keep["hidden"]), "ffn": tolist(keep["ffn"]), "heads": tolist(heads),
+            "layers": [i for i in range(config.num_layers) if i not in drop], "dropped_layers": list(drop)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+_PATH_KEYS = ("model", "calib", "out", "overwrite")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m minitron_jax.prune",
+                                 description="Rank units by importance and prune a model (width and/or depth).")
+    ap.add_argument("--config", help="YAML file with any of the options below (underscored keys); flags override")
+    ap.add_argument("--model", help="HF directory, .gguf file or minitron_jax checkpoint")
+    ap.add_argument("--calib", help="calibration text (.jsonl text fields, or plain text; the data.read_text rules)")
+    ap.add_argument("--out", help="output directory (HF model + importance.npz + prune_report.json)")
+    ap.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    ap.add_argument("--hidden", type=int, help="target hidden size")
+    ap.add_argument("--ffn", type=int, help="target FFN (intermediate) size")
+    ap.add_argument("--heads-per-group", type=int, help="query heads kept in each KV group")
+    ap.add_argument("--heads", type=int, help="total query heads kept (a multiple of the KV heads)")
+    depth = ap.add_mutually_exclusive_group()
+    depth.add_argument("--drop-layers", type=int, help="remove this many layers, chosen by --depth-metric")
+    depth.add_argument("--layers", type=_int_list, help="remove exactly these layers (0-based, comma-separated)")
+    ap.add_argument("--depth-metric", choices=imp.DEPTH_METRICS)
+    ap.add_argument("--importance", choices=imp.WIDTH_METHODS, help="width ranking")
+    ap.add_argument("--seq-agg", choices=imp.SEQ_AGGS)
+    ap.add_argument("--batch-agg", choices=imp.BATCH_AGGS)
+    ap.add_argument("--preact", action=argparse.BooleanOptionalAction, default=None,
+                    help="rank neurons by the gate pre-activation instead of silu(gate)*up")
+    ap.add_argument("--calib-samples", type=int, help="at most this many calibration windows")
+    ap.add_argument("--seq-len", type=int, help="calibration window length (tokens)")
+    ap.add_argument("--batch-size", type=int, help="calibration batch size")
+    ap.add_argument("--seed", type=int, help="seed of --importance random")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the loaded weights, calibration and output")
+    return ap
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
+    """YAML options (if ``--config``) overridden by the flags actually given."""
+    opts: dict[str, Any] = {}
+    if args.config:
+        from minitron_jax.train.config import read_yaml_sections
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        loaded = read_yaml_sections(path, ValueError)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of options, got {type(loaded).__name__}")
+        opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return opts
+
+
+@cli_exit
+def main(argv: Sequence[str] | None = None) -> int:
+    if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # plan the importance pass: docs/scaling.md
+        from minitron_jax.planning import dryrun
+
+        return dryrun.prune_main(argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _run(_merged_options(args))
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(opts: dict[str, Any]) -> int:
+    from rich.console import Console
+
+    from minitron_jax.convert import detect_format, load_model, read_source_config
+    from minitron_jax.data import read_text
+    from minitron_jax.fsutil import check_destination
+
+    missing = [f"--{k}" for k in ("model", "calib", "out") if not opts.get(k)]
+    spec = PruneSpec.from_dict({k: v for k, v in opts.items() if k not in _PATH_KEYS})
+    if missing and not (missing == ["--calib"] and not spec.needs_calibration):
+        raise ValueError(f"missing required option(s): {', '.join(missing)}")
+    out = Path(opts["out"])
+    sources = [opts["model"], opts.get("calib")]
+    check_destination(out, overwrite=bool(opts.get("overwrite")), sources=sources)  # again under the lock
+    calib_text = read_text(opts["calib"]) if spec.needs_calibration else None
+    if detect_format(opts["model"]) != "gguf":  # a GGUF's config costs a full read: checked after loading
+        check_spec(read_source_config(opts["model"]), spec)  # before minutes of weight loading
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    with console.status(f"loading {opts['model']} ..."):
+        m = load_model(opts["model"], dtype=DTYPES[spec.dtype])
+    load_s = time.perf_counter() - t0
+    console.print(f"loaded {m.config.describe()} ({count_params(m.config):,} params) in {load_s:.1f}s")
+    if spec.needs_calibration and m.tokenizer is None:
+        raise ValueError(f"{opts['model']} carries no tokenizer; calibration needs one")
+
+    with PhaseProgress(console) as progress:
+        config, params, report = prune_from_spec(m.config, m.params, m.tokenizer, spec, calib_text,
+                                                 progress=progress)
+    report["timings"]["load_s"] = load_s
+    report["model"], report["calib"] = str(opts["model"]), opts.get("calib")
+    with console.status(f"writing {out} ..."):
+        _write_output(out, config, params, m.tokenizer, report, overwrite=bool(opts.get("overwrite")),
+                      sources=sources)
+    console.print(f"pruned {report['params_before']:,} → {report['params_after']:,} params "
+                  f"({config.describe()}) into {out}")
+    return 0
+
+
+def _write_output(out: Path, config: LlamaConfig, params: Params, tokenizer, report: dict, *,
+                  overwrite: bool, sources: Sequence[str | Path | None] = ()) -> None:
+    """The HF model, importance.npz and prune_report.json, assembled in a temporary sibling and renamed into
+    place, so ``out`` is either untouched or complete."""
+    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.fsutil import atomic_directory
+
+    scores = report.pop("importance")
+    with atomic_directory(out, overwrite=overwrite, sources=sources) as tmp:
+        save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True)  # tmp: atomic_directory's empty staging
+        np.savez(tmp / IMPORTANCE_NAME, **{k: np.asarray(v, np.float32) for k, v in scores.items()})
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

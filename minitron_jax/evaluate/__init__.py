@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, MMLU and an lm-eval-harness adapter, all over pure scoring functions."""

@@ -1,0 +1,1 @@
+"""Capacity planning: analytic memory/FLOPs, compiled-HLO analysis, and dry runs on fake devices."""
