@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from minitron_jax.exitcodes import BadInputError, BusyError, SystemRefusedError, describe_os_error
+from minitron_jax.exitcodes import BadInputError, BusyError, SystemRefusedError, describe_os_error, finite_or_none
 
 MARKER_NAME = ".minitron_jax"
 # Checkpoints written before the marker existed carry this file, which only we write: also proof of ownership.
@@ -293,3 +293,28 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False,
             if err is None:
                 raise
             raise err from e
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """A small JSON file written to a temporary name and renamed: whole or absent.
+
+    Strict JSON: a NaN/inf number (a metric that could not be computed, e.g. the perplexity of a broken candidate)
+    is written as null (``exitcodes.finite_or_none``), never as the ``NaN`` that strict readers reject."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(finite_or_none(data), indent=1, default=_json_default, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    import numpy as np
+
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")

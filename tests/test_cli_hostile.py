@@ -61,7 +61,8 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
 def _main(command: str):
     import importlib
 
-    module = {"convert": "minitron_jax.cli.convert"}.get(command, f"minitron_jax.{command}")
+    module = {"convert": "minitron_jax.cli.convert", "pipeline": "minitron_jax.cli.pipeline"}.get(
+        command, f"minitron_jax.{command}")
     return importlib.import_module(module).main
 
 

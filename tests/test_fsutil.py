@@ -165,9 +165,9 @@ def test_lock_in_this_process_and_recheck_under_the_lock(model_dir, tmp_path, ca
 
 def test_run_directories_are_locked(tmp_path, capsys):
     from minitron_jax.cli.distill import main as distill_main
+    from minitron_jax.cli.pipeline import main as pipeline_main
     from minitron_jax.compress.nas import run_search
     from minitron_jax.pipeline import Pipeline, load_pipeline_config
-    from minitron_jax.pipeline import main as pipeline_main
 
     run = tmp_path / "run"
     config = Path(__file__).parent.parent / "configs" / "smollm2_135m_demo.yaml"

@@ -227,7 +227,7 @@ def test_killed_pipeline_resumes(tmp_path):
     ("teacher=/nonexistent/model", "does not exist"),
 ])
 def test_bad_config_is_refused(tiny_cfg, tmp_path, capsys, override, message):
-    from minitron_jax.pipeline import main
+    from minitron_jax.cli.pipeline import main
 
     rc = main(["--config", str(tiny_cfg), f"run_dir={tmp_path / 'run'}", override])
     err = capsys.readouterr().err
@@ -237,7 +237,8 @@ def test_bad_config_is_refused(tiny_cfg, tmp_path, capsys, override, message):
 
 
 def test_stage_names_and_stop_after(tiny_cfg, tmp_path, capsys):
-    from minitron_jax.pipeline import load_pipeline_config, main, stage_names
+    from minitron_jax.cli.pipeline import main
+    from minitron_jax.pipeline import load_pipeline_config, stage_names
 
     pc = load_pipeline_config(tiny_cfg)
     assert stage_names(pc) == ["data", "teacher", "importance", "prune.width", "prune.depth", "distill.width",
@@ -253,7 +254,7 @@ def test_stage_names_and_stop_after(tiny_cfg, tmp_path, capsys):
 
 
 def test_missing_config_file(tmp_path, capsys):
-    from minitron_jax.pipeline import main
+    from minitron_jax.cli.pipeline import main
 
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -264,7 +265,8 @@ def test_demo_config_is_valid_and_students_match_in_size():
     from minitron_jax.compress.prune import target_config
     from minitron_jax.config import LlamaConfig
     from minitron_jax.model import count_params
-    from minitron_jax.pipeline import _prune_spec, load_pipeline_config
+    from minitron_jax.pipeline import load_pipeline_config
+    from minitron_jax.pipeline import prune_spec as _prune_spec
 
     pc = load_pipeline_config(REPO / "configs" / "smollm2_135m_demo.yaml")
     assert pc.run_path == Path("runs/smollm2_135m_demo")
@@ -279,7 +281,7 @@ def test_demo_config_is_valid_and_students_match_in_size():
 def test_foreign_run_dir_is_refused(tiny_cfg, tmp_path, capsys):
     """A run_dir the pipeline did not make (say $HOME by mistake) is never written into: the pipeline deletes and
     redoes stage directories under its run dir, which there could be the user's own."""
-    from minitron_jax.pipeline import main
+    from minitron_jax.cli.pipeline import main
 
     home = tmp_path / "home"
     (home / "distill" / "width").mkdir(parents=True)

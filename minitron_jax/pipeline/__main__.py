@@ -1,7 +1,7 @@
-"""``python -m minitron_jax.pipeline``."""
+"""``python -m minitron_jax.pipeline``: the command lives in :mod:`minitron_jax.cli.pipeline`."""
 
 import sys
 
-from minitron_jax.pipeline import main
+from minitron_jax.cli.pipeline import main
 
 sys.exit(main())

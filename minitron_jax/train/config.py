@@ -25,17 +25,25 @@ so reading or printing a config never touches the network.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from minitron_jax.dtypes import STORAGE_DTYPES
+from minitron_jax.typed_config import (  # noqa: F401  (re-exported: the YAML helpers of every config)
+    apply_overrides,
+    build,
+    float_fields,
+    load,
+    parse_override,
+    read_yaml_sections,
+    yaml_problem,
+)
+
 MODES = ("distill", "teacher_correction", "sft")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = STORAGE_DTYPES
 ASSET_PREFIX = "asset:"
 
 
@@ -109,9 +117,15 @@ class LossConfig:
     hidden: HiddenLossConfig = dataclasses.field(default_factory=HiddenLossConfig)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    """Fields of :class:`minitron_jax.train.optim.OptimConfig`; its ``total_steps`` is ``train.steps``."""
+    """The optimizer section, declared once: the run config's ``optim``, the pipeline's ``distill.optim`` and
+    ``teacher_correction.optim``, and (with the run's length) :class:`minitron_jax.train.optim.OptimConfig`, which
+    adds ``total_steps`` (here ``train.steps``) and ``accumulate_steps``.
+
+    The defaults are the paper's distillation recipe (Minitron: AdamW, LR 1e-4 → 1e-5 cosine after 40 linear
+    warmup steps, clipping at global norm 1.0); a config that trains for a few dozen steps states its own schedule
+    (the pipeline's defaults: 3e-4 → 3e-5, 4 warmup steps)."""
 
     peak_lr: float = 1e-4
     min_lr: float = 1e-5
@@ -226,7 +240,7 @@ def validate(rc: RunConfig) -> None:
 
     # YAML reads .nan, .inf and 1e999 as floats, and NaN compares false with every bound, so it would slip past
     # checks written as "refuse when < 0": every float of the config must be finite, checked first.
-    for key, value in _float_fields(rc):
+    for key, value in float_fields(rc):
         need(math.isfinite(value), f"{key}={value} is not a finite number")
     need(rc.mode in MODES, f"mode must be one of {MODES}, got {rc.mode!r}")
     need(bool(rc.run_dir), "run_dir must be set")
@@ -289,18 +303,6 @@ def validate(rc: RunConfig) -> None:
         raise RunConfigError(f"optim: {e}") from None
 
 
-def _float_fields(section: Any, where: str = "") -> list[tuple[str, float]]:
-    """(dotted key, value) of every float value in the config's sections (free-form dicts are not walked)."""
-    out = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _float_fields(value, f"{where}{f.name}.")
-        elif isinstance(value, float):
-            out.append((f"{where}{f.name}", value))
-    return out
-
-
 def _check_lr_range(rc: RunConfig) -> None:
     """Refuse an LR that overflows the params' dtype.
 
@@ -331,7 +333,7 @@ def optim_config(rc: RunConfig):
     accumulates (``accumulate_steps=1``) and one ``train.steps`` is one optimizer update."""
     from minitron_jax.train.optim import OptimConfig
 
-    return OptimConfig(total_steps=rc.train.steps, accumulate_steps=1, **dataclasses.asdict(rc.optim))
+    return OptimConfig.of(rc.optim, total_steps=rc.train.steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,161 +343,15 @@ def from_dict(data: Mapping[str, Any]) -> RunConfig:
     """A RunConfig from nested plain data (parsed YAML); unknown keys and wrong types raise RunConfigError."""
     if not isinstance(data, Mapping):
         raise RunConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
-    return _build(RunConfig, data, "")
-
-
-def _build(cls, data: Mapping[str, Any], where: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" (did you mean {where}{close[0]}?)" if close else ""
-        raise RunConfigError(f"unknown config key {where}{key}{hint}; valid keys here: {', '.join(fields)}")
-    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RunConfigError(f"missing required config key {where}{missing[0]}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, where: str):
-    """Check ``value`` against the annotation ``tp`` (and convert the few lossless cases YAML needs)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise RunConfigError(f"{where}: may not be null (expected {_type_name(tp)})")
-        # Prefer the exact type (so `int | float` keeps an int an int), then conversions.
-        for option in sorted((o for o in options if o is not type(None)),
-                             key=lambda o: not (isinstance(o, type) and type(value) is o)):
-            try:
-                return _coerce(value, option, where)
-            except RunConfigError:
-                continue
-        raise RunConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, Mapping):
-            raise RunConfigError(f"{where}: expected a mapping (section), got {type(value).__name__} {value!r}")
-        return _build(tp, value, f"{where}.")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, Path)) and item is str:
-            return [str(value)]  # a single source is a one-element list
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise RunConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_t, val_t = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise RunConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RunConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise RunConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; accept any float literal
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RunConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RunConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-    raise RunConfigError(f"{where}: unsupported config type {tp}")  # a bug in the dataclasses above
+    return build(RunConfig, data, error=RunConfigError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# YAML and dotted overrides
+# YAML and dotted overrides (the helpers live in :mod:`minitron_jax.typed_config`, shared by every config)
 # ----------------------------------------------------------------------------------------------------------------
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.peak_lr=3e-4"`` → (["optim", "peak_lr"], 3e-4 as YAML would read it)."""
-    if "=" not in text:
-        raise RunConfigError(f"override {text!r} is not of the form section.key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise RunConfigError(f"override {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise RunConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(e)})") from None
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each dotted key in a copy of the nested dict (sections are created as needed; keys are checked later,
-    when the dataclasses are built, so a misspelled override fails like a misspelled YAML key)."""
-    import copy
-
-    data = copy.deepcopy(dict(data))
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise RunConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def yaml_problem(e: Exception) -> str:
-    """PyYAML's multi-line error as one line: the problem and where (``line 2, column 1: expected ',' or ']'``)."""
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or " ".join(str(e).split())
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
-
-
-def read_yaml_sections(path: str | Path | None, error: type[Exception] = RunConfigError) -> dict[str, Any]:
-    """The top-level mapping of a YAML config file ({} when ``path`` is None); ``error`` names what is wrong."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise error(f"{path} is not UTF-8 text (byte offset {e.start})") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path} is not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a mapping of sections at the top level")
-    return data
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config (or start from defaults when ``path`` is None) and apply dotted overrides."""
-    data = read_yaml_sections(path)
-    try:
-        return from_dict(apply_overrides(data, overrides))
-    except RunConfigError as e:
-        raise RunConfigError(f"{path or 'config'}: {e}") from None
+    return load(RunConfig, path, overrides, error=RunConfigError)
 
 
 def resolve_path(value: str | None) -> str | None:

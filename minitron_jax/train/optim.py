@@ -19,7 +19,10 @@ from typing import Any, Callable
 import jax
 import optax
 
+from minitron_jax.train.config import OptimSection
+
 __all__ = [
+    "OptimSection",
     "OptimConfig",
     "make_schedule",
     "make_optimizer",
@@ -29,8 +32,10 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    """Optimizer hyper-parameters (defaults: the Minitron distillation recipe).
+class OptimConfig(OptimSection):
+    """Optimizer hyper-parameters: the fields of :class:`~minitron_jax.train.config.OptimSection` (declared there
+    once, with the paper's defaults: peak LR 1e-4 → min LR 1e-5 cosine after 40 warmup steps, AdamW b1 0.9,
+    b2 0.95, eps 1e-8, weight decay 0.1, clip 1.0) plus the run's length.
 
     Attributes:
       total_steps: optimizer updates in the run (required); the cosine reaches ``min_lr`` here.
@@ -43,15 +48,13 @@ class OptimConfig:
     """
 
     total_steps: int
-    peak_lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
     accumulate_steps: int = 1
+
+    @classmethod
+    def of(cls, section: OptimSection, total_steps: int, accumulate_steps: int = 1) -> OptimConfig:
+        """The optimizer of a config's ``optim`` section for a run of ``total_steps`` updates."""
+        fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(OptimSection)}
+        return cls(total_steps=total_steps, accumulate_steps=accumulate_steps, **fields)
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -1,0 +1,344 @@
+"""The pipeline config: its schema (typed dataclasses), loading, validation, and the trainer run configs it implies.
+
+YAML; every key typed and checked by :mod:`minitron_jax.typed_config` (unknown keys refused with a suggestion);
+``key=value`` overrides on the command line are dotted paths with YAML values, e.g. ``distill.steps=400
+students.width.prune.hidden=512 run_dir=/tmp/run``::
+
+    name: smollm2_135m_demo
+    teacher: asset:smollm2_gguf           # HF dir, .gguf or minitron_jax checkpoint; asset:NAME = data.assets
+    texts: {train: asset:wikipedia, calib: asset:owt, heldout_docs: 100}
+    teacher_correction: {enabled: false, steps: 40}
+    importance: {calib_samples: 16, seq_len: 256, depth_samples: 3}
+    students:
+      width: {prune: {hidden: 480, ffn: 1024}}
+      depth: {prune: {drop_layers: 12, depth_metric: contiguous}}
+      # also: init: random (same shape, random weights), loss: ce (next-token CE instead of KD)
+    distill: {steps: 60, seq_len: 128, batch_size: 4, optim: {peak_lr: 3.0e-4}, trainer: {any RunConfig sections}}
+    eval: {seq_len: 256, max_tokens: 4096, mmlu_limit: 32, mmlu_shots: 0}
+
+The optimizer of ``distill`` and ``teacher_correction`` is an ``optim:`` section (the trainer's
+:class:`~minitron_jax.train.config.OptimSection`); its keys may also be written flat in the section
+(``distill: {peak_lr: 3.0e-4, warmup_steps: 4}``, as the files in configs/ do, and ``distill.peak_lr=1e-4`` on the
+command line). The correction shares the distillation's optimizer settings except its own schedule (``peak_lr``,
+``min_lr``, ``warmup_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from minitron_jax.dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
+from minitron_jax.train.config import MeshConfig, OptimSection
+from minitron_jax.typed_config import build, load
+
+STUDENT_INITS = ("pruned", "random")
+STUDENT_LOSSES = ("kd", "ce")
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline config that is malformed or cannot be run (unknown key, wrong type, impossible size, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TextsConfig:
+    """Where the texts come from (files, or ``asset:NAME``).
+
+    ``train`` feeds distillation and teacher correction; ``calib`` the importance pass. The held-out evaluation
+    text is ``heldout`` when given, else the last ``heldout_docs`` documents of ``train`` (never trained on). The
+    data stage refuses a held-out document that also appears in the training or calibration text."""
+
+    train: str = "asset:wikipedia"
+    calib: str = "asset:owt"
+    heldout: str | None = None
+    heldout_docs: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionConfig:
+    """Teacher correction: fine-tune the teacher with next-token CE on ``texts.train`` before pruning.
+
+    ``optim`` defaults to the paper's LR (1e-4 → 1e-5) with a warmup short enough for ``steps``; its fields other
+    than the schedule follow ``distill.optim`` unless given here."""
+
+    enabled: bool = False
+    steps: int = 40
+    optim: OptimSection = dataclasses.field(default_factory=lambda: OptimSection(warmup_steps=4))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceConfig:
+    """The shared importance pass. ``depth_samples`` windows (the first ones of the calibration set) feed the depth
+    scans (``contiguous``/``ppl`` metrics cost one pass per candidate block; ``bi`` is free)."""
+
+    calib_samples: int = 16
+    seq_len: int = 256
+    batch_size: int = 8
+    depth_samples: int = 3
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    preact: bool = False
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSpec:
+    """One student: target sizes (``PruneSpec`` fields: ``hidden``, ``ffn``, ``heads_per_group``/``heads``,
+    ``drop_layers`` + ``depth_metric`` or ``layers``), how it starts (``pruned``: sliced from the teacher by
+    importance; ``random``: the same shape with random weights) and how it is trained (``kd``: forward KL to the
+    teacher, the paper's loss; ``ce``: next-token cross-entropy on the same tokens, no teacher signal)."""
+
+    prune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init: str = "pruned"
+    loss: str = "kd"
+    seed: int = 0  # random init seed
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSection:
+    """The distillation budget and optimizer (the same for every student). ``trainer`` holds any further
+    :class:`minitron_jax.train.config.RunConfig` sections, merged last (e.g. ``{loss: {top_k: 64}}``).
+
+    ``optim`` defaults to a schedule for a few dozen steps (3e-4 → 3e-5, 4 warmup steps), above the paper's
+    1e-4 → 1e-5 with 40 warmup steps (the :class:`OptimSection` defaults) that a long run would use."""
+
+    steps: int = 60
+    seq_len: int = 128
+    batch_size: int = 4
+    optim: OptimSection = dataclasses.field(
+        default_factory=lambda: OptimSection(peak_lr=3e-4, min_lr=3e-5, warmup_steps=4))
+    eval_every: int = 10
+    val_rows: int = 16  # at least this many validation rows' worth of training-text documents, held out whole
+    val_batches: int = 2
+    checkpoint_every: int = 10
+    compute_dtype: str = "float32"  # XLA:CPU runs bf16 matmuls slower than fp32; bfloat16 on GPU/TPU
+    teacher_dtype: str = "float32"
+    seed: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Held-out perplexity (``max_tokens`` tokens in ``seq_len`` windows) and MMLU (``mmlu_limit`` questions, 0
+    to skip; on the teacher and the distilled students, and on the pruned ones too with ``mmlu_before``)."""
+
+    seq_len: int = 256
+    max_tokens: int | None = 4096
+    dtype: str = "float32"
+    mmlu_limit: int = 32
+    mmlu_shots: int = 0
+    mmlu_batch_size: int = 8
+    mmlu_data: str | None = None  # default: the embedded MMLU asset
+    mmlu_before: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "pipeline"
+    run_dir: str | None = None  # default runs/<name>
+    teacher: str = "asset:smollm2_gguf"
+    texts: TextsConfig = dataclasses.field(default_factory=TextsConfig)
+    teacher_correction: CorrectionConfig = dataclasses.field(default_factory=CorrectionConfig)
+    importance: ImportanceConfig = dataclasses.field(default_factory=ImportanceConfig)
+    students: dict[str, StudentSpec] = dataclasses.field(default_factory=dict)
+    distill: DistillSection = dataclasses.field(default_factory=DistillSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    export_dtype: str = "float32"
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir if self.run_dir else Path("runs") / self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+def validate(pc: PipelineConfig) -> None:
+    from minitron_jax.compress import importance as imp
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise PipelineConfigError(message)
+
+    need(bool(pc.name) and "/" not in pc.name, f"name must be a non-empty string without '/', got {pc.name!r}")
+    need(len(pc.students) > 0, "students is empty: give at least one student (e.g. width: {prune: {hidden: 480}})")
+    for s, spec in pc.students.items():
+        need(bool(s) and all(c.isalnum() or c in "_-" for c in s),
+             f"student name {s!r} must be letters, digits, '_' or '-'")
+        need(spec.init in STUDENT_INITS, f"students.{s}.init must be one of {STUDENT_INITS}, got {spec.init!r}")
+        need(spec.loss in STUDENT_LOSSES, f"students.{s}.loss must be one of {STUDENT_LOSSES}, got {spec.loss!r}")
+        need(bool(spec.prune), f"students.{s}.prune is empty: give target sizes (hidden, ffn, drop_layers, ...)")
+        try:
+            prune_spec(pc, spec)
+        except ValueError as e:
+            raise PipelineConfigError(f"students.{s}.prune: {e}") from None
+    t = pc.texts
+    need(t.heldout is not None or t.heldout_docs >= 1, "texts.heldout_docs must be >= 1 (or give texts.heldout)")
+    i = pc.importance
+    for name in ("calib_samples", "batch_size", "depth_samples"):
+        need(getattr(i, name) >= 1, f"importance.{name} must be >= 1, got {getattr(i, name)}")
+    need(i.seq_len >= 2, f"importance.seq_len must be >= 2, got {i.seq_len}")
+    need(i.depth_samples <= i.calib_samples, "importance.depth_samples must be <= importance.calib_samples")
+    need(i.seq_agg in imp.SEQ_AGGS, f"importance.seq_agg must be one of {imp.SEQ_AGGS}")
+    need(i.batch_agg in imp.BATCH_AGGS, f"importance.batch_agg must be one of {imp.BATCH_AGGS}")
+    need(i.dtype in COMPUTE_DTYPES, f"importance.dtype must be one of {COMPUTE_DTYPES}")
+    d = pc.distill
+    for name in ("steps", "batch_size", "checkpoint_every", "val_batches"):
+        need(getattr(d, name) >= 1, f"distill.{name} must be >= 1, got {getattr(d, name)}")
+    need(d.seq_len >= 2, f"distill.seq_len must be >= 2, got {d.seq_len}")
+    need(d.eval_every >= 0 and d.val_rows >= 1, "distill.eval_every must be >= 0 and distill.val_rows >= 1")
+    c = pc.teacher_correction
+    need(c.steps >= 1, f"teacher_correction.steps must be >= 1, got {c.steps}")
+    e = pc.eval
+    need(e.seq_len >= 2, f"eval.seq_len must be >= 2, got {e.seq_len}")
+    need(e.max_tokens is None or e.max_tokens >= e.seq_len, "eval.max_tokens must be >= eval.seq_len (or null)")
+    need(e.mmlu_batch_size >= 1, "eval.mmlu_batch_size must be >= 1")
+    need(e.mmlu_limit >= 0 and e.mmlu_shots >= 0, "eval.mmlu_limit and eval.mmlu_shots must be >= 0")
+    need(e.dtype in COMPUTE_DTYPES, f"eval.dtype must be one of {COMPUTE_DTYPES}")
+    need(pc.export_dtype in STORAGE_DTYPES, "export_dtype must be float32, bfloat16 or float16")
+    # The trainer checks its own sections: build every run config once now, so a bad one fails before any work.
+    for s in pc.students:
+        distill_run_config(pc, s, Path("/nonexistent"), "teacher", "student", "train.jsonl")
+    if c.enabled:
+        correction_run_config(pc, Path("/nonexistent"), "teacher", "train.jsonl")
+
+
+def prune_spec(pc: PipelineConfig, student: StudentSpec):
+    """The PruneSpec of a student: its sizes plus the shared importance settings."""
+    from minitron_jax.compress.prune import PruneSpec
+
+    sizes = {k.replace("-", "_"): v for k, v in student.prune.items()}
+    allowed = {"hidden", "ffn", "heads_per_group", "heads", "drop_layers", "layers", "depth_metric"}
+    unknown = sorted(set(sizes) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} (a student's prune section takes "
+                         f"{', '.join(sorted(allowed))}; importance settings live in the importance section)")
+    i = pc.importance
+    return PruneSpec.from_dict({**sizes, "importance": "activation", "seq_agg": i.seq_agg, "batch_agg": i.batch_agg,
+                                "preact": i.preact, "calib_samples": i.calib_samples, "seq_len": i.seq_len,
+                                "batch_size": i.batch_size, "dtype": i.dtype})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimSection))
+SCHEDULE_KEYS = ("peak_lr", "min_lr", "warmup_steps")  # the correction's own; the rest follow distill.optim
+
+
+def nest_optim_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain config data with the optimizer keys written flat in ``distill``/``teacher_correction`` moved into
+    their ``optim`` section, and the correction's optimizer completed from the distillation's (all but the
+    schedule). Values of the wrong shape are left where they are, for the builder to name."""
+    data = dict(data)
+    for section in ("distill", "teacher_correction"):
+        body = data.get(section)
+        if not isinstance(body, Mapping):
+            continue
+        flat = {k: v for k, v in body.items() if k in OPTIM_KEYS}
+        nested = {} if body.get("optim") is None else body["optim"]
+        if not flat or not isinstance(nested, Mapping):
+            continue
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise PipelineConfigError(f"{section}.{both[0]} and {section}.optim.{both[0]} are both given; keep one")
+        data[section] = {**{k: v for k, v in body.items() if k not in OPTIM_KEYS}, "optim": {**nested, **flat}}
+    distill_optim = (data.get("distill") or {}).get("optim") if isinstance(data.get("distill"), Mapping) else None
+    correction = {} if data.get("teacher_correction") is None else data["teacher_correction"]
+    if isinstance(distill_optim, Mapping) and isinstance(correction, Mapping):
+        shared = {k: v for k, v in distill_optim.items() if k not in SCHEDULE_KEYS}
+        own = {} if correction.get("optim") is None else correction["optim"]
+        if shared and isinstance(own, Mapping):
+            data["teacher_correction"] = {**correction, "optim": {**shared, **own}}
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
+    if not isinstance(data, Mapping):
+        raise PipelineConfigError(f"a pipeline config must be a mapping, got {type(data).__name__}")
+    return build(PipelineConfig, nest_optim_keys(data), error=PipelineConfigError)
+
+
+def load_pipeline_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a YAML pipeline config and apply ``key=value`` overrides (dotted keys, YAML values)."""
+    return load(PipelineConfig, path, list(overrides), error=PipelineConfigError, prepare=nest_optim_keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer's run configs
+# ----------------------------------------------------------------------------------------------------------------------
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _section(obj) -> dict[str, Any]:
+    """A config section as plain data for the trainer's builder."""
+    return dataclasses.asdict(obj)
+
+
+def _common_run_dict(pc: PipelineConfig, run_dir: Path, train_text: str, steps: int) -> dict[str, Any]:
+    d = pc.distill
+    return {
+        "run_dir": str(run_dir),
+        "data": {"sources": [str(train_text)], "seq_len": d.seq_len, "batch_size": d.batch_size,
+                 "val_rows": d.val_rows, "val_batches": d.val_batches, "seed": d.seed,
+                 "cache_dir": str(pc.run_path.absolute() / "tokens")},
+        "train": {"steps": steps, "compute_dtype": d.compute_dtype, "param_dtype": "float32", "remat": "none",
+                  "eval_every": d.eval_every, "log_every": max(1, steps // 20), "seed": d.seed},
+        "mesh": _section(d.mesh),
+        "checkpoint": {"every": d.checkpoint_every, "keep": 2, "async_save": True},
+        "export": {"at_end": True, "dtype": pc.export_dtype},
+        "log": {"progress": True, "tensorboard": False},
+    }
+
+
+def distill_run_config(pc: PipelineConfig, student: str, run_dir: Path, teacher_path: str, student_path: str,
+                       train_text: str):
+    """The trainer's RunConfig of one student's distillation."""
+    from minitron_jax.train.config import RunConfigError, from_dict
+
+    d, spec = pc.distill, pc.students[student]
+    data = _common_run_dict(pc, run_dir, train_text, d.steps)
+    data.update(mode="distill", teacher={"path": str(teacher_path), "dtype": d.teacher_dtype},
+                student={"path": str(student_path)},
+                loss={"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0 if spec.loss == "kd" else 0.0},
+                optim=_section(d.optim))
+    try:
+        return from_dict(_deep_merge(data, d.trainer))
+    except RunConfigError as e:
+        raise PipelineConfigError(f"distill (student {student}): {e}") from None
+
+
+def correction_run_config(pc: PipelineConfig, run_dir: Path, teacher_path: str, train_text: str):
+    """The trainer's RunConfig of the teacher correction."""
+    from minitron_jax.train.config import RunConfigError, from_dict
+
+    c = pc.teacher_correction
+    data = _common_run_dict(pc, run_dir, train_text, c.steps)
+    data.update(mode="teacher_correction", teacher={"path": str(teacher_path), "dtype": pc.distill.teacher_dtype},
+                optim=_section(c.optim))
+    trainer = {k: v for k, v in pc.distill.trainer.items() if k not in ("loss", "student")}
+    try:
+        return from_dict(_deep_merge(data, trainer))
+    except RunConfigError as e:
+        raise PipelineConfigError(f"teacher_correction: {e}") from None
+
+
+__all__ = ["PipelineConfigError", "PipelineConfig", "TextsConfig", "CorrectionConfig", "ImportanceConfig",
+           "StudentSpec", "DistillSection", "EvalSection", "STUDENT_INITS", "STUDENT_LOSSES", "validate",
+           "prune_spec", "config_from_dict", "load_pipeline_config", "nest_optim_keys", "distill_run_config",
+           "correction_run_config"]

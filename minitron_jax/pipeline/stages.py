@@ -1,0 +1,458 @@
+"""The stages of a pipeline run, in order, and what each one does (:class:`Pipeline`).
+
+==================  ==============================  ===========================================================
+stage               writes                          does
+==================  ==============================  ===========================================================
+``data``            ``data/``                       fetch the assets; split the texts into training, calibration
+                                                    and a held-out evaluation text (disjoint, checked)
+``teacher``         ``teacher/``                    the teacher as an HF directory (a GGUF is converted once)
+``correction``      ``correction/``                 optional teacher correction (the teacher fine-tuned with CE on
+                                                    the distillation text); later stages then use it
+``importance``      ``importance/``                 ONE calibration pass (width scores + Block Importance) and the
+                                                    depth scans the students need, shared by every student
+``prune.<s>``       ``prune/<s>/``                  student ``s``: the teacher sliced by the shared importance (or a
+                                                    random init of the same shape, for the ablation)
+``distill.<s>``     ``distill/<s>/``                the trainer (:mod:`minitron_jax.train`) run: Orbax checkpoints,
+                                                    exact resume, the student exported to ``distill/<s>/hf``
+``eval.<m>``        ``eval/<m>.json``               held-out perplexity (``evaluate.perplexity`` rules) and MMLU
+``report``          ``results.{md,json,png}``       the comparison table (printed with rich) and the plot
+==================  ==============================  ===========================================================
+
+Each stage's key (:mod:`minitron_jax.pipeline.store`) hashes its own settings (their non-default values) and the
+keys of the stages it reads, so a changed setting redoes exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from minitron_jax.pipeline.config import (
+    PipelineConfig,
+    PipelineConfigError,
+    correction_run_config,
+    distill_run_config,
+    prune_spec,
+)
+from minitron_jax.pipeline.report import build_report, write_report
+from minitron_jax.pipeline.store import StageRecord, StageStore, StopAfter, file_id, nondefault, stage_key
+from minitron_jax.progress import PhaseProgress
+
+__all__ = ["Pipeline", "stage_names"]
+
+
+class Pipeline:
+    """One pipeline run. ``run()`` executes (or skips) every stage and returns the report dict."""
+
+    def __init__(self, pc: PipelineConfig, *, console=None, stop_after: str | None = None):
+        from rich.console import Console
+
+        self.pc = pc
+        self.run_dir = pc.run_path.absolute()
+        # rich wraps at 80 columns when stdout is not a terminal (logs); the table wants more.
+        self.console = console or (Console() if sys.stdout.isatty() else Console(width=150))
+        self.stop_after = stop_after
+        self.store = StageStore(self.run_dir, self.console, stop_after)
+        self._teacher_cache: dict[str, Any] = {}
+        self.t_start = time.perf_counter()
+
+    # -------------------------------------------------------------------------------------------------------------
+    def stage(self, name: str, key_parts: Any, fn: Callable[[], dict[str, Any]],
+              on_redo: Callable[[], None] | None = None) -> StageRecord:
+        """Run ``fn`` unless the stage store holds ``name`` done under the same key (see :mod:`.store`)."""
+        return self.store.stage(name, key_parts, fn, on_redo)
+
+    @property
+    def records(self) -> dict[str, StageRecord]:
+        return self.store.records
+
+    # -------------------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        # One pipeline per run directory at a time: a second one would redo and delete the first one's stages
+        # under it. It gets BusyError (exit 5) before anything is written.
+        from minitron_jax.fsutil import lock_directory
+
+        with lock_directory(self.run_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
+        pc = self.pc
+        # A pipeline deletes and redoes stage directories under its run dir; pointed at a directory it did not
+        # make (run_dir=$HOME by mistake) that could delete the user's files. Our run dirs carry pipeline.yaml.
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not (self.run_dir / "pipeline.yaml").is_file():
+            from minitron_jax.exitcodes import BadInputError
+
+            raise BadInputError(f"run_dir {self.run_dir} is not empty and holds no pipeline.yaml, so it is not a "
+                                "pipeline run directory; refusing to write stages into it (choose a new run_dir)")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            from minitron_jax.exitcodes import BadInputError
+
+            raise BadInputError(f"run_dir {self.run_dir} is a file, not a directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(pc.to_dict(), sort_keys=False))
+        self.console.print(f"[bold]minitron pipeline[/bold] {pc.name} → {self.run_dir}")
+        self._preflight()
+        try:
+            data = self.stage("data", ["data", nondefault(pc.texts), self._text_ids()], self._data)
+            teacher = self.stage("teacher", ["teacher", pc.teacher, file_id(self._resolve(pc.teacher))],
+                                 self._teacher)
+            active = teacher
+            if pc.teacher_correction.enabled:
+                corr_dir = self.run_dir / "correction"
+                rc = correction_run_config(pc, corr_dir, teacher.result["path"], data.result["train"])
+                parts = ["correction", teacher.key, data.key, self._run_key(rc)]
+                active = self.stage("correction", parts, lambda: self._correction(rc, stage_key(parts)),
+                                    on_redo=lambda: shutil.rmtree(corr_dir, ignore_errors=True))
+            imp_rec = self.stage("importance", ["importance", active.key, data.key,
+                                                nondefault(pc.importance), self._depth_needs()],
+                                 lambda: self._importance(active.result["path"], data.result["calib"]))
+            pruned, distilled = {}, {}
+            for s, spec in pc.students.items():
+                pruned[s] = self.stage(f"prune.{s}", ["prune", imp_rec.key, nondefault(spec)],
+                                       lambda s=s: self._prune(s, active.result["path"], imp_rec.result))
+            for s in pc.students:
+                run_dir = self.run_dir / "distill" / s
+                rc = distill_run_config(pc, s, run_dir, active.result["path"], pruned[s].result["path"],
+                                        data.result["train"])
+                parts = ["distill", pruned[s].key, active.key, data.key, self._run_key(rc)]
+                key = stage_key(parts)
+                distilled[s] = self.stage(
+                    f"distill.{s}", parts, lambda s=s, rc=rc, k=key: self._distill(s, rc, k),
+                    on_redo=lambda run_dir=run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+            evals = {}
+            models = [("teacher", teacher, "teacher", True)]
+            if pc.teacher_correction.enabled:
+                models.append(("teacher_corrected", active, "teacher", True))
+            for s in pc.students:
+                models.append((f"{s}.pruned", pruned[s], s, pc.eval.mmlu_before))
+                models.append((f"{s}.distilled", distilled[s], s, True))
+            for label, rec, _, mmlu in models:
+                evals[label] = self.stage(f"eval.{label}",
+                                          ["eval", rec.key, data.key, nondefault(pc.eval), mmlu, "per-window"],
+                                          lambda rec=rec, mmlu=mmlu: self._evaluate(rec.result["path"],
+                                                                                   data.result["heldout"], mmlu))
+        except StopAfter as stop:
+            self.console.print(f"stopped after stage {stop.args[0]} (--stop-after)")
+            return {}
+        return self._report(teacher, active, pruned, distilled, evals)
+
+    def _preflight(self) -> None:
+        """Refuse sizes the teacher cannot be pruned to before any work (reads the teacher's config only)."""
+        from minitron_jax.compress.prune import check_spec, target_config
+        from minitron_jax.convert import read_source_config
+        from minitron_jax.model import count_params
+
+        try:
+            teacher = read_source_config(self._resolve(self.pc.teacher))
+        except (FileNotFoundError, ValueError) as e:
+            raise PipelineConfigError(f"teacher {self.pc.teacher}: {e}") from None
+        for s, spec in self.pc.students.items():
+            ps = prune_spec(self.pc, spec)
+            try:
+                check_spec(teacher, ps)
+            except ValueError as e:
+                raise PipelineConfigError(f"students.{s}.prune: {e}") from None
+            self.console.print(f"student {s}: {count_params(target_config(teacher, ps)) / 1e6:.2f}M params "
+                               f"(teacher {count_params(teacher) / 1e6:.2f}M), init {spec.init}, loss {spec.loss}")
+
+    # -------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve(value: str) -> str:
+        from minitron_jax.train.config import resolve_path
+
+        return resolve_path(value)
+
+    def _text_ids(self) -> list:
+        t = self.pc.texts
+        return [file_id(self._resolve(p)) for p in (t.train, t.calib, t.heldout) if p is not None]
+
+    def _depth_needs(self) -> list:
+        """The depth scans the students need: sorted unique (metric, number of layers dropped)."""
+        needs = set()
+        for spec in self.pc.students.values():
+            ps = prune_spec(self.pc, spec)
+            if ps.ranks_layers and spec.init == "pruned":
+                needs.add((ps.depth_metric, int(ps.drop_layers)))
+        return sorted(needs)
+
+    @staticmethod
+    def _run_key(rc) -> dict:
+        """A trainer config's non-default settings, less the paths (upstream stage keys cover what they hold)."""
+        d = nondefault(rc)
+        for section, key in (("teacher", "path"), ("student", "path"), ("data", "sources"), ("run_dir", None),
+                             ("data", "cache_dir")):
+            if key is None:
+                d.pop(section, None)
+            else:
+                d.get(section, {}).pop(key, None)
+        return d
+
+    def _load(self, path: str):
+        """A model loaded once per process (the teacher is read by several stages)."""
+        from minitron_jax.convert import load_model
+
+        if path not in self._teacher_cache:
+            with self.console.status(f"loading {path} ..."):
+                self._teacher_cache.clear()
+                self._teacher_cache[path] = load_model(path)
+        return self._teacher_cache[path]
+
+    # -------------------------------------------------------------------------------------------------------------
+    # Stages
+    # -------------------------------------------------------------------------------------------------------------
+    def _data(self) -> dict[str, Any]:
+        from minitron_jax.data import read_documents
+        from minitron_jax.fsutil import atomic_directory
+
+        t = self.pc.texts
+        with self.console.status("fetching assets and splitting the texts ..."):
+            train_src, calib_src = Path(self._resolve(t.train)), Path(self._resolve(t.calib))
+            train_docs = [d for d in read_documents(train_src) if d.strip()]
+            calib_docs = [d for d in read_documents(calib_src) if d.strip()]
+            if t.heldout is not None:
+                heldout_docs = [d for d in read_documents(self._resolve(t.heldout)) if d.strip()]
+            else:
+                if t.heldout_docs >= len(train_docs):
+                    raise PipelineConfigError(f"texts.heldout_docs={t.heldout_docs} leaves no training documents "
+                                              f"({train_src} has {len(train_docs)})")
+                heldout_docs = train_docs[-t.heldout_docs:]
+                train_docs = train_docs[:-t.heldout_docs]
+            seen = set(train_docs) | set(calib_docs)
+            overlap = sum(d in seen for d in heldout_docs)
+            if overlap:
+                raise PipelineConfigError(f"{overlap} held-out document(s) also appear in the training or "
+                                          "calibration text: evaluation must use unseen text")
+            out = self.run_dir / "data"
+            with atomic_directory(out, overwrite=True) as tmp:
+                for name, docs in (("train", train_docs), ("calib", calib_docs), ("heldout", heldout_docs)):
+                    with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                        for d in docs:
+                            f.write(json.dumps({"text": d}) + "\n")
+        result = {"train": str(out / "train.jsonl"), "calib": str(out / "calib.jsonl"),
+                  "heldout": str(out / "heldout.jsonl"), "documents": {"train": len(train_docs),
+                                                                       "calib": len(calib_docs),
+                                                                       "heldout": len(heldout_docs)}}
+        self.console.print(f"documents: {len(train_docs)} train, {len(calib_docs)} calibration, "
+                           f"{len(heldout_docs)} held-out (disjoint)")
+        return result
+
+    def _teacher(self) -> dict[str, Any]:
+        from minitron_jax.convert import detect_format
+        from minitron_jax.convert.hf import save_hf
+        from minitron_jax.model import count_params
+
+        src = self._resolve(self.pc.teacher)
+        fmt = detect_format(src)
+        if fmt == "hf":
+            path = str(Path(src).absolute())
+            m = self._load(path)
+        else:
+            m = self._load(src)
+            if m.tokenizer is None:
+                raise PipelineConfigError(f"the teacher at {src} carries no tokenizer")
+            path = str(self.run_dir / "teacher")
+            with self.console.status(f"writing the teacher as an HF directory to {path} ..."):
+                save_hf(path, m.config, m.params, tokenizer=m.tokenizer, overwrite=True, sources=[src])
+            self._teacher_cache[path] = m
+        if m.tokenizer is None:
+            raise PipelineConfigError(f"the teacher at {src} carries no tokenizer")
+        self.console.print(f"teacher {m.config.describe()} ({count_params(m.config):,} params) from {fmt}")
+        return {"path": path, "params": count_params(m.config), "arch": _arch(m.config), "source": src}
+
+    def _correction(self, rc, key: str) -> dict[str, Any]:
+        res = self._train(rc, key)
+        from minitron_jax.model import count_params
+
+        cfg = self._read_config(res["path"])
+        return {**res, "params": count_params(cfg), "arch": _arch(cfg)}
+
+    def _importance(self, teacher_path: str, calib_text: str) -> dict[str, Any]:
+        from minitron_jax.compress import importance as imp
+        from minitron_jax.data import read_text, token_windows
+        from minitron_jax.evaluate.perplexity import DTYPES
+        from minitron_jax.fsutil import atomic_directory
+
+        i = self.pc.importance
+        m = self._load(teacher_path)
+        windows = token_windows(m.tokenizer, read_text(calib_text), i.seq_len, i.calib_samples * i.seq_len)
+        dtype = DTYPES[i.dtype]
+        timings = {}
+        with PhaseProgress(self.console) as progress:
+            t0 = time.perf_counter()
+            stats = imp.collect_activation_stats(m.config, m.params, windows, batch_size=i.batch_size, dtype=dtype,
+                                                 progress=progress)
+            timings["calibration_pass_s"] = time.perf_counter() - t0
+            arrays = dict(stats.width_scores(i.seq_agg, i.batch_agg, i.preact))
+            arrays["bi"] = stats.block_importance()
+            for metric, k in self._depth_needs():
+                t0 = time.perf_counter()
+                depth_windows = windows[: i.depth_samples]  # a batch no larger than them: no padded rows
+                arrays[f"layers_{metric}_{k}"] = imp.layer_importance(
+                    m.config, m.params, metric, windows=depth_windows, stats=stats, block_size=k,
+                    batch_size=min(i.batch_size, len(depth_windows)), dtype=dtype, progress=progress)
+                timings[f"layers_{metric}_{k}_s"] = time.perf_counter() - t0
+        out = self.run_dir / "importance"
+        with atomic_directory(out, overwrite=True) as tmp:
+            np.savez(tmp / "importance.npz", **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+        self.console.print(f"calibration: {len(windows)} windows × {windows.shape[1]} tokens "
+                           f"({timings['calibration_pass_s']:.1f}s); depth scans on "
+                           f"{min(len(windows), i.depth_samples)}"
+                           f" windows: {', '.join(f'{m} k={k}' for m, k in self._depth_needs()) or 'none'}")
+        return {"path": str(out / "importance.npz"), "windows": int(len(windows)), "seq_len": int(windows.shape[1]),
+                "timings": timings}
+
+    def _prune(self, student: str, teacher_path: str, importance: dict[str, Any]) -> dict[str, Any]:
+        from minitron_jax.compress import prune
+        from minitron_jax.convert.hf import save_hf
+        from minitron_jax.fsutil import atomic_directory
+        from minitron_jax.model import count_params, init_params
+
+        spec_cfg = self.pc.students[student]
+        spec = prune_spec(self.pc, spec_cfg)
+        m = self._load(teacher_path)
+        t0 = time.perf_counter()
+        try:
+            prune.check_spec(m.config, spec)
+        except ValueError as e:
+            raise PipelineConfigError(f"students.{student}.prune: {e}") from None
+        kept = None
+        if spec_cfg.init == "random":
+            import jax
+
+            config = prune.target_config(m.config, spec)
+            params = jax.tree.map(np.asarray, init_params(config, jax.random.key(spec_cfg.seed)))
+        else:
+            with np.load(importance["path"]) as z:
+                scores = {k: z[k] for k in ("heads", "neurons", "channels")}
+                if spec.ranks_layers:
+                    scores["layers"] = z[f"layers_{spec.depth_metric}_{spec.drop_layers}"]
+            keep = prune.plan(m.config, spec, scores)
+            config, params = prune.apply_plan(m.config, m.params, keep)
+            kept = {"dropped_layers": [int(x) for x in keep["drop_layers"]]}
+        out = self.run_dir / "prune" / student
+        with atomic_directory(out, overwrite=True) as tmp:
+            save_hf(tmp / "hf", config, params, tokenizer=m.tokenizer)
+        n = count_params(config)
+        self.console.print(f"{student}: {m.config.describe()} → {config.describe()}  "
+                           f"({count_params(m.config):,} → {n:,} params, init {spec_cfg.init})"
+                           + (f"; dropped layers {kept['dropped_layers']}" if kept and kept["dropped_layers"] else ""))
+        return {"path": str(out / "hf"), "params": n, "arch": _arch(config), "init": spec_cfg.init,
+                "kept": kept, "seconds": time.perf_counter() - t0}
+
+    def _distill(self, student: str, rc, key: str) -> dict[str, Any]:
+        res = self._train(rc, key)
+        cfg = self._read_config(res["path"])
+        from minitron_jax.model import count_params
+
+        return {**res, "params": count_params(cfg), "arch": _arch(cfg), "loss": self.pc.students[student].loss}
+
+    def _train(self, rc, key: str) -> dict[str, Any]:
+        """Run (or resume) one trainer run; its export is the stage output.
+
+        The run directory carries the stage key: checkpoints left by an interrupted run with other settings are
+        discarded rather than resumed."""
+        from minitron_jax.train.checkpoints import Checkpointer
+        from minitron_jax.train.loop import run
+        from minitron_jax.train.observe import read_metrics
+
+        run_dir = Path(rc.run_dir)
+        key_file = run_dir / "pipeline_key.txt"
+        if run_dir.exists() and not (key_file.is_file() and key_file.read_text().strip() == key):
+            self.console.print(f"discarding {run_dir} (left by a run with other settings)")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key + "\n")
+        self._teacher_cache.clear()  # the trainer loads its own copies
+        latest = None
+        if (run_dir / "checkpoints").is_dir():
+            ck = Checkpointer(run_dir / "checkpoints", rc.checkpoint)
+            latest = ck.latest_step()
+            ck.close()
+        if latest is not None:
+            self.console.print(f"resuming {run_dir} from its checkpoint at step {latest}")
+        result = run(rc)
+        if result.export_path is None:
+            raise RuntimeError(f"the trainer run in {run_dir} ended at step {result.step} without an export")
+        train = read_metrics(run_dir, "train")
+        train = list({r["step"]: r for r in train}.values())  # a resumed run re-logs nothing, but be safe
+        return {"path": str(result.export_path), "run_dir": str(run_dir), "steps": result.step,
+                "tokens": int(rc.train.steps * rc.data.batch_size * rc.data.seq_len),
+                "loss_tokens": int(sum(r.get("tokens", 0) for r in train)),
+                "train_seconds": float(sum(r.get("step_seconds", 0.0) for r in train)),
+                "resumed_from": latest}
+
+    @staticmethod
+    def _read_config(path: str):
+        from minitron_jax.convert import read_source_config
+
+        return read_source_config(path)
+
+    def _evaluate(self, model_path: str, heldout: str, mmlu: bool) -> dict[str, Any]:
+        from minitron_jax.data import read_text, token_windows
+        from minitron_jax.evaluate.perplexity import DTYPES, nll_sum
+
+        e = self.pc.eval
+        m = self._load(model_path)
+        windows = token_windows(m.tokenizer, read_text(heldout), e.seq_len, e.max_tokens)
+        t0 = time.perf_counter()
+        with PhaseProgress(self.console) as progress:
+            # Window by window (one compiled [1, T] shape): the per-window NLLs make paired comparisons between
+            # models possible (same windows), and their sum is exactly the perplexity contract's total.
+            window_nll = []
+            for i in range(len(windows)):
+                total_i, count_i = nll_sum(m.config, m.params, windows[i:i + 1], batch_size=1,
+                                           dtype=DTYPES[e.dtype])
+                window_nll.append(total_i / count_i)
+                progress("held-out perplexity", i + 1, len(windows))
+            count = len(windows) * (windows.shape[1] - 1)
+            nll = float(np.mean(window_nll))
+            out = {"perplexity": math.exp(nll), "nll": nll, "tokens": int(windows.size),
+                   "windows": int(len(windows)), "window_nll": [float(x) for x in window_nll],
+                   "predicted_tokens": int(count), "perplexity_seconds": time.perf_counter() - t0, "mmlu": None}
+            if mmlu and e.mmlu_limit > 0:
+                from minitron_jax.evaluate.mmlu import default_data_path, load_mmlu, mmlu_eval
+
+                rows = load_mmlu(self._resolve(e.mmlu_data) if e.mmlu_data else default_data_path())
+                res = mmlu_eval(m.config, m.params, m.tokenizer, rows, shots=e.mmlu_shots, limit=e.mmlu_limit,
+                                batch_size=e.mmlu_batch_size, dtype=DTYPES[e.dtype],
+                                progress=lambda d, n: progress(f"MMLU {e.mmlu_shots}-shot", d, n))
+                out["mmlu"] = {k: res[k] for k in ("accuracy", "n", "correct", "shots", "seconds")}
+        self.console.print(f"held-out perplexity {out['perplexity']:.2f} ({out['tokens']} tokens)"
+                           + (f", MMLU {out['mmlu']['accuracy']:.3f} on {out['mmlu']['n']}" if out["mmlu"] else ""))
+        return out
+
+    # -------------------------------------------------------------------------------------------------------------
+    # Report
+    # -------------------------------------------------------------------------------------------------------------
+    # -------------------------------------------------------------------------------------------------------------
+    # Report
+    # -------------------------------------------------------------------------------------------------------------
+    def _report(self, teacher, active, pruned, distilled, evals) -> dict[str, Any]:
+        report = build_report(self.pc, self.run_dir, self.records, teacher, active, pruned, distilled, evals,
+                              self.t_start)
+        write_report(report, self.run_dir, self.console)
+        return report
+
+
+def stage_names(pc: PipelineConfig) -> list[str]:
+    """The stages of a run, in order."""
+    names = ["data", "teacher"] + (["correction"] if pc.teacher_correction.enabled else []) + ["importance"]
+    names += [f"prune.{s}" for s in pc.students] + [f"distill.{s}" for s in pc.students]
+    names += ["eval.teacher"] + (["eval.teacher_corrected"] if pc.teacher_correction.enabled else [])
+    for s in pc.students:
+        names += [f"eval.{s}.pruned", f"eval.{s}.distilled"]
+    return names
+
+
+def _arch(config) -> dict[str, int]:
+    return {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
+            "heads": config.num_heads, "kv_heads": config.num_kv_heads}
