@@ -33,22 +33,33 @@ DEFAULT_RULES: dict[str, str | None] = {
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+def resolve_mesh_sizes(data: int, fsdp: int, tensor: int, devices: int | None) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes of a mesh over ``devices`` devices: one size may be -1, the remaining devices.
+
+    With ``devices`` None the sizes are only checked (a -1 then cannot be resolved: ValueError)."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive (or one -1), got data={data} fsdp={fsdp} tensor={tensor}")
-    known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split with data={data} fsdp={fsdp} tensor={tensor}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if devices is None:
+            raise ValueError(f"a mesh axis of -1 takes the remaining devices: the number of devices is needed "
+                             f"(data={data} fsdp={fsdp} tensor={tensor})")
+        known = math.prod(s for s in sizes if s != -1)
+        if devices % known:
+            raise ValueError(f"{devices} devices cannot be split with data={data} fsdp={fsdp} tensor={tensor}")
+        sizes[sizes.index(-1)] = devices // known
+    if devices is not None and math.prod(sizes) != devices:
         raise ValueError(f"mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} = {math.prod(sizes)} "
-                         f"devices, but {len(devices)} are available")
+                         f"devices, but {devices} are available")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_sizes(data, fsdp, tensor, len(devices))
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.dtypes import COMPUTE_DTYPES
 from minitron_jax.exitcodes import NonFiniteError, cli_exit
 from minitron_jax.model import Params, hidden_states, lm_head
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in COMPUTE_DTYPES}  # name → JAX type (minitron_jax.dtypes)
 
 
 def token_logprobs(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,

@@ -133,18 +133,15 @@ def run_models(rc, recipe: str | None, teacher_config: str | None = None, studen
 # Devices
 # ------------------------------------------------------------------------------------------------------------------
 def resolve_mesh(data: int, fsdp: int, tensor: int, devices: int | None) -> tuple[int, int, int]:
-    sizes = [data, fsdp, tensor]
-    if -1 in sizes:
-        if devices is None:
-            raise DryRunError("the recipe's mesh has a -1 axis: pass --devices N to plan for N devices")
-        known = math.prod(s for s in sizes if s != -1)
-        if devices % known:
-            raise DryRunError(f"{devices} devices cannot be split as data={data} fsdp={fsdp} tensor={tensor}")
-        sizes[sizes.index(-1)] = devices // known
-    if devices is not None and math.prod(sizes) != devices:
-        raise DryRunError(f"mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} = {math.prod(sizes)} "
-                          f"devices, but --devices {devices}")
-    return tuple(sizes)  # type: ignore[return-value]
+    """The recipe's mesh sizes on ``devices`` devices (``--devices``): ``sharding.resolve_mesh_sizes``."""
+    from minitron_jax.sharding import resolve_mesh_sizes
+
+    if -1 in (data, fsdp, tensor) and devices is None:
+        raise DryRunError("the recipe's mesh has a -1 axis: pass --devices N to plan for N devices")
+    try:
+        return resolve_mesh_sizes(data, fsdp, tensor, devices)
+    except ValueError as e:
+        raise DryRunError(f"{e} (--devices {devices})") from None
 
 
 def cpu_devices(n: int):
@@ -266,7 +263,9 @@ def with_layout(rc, layout: P.Layout):
 # The plan
 # ------------------------------------------------------------------------------------------------------------------
 def _itemsize(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+    from minitron_jax.dtypes import itemsize
+
+    return itemsize(name)
 
 
 def analytic(rc, layout: P.Layout, student, teacher) -> dict[str, Any]:
