@@ -281,7 +281,8 @@ def load(cls: type, path: str | Path | None, overrides: Sequence[str] = (), *,
 def nondefault(obj: Any) -> Any:
     """The settings of a (nested) config dataclass that differ from their defaults, as plain data.
 
-    Keys hashed from this rather than from every field stay the same when a new field is added with a default."""
+    Keys hashed from this rather than from every field stay the same when a new field is added with a default. A
+    nested section that differs from its field's default is listed by what differs from its own class's defaults."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in dataclasses.fields(obj):
