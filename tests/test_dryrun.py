@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import pytest
 from utils import persistent_compile_cache
 
+from minitron_jax.exitcodes import ExitCode
 from minitron_jax.planning import capacity as P
-from minitron_jax.planning import dryrun, hlo
+from minitron_jax.planning import dryrun, hlo, models, report
 from minitron_jax.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,14 +155,14 @@ def test_recipes_resolve_models_from_configs_only():
             NEMO: ((40, 4096, 11520), 8.41e9, 12.25e9), LLAMA70: ((80, 6144, 20480), 40.8e9, 70.55e9)}
     for recipe, (shape, n_student, n_teacher) in want.items():
         rc = load_config(recipe)
-        student, teacher = dryrun.run_models(rc, str(recipe))
+        student, teacher = models.run_models(rc, str(recipe))
         assert (student.num_layers, student.hidden_size, student.intermediate_size) == shape, recipe
         assert count_params(student) == pytest.approx(n_student, rel=2e-3)
         assert count_params(teacher) == pytest.approx(n_teacher, rel=2e-3)
         # the paper's budget: ~94B tokens
         assert rc.train.steps * rc.data.batch_size * rc.data.seq_len == pytest.approx(94e9, rel=2e-3)
-    with pytest.raises(dryrun.DryRunError, match="configs/models/Nonexistent-7B.json"):
-        dryrun.resolve_model_config("org/Nonexistent-7B", "teacher")
+    with pytest.raises(models.DryRunError, match="configs/models/Nonexistent-7B.json"):
+        models.resolve_model_config("org/Nonexistent-7B", "teacher")
 
 
 def test_analytic_bytes_follow_the_sharding_rules():
@@ -215,7 +216,7 @@ def _check_compiled_plan(p, n_layers):
 def test_llama31_8b_depth_recipe_compiles_and_fits(depth_plan):
     _check_compiled_plan(depth_plan, 16)
     assert depth_plan["models"]["student"]["config"].startswith("L=16 D=4096")
-    assert dryrun.format_plan(depth_plan).count("FITS") == 1
+    assert report.format_plan(depth_plan).count("FITS") == 1
 
 
 def test_llama31_8b_width_recipe_compiles_and_fits(xla_cache):
@@ -234,7 +235,7 @@ def test_plan_that_cannot_fit_is_refused(depth_plan, capsys, tmp_path):
     out = tmp_path / "plan.json"
     code = distill.main(["--config", str(DEPTH), "--dry-run", "--memory-fraction", "0.45", "--json", str(out)])
     captured = capsys.readouterr()
-    assert code == dryrun.EXIT_DOES_NOT_FIT, captured.out + captured.err
+    assert code == ExitCode.DOES_NOT_FIT, captured.out + captured.err
     assert "error: this plan does not fit" in captured.err and "usable on NVIDIA H100" in captured.err
     assert "nearest setting that fits: " in captured.err and "DOES NOT FIT" in captured.out
     p = json.loads(out.read_text())
@@ -258,7 +259,7 @@ def test_abstract_mesh_lowering_of_the_70b_recipe():
 
 def test_importance_pass_dry_run(xla_cache, tmp_path):
     """``prune --dry-run``: the calibration pass compiled for one device, weights never loaded."""
-    from minitron_jax.compress import prune
+    from minitron_jax.cli import prune
 
     out = tmp_path / "importance.json"
     code = prune.main(["--config", str(ROOT / "configs" / "prune_llama31_8b_width.yaml"),
@@ -280,10 +281,10 @@ def test_llama31_70b_teacher_on_64_devices(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "minitron_jax.distill", "--config", str(LLAMA70), "--dry-run",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode in (0, dryrun.EXIT_DOES_NOT_FIT), proc.stderr[-3000:]
+    assert proc.returncode in (0, ExitCode.DOES_NOT_FIT), proc.stderr[-3000:]
     p = json.loads(out.read_text())
     assert p["devices"] == 64 and p["hosts"] == 8 and p["compile"]["method"] == "compile"
     comp, naive = p["memory_per_device"]["compiled"], p["memory_per_device"]["naive"]
     for key in ("params", "optimizer", "teacher"):
         assert comp[key] == pytest.approx(naive[key], rel=0.05), key
-    assert p["fits"], dryrun.format_plan(p)
+    assert p["fits"], report.format_plan(p)

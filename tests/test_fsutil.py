@@ -303,6 +303,7 @@ def test_disk_full_in_convert(model_dir, tmp_path, capsys, monkeypatch, error):
 def test_disk_full_in_prune(model_dir, tmp_path, capsys, monkeypatch):
     import numpy as np
 
+    from minitron_jax.cli import prune as prune_cli
     from minitron_jax.compress import prune
 
     def full(file, **arrays):
@@ -310,7 +311,7 @@ def test_disk_full_in_prune(model_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(np, "savez", full)
     out = tmp_path / "out"
-    assert prune.main(["--model", str(model_dir), "--out", str(out), "--ffn", "32", "--importance", "random"]) == 6
+    assert prune_cli.main(["--model", str(model_dir), "--out", str(out), "--ffn", "32", "--importance", "random"]) == 6
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: disk full writing {out} (No space left on device: {out / prune.IMPORTANCE_NAME})", err
     assert list(tmp_path.iterdir()) == []

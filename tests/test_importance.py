@@ -9,7 +9,7 @@ from utils import tiny_hf_model
 from minitron_jax.compress import importance as imp
 from minitron_jax.compress import prune
 from minitron_jax.convert.hf import load_hf_params
-from minitron_jax.evaluate.perplexity import _batch_nll, perplexity
+from minitron_jax.evaluate.perplexity import batch_nll, perplexity
 
 N_WINDOWS, SEQ, BATCH = 5, 16, 2  # 5 windows in batches of 2: three batches, the last one padded
 
@@ -192,9 +192,9 @@ def test_block_drop_perplexity_equals_sliced_model(tiny):
     """The layer_keep mask gives the perplexity of the model with those layers actually removed, and every
     window runs through one compiled function."""
     _, config, params, windows = tiny
-    before = _batch_nll._cache_size()
+    before = batch_nll._cache_size()
     ppl = imp.block_drop_perplexities(config, params, windows, block_size=2, batch_size=BATCH)
-    assert ppl.shape == (2,) and _batch_nll._cache_size() - before <= 1
+    assert ppl.shape == (2,) and batch_nll._cache_size() - before <= 1
     for start in range(2):
         c, p = prune.drop_layers(config, params, [start, start + 1])
         np.testing.assert_allclose(ppl[start], perplexity(c, p, windows, batch_size=BATCH), rtol=1e-5)

@@ -165,7 +165,7 @@ def test_rolling_lm_eval_rule_scores_every_token(tiny):
 def test_generate_until(tiny):
     _, m = tiny
     contexts = ["The quick brown fox", "Distillation teaches"]
-    eos = G._default_eos(m) or None
+    eos = G.default_eos(m) or None
     new = G.generate(m.config, m.params, [A.tok_encode(m.tokenizer, c) for c in contexts], max_new_tokens=12,
                      eos_token_id=eos)
     full = [m.tokenizer.decode(t, skip_special_tokens=True) for t in new]

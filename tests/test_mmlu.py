@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from utils import save_tiny_hf, tiny_hf_model, tiny_tokenizer, torch_logits
 
+from minitron_jax.cli import mmlu as mmlu_cli
 from minitron_jax.convert import load_model
 from minitron_jax.evaluate import mmlu
 
@@ -219,22 +220,22 @@ def test_cli(tiny1, tmp_path, capsys):
         for r in _rows(3):
             f.write(json.dumps({"question": r.question, "choices": list(r.choices), "answer": r.answer,
                                 "subject": r.subject}) + "\n")
-    assert mmlu.main(["--model", str(path), "--data", str(data), "--shots", "1", "--limit", "4", "--json"]) == 0
+    assert mmlu_cli.main(["--model", str(path), "--data", str(data), "--shots", "1", "--limit", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["shots"] == 1 and 0.0 <= out["accuracy"] <= 1.0
     assert sum(v["n"] for v in out["per_subject"].values()) == 4
-    assert mmlu.main(["--model", str(path), "--data", str(data), "--shots", "0", "--subjects", "marketing"]) == 0
+    assert mmlu_cli.main(["--model", str(path), "--data", str(data), "--shots", "0", "--subjects", "marketing"]) == 0
     assert "MMLU 0-shot accuracy" in capsys.readouterr().out
-    assert mmlu.main(["--model", str(path), "--data", str(data), "--subjects", "astrology"]) == 2
+    assert mmlu_cli.main(["--model", str(path), "--data", str(data), "--subjects", "astrology"]) == 2
     assert "unknown MMLU subject" in capsys.readouterr().err
-    assert mmlu.main(["--model", str(path), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert mmlu_cli.main(["--model", str(path), "--data", str(tmp_path / "missing.jsonl")]) == 2
 
 
 @pytest.mark.slow
 def test_smollm2_mmlu_5shot_100(smollm2_assets, capsys):
     """SmolLM2-135M is near chance on MMLU; this checks that the real pipeline runs end to end and reports."""
-    assert mmlu.main(["--model", str(smollm2_assets["smollm2_gguf"]), "--data", str(smollm2_assets["mmlu"]),
-                      "--shots", "5", "--limit", "100", "--json"]) == 0
+    assert mmlu_cli.main(["--model", str(smollm2_assets["smollm2_gguf"]), "--data", str(smollm2_assets["mmlu"]),
+                          "--shots", "5", "--limit", "100", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     print(out)
     assert out["n"] == 100 and len(out["per_subject"]) == 57

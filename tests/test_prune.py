@@ -10,6 +10,7 @@ import pytest
 from utils import tiny_hf_model, tiny_tokenizer, torch_logits
 
 from minitron_jax import model as M
+from minitron_jax.cli import prune as prune_cli
 from minitron_jax.compress import prune
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import load_model
@@ -287,7 +288,7 @@ def cli_model(tmp_path_factory):
 
 
 def run_cli(*args):
-    return prune.main([str(a) for a in args])
+    return prune_cli.main([str(a) for a in args])
 
 
 def test_cli_end_to_end(cli_model, capsys):

@@ -137,7 +137,7 @@ def test_save_hf_refuses_nonfinite_params(tiny, tmp_path):  # noqa: F811
 
 
 def test_eval_of_a_nan_model_exits_3_without_printing_nan(tiny, tmp_path, capsys):  # noqa: F811
-    from minitron_jax.evaluate import perplexity as eval_cli
+    from minitron_jax.cli import eval as eval_cli
 
     model = poison_hf(shutil.copytree(tiny["root"] / "student", tmp_path / "nan_student"))
     args = ["--model", str(model), "--text", str(tiny["root"] / "corpus.jsonl"), "--seq-len", "16",

@@ -13,79 +13,124 @@ run on hardware we do not have (:mod:`minitron_jax.planning.dryrun`, docs/scalin
 that a dry run can lower with abstract inputs), ``checkpoints``, ``inputs``, ``models``, ``observe``, ``loop``.
 See docs/distillation.md.
 
-Exit codes: 0 done, 1 bad config or inputs, 3 non-finite loss (the last good checkpoint is kept), 4 (``--dry-run``)
-the plan does not fit the accelerator's memory.
+Exit codes (:mod:`minitron_jax.exitcodes`): 0 done, 2 bad config or inputs, 3 non-finite loss (the last good
+checkpoint is kept), 4 (``--dry-run``) the plan does not fit the accelerator's memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
+from minitron_jax.cli import plans
 from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.train.checkpoints import export_to_hf
-from minitron_jax.train.config import RunConfig, RunConfigError, load_config
-from minitron_jax.train.loop import NonFiniteLossError, RunResult, run
-from minitron_jax.train.state import abstract_teacher, abstract_train_state
-from minitron_jax.train.step import abstract_batch, build_eval_step, build_train_step
+from minitron_jax.train.config import RunConfigError, load_config
+from minitron_jax.train.loop import NonFiniteLossError, run
 
-__all__ = ["RunConfig", "RunConfigError", "load_config", "run", "RunResult", "NonFiniteLossError",
-           "build_train_step", "build_eval_step", "abstract_train_state", "abstract_teacher", "abstract_batch",
-           "export_to_hf", "main"]
+PROG = "python -m minitron_jax.distill"
 
-EXIT_CONFIG, EXIT_NONFINITE = ExitCode.BAD_INPUT, ExitCode.NON_FINITE
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Sharded knowledge distillation of a Llama-family student from a teacher (also teacher "
+                    "correction and SFT), with Orbax checkpoints, exact resume and HF export.")
+    ap.add_argument("--config", help="run config YAML (see docs/distillation.md)")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    ap.add_argument("--export-from", metavar="CKPT", help="export RUN_DIR (latest checkpoint), "
+                    "RUN_DIR/checkpoints/STEP or any model path to --out as an HF directory, then exit")
+    ap.add_argument("--out", help="HF output directory for --export-from")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="export dtype")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return ap
 
 
 @cli_exit
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--dry-run" in argv:  # plan without the hardware: docs/scaling.md
-        from minitron_jax.planning import dryrun
-
-        return dryrun.distill_main(argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m minitron_jax.distill",
-        description="Sharded knowledge distillation of a Llama-family student from a teacher (also teacher "
-                    "correction and SFT), with Orbax checkpoints, exact resume and HF export.")
-    parser.add_argument("--config", help="run config YAML (see docs/distillation.md)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
-    parser.add_argument("--export-from", metavar="CKPT", help="export RUN_DIR (latest checkpoint), "
-                        "RUN_DIR/checkpoints/STEP or any model path to --out as an HF directory, then exit")
-    parser.add_argument("--out", help="HF output directory for --export-from")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="export dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    args = parser.parse_args(argv)
+        return dry_run(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
 
     if args.export_from:
         if not args.out:
-            parser.error("--export-from needs --out")
+            ap.error("--export-from needs --out")
         try:
             path = export_to_hf(args.export_from, args.out, dtype=args.dtype, overwrite=args.overwrite)
         except (FileNotFoundError, FileExistsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+            return ExitCode.BAD_INPUT
         print(f"exported {args.export_from} to {path}")
-        return 0
+        return ExitCode.OK
 
     if not args.config and not args.overrides:
-        parser.error("give --config FILE (and/or section.key=value overrides), or --export-from")
+        ap.error("give --config FILE (and/or section.key=value overrides), or --export-from")
     try:
         rc = load_config(args.config, args.overrides)
     except RunConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.BAD_INPUT
     print("# resolved config\n" + rc.to_yaml(), flush=True)
     try:
         result = run(rc)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return ExitCode.NON_FINITE
     except (RunConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.BAD_INPUT
     print(f"done: {result.step} steps in {result.run_dir}"
           + (f"; student exported to {result.export_path}" if result.export_path else ""))
-    return 0
+    return ExitCode.OK
+
+
+def dry_run_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{prog} --dry-run", description="Plan a distillation run without its hardware: "
+                                 "compile the real train step on fake devices and report memory, FLOPs, "
+                                 "collectives and time.")
+    ap.add_argument("--config", help="run config YAML")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    plans.add_plan_options(ap)
+    ap.add_argument("--devices", type=int, help="devices to plan for (needed when the recipe's mesh has a -1)")
+    ap.add_argument("--devices-per-host", type=int, help="default: the accelerator's devices per node")
+    ap.add_argument("--tokens", type=float, help="token budget (default: train.steps × data.batch_size × seq_len)")
+    ap.add_argument("--abstract", action="store_true", help="only lower on an AbstractMesh (no compile)")
+    ap.add_argument("--no-verify", action="store_true", help="do not compile the best suggestion of a refusal")
+    ap.add_argument("--teacher-config", help="HF config.json of the teacher (instead of configs/models lookup)")
+    ap.add_argument("--student-config", help="HF config.json of the student when student.path is given")
+    return ap
+
+
+def dry_run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """``distill --dry-run``: the run planned by compiling its real train step on fake CPU devices."""
+    from minitron_jax.planning import capacity as P
+    from minitron_jax.planning.dryrun import cpu_devices, make_plan, needed_devices, reexec
+    from minitron_jax.planning.models import DryRunError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = dry_run_parser(prog).parse_args(argv)
+    if not args.config and not args.overrides:
+        print("error: --dry-run needs --config FILE (and/or section.key=value overrides)", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    log = plans.logger(args.json)
+    try:
+        acc = P.accelerator(args.accelerator)
+        rc = load_config(args.config, args.overrides)
+        n = needed_devices(rc, args.devices)
+        if not args.abstract and cpu_devices(n) is None:
+            log(f"[dry run] re-running in a fresh process with {n} fake CPU devices")
+            return reexec(["distill", *argv], n)
+        p = make_plan(rc, recipe=args.config, acc=acc, mfu=args.mfu, memory_fraction=args.memory_fraction,
+                      devices=args.devices, devices_per_host=args.devices_per_host, total_tokens=args.tokens,
+                      abstract=args.abstract, verify=not args.no_verify, teacher_config=args.teacher_config,
+                      student_config=args.student_config, log=log)
+    except (RunConfigError, DryRunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    return plans.emit(p, args.json)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,8 @@ def _batch_moments(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, ja
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _calibration_batch(config: LlamaConfig, params: Params, tokens: jax.Array, weights: jax.Array,
-                       dtype=jnp.float32):
+def calibration_batch(config: LlamaConfig, params: Params, tokens: jax.Array, weights: jax.Array,
+                      dtype=jnp.float32):
     """One fixed-shape batch → batch moments of every (metric, seq_agg), and Σ of 1 − cos per layer."""
     global TRACE_COUNT
     TRACE_COUNT += 1  # runs at trace time only
@@ -208,7 +208,7 @@ def collect_activation_stats(config: LlamaConfig, params: Params, windows: np.nd
     moments: dict[tuple[str, str], Moments] = {}
     bi_sum = np.zeros(config.num_layers)
     for tokens, weights, done in padded_batches(windows, batch_size):
-        batch, bi = _calibration_batch(config, params, tokens, weights, dtype=dtype)
+        batch, bi = calibration_batch(config, params, tokens, weights, dtype=dtype)
         n_b = float(weights.sum())
         for key, (mean_b, m2_b) in jax.device_get(batch).items():
             mean_b, m2_b = np.asarray(mean_b, np.float64), np.asarray(m2_b, np.float64)

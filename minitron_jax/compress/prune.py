@@ -1,4 +1,4 @@
-"""Structured pruning as pure functions ``(config, params, kept indices) → (config', params')``, and its CLI.
+"""Structured pruning as pure functions ``(config, params, kept indices) → (config', params')``.
 
 Everything rests on one generic operation, :func:`keep_along_axis`: keep some indices along one *logical* axis
 (``model.param_axes``) in every parameter that has that axis. Width and depth are that operation on one axis each:
@@ -16,26 +16,16 @@ depth              ``layer``    [L'] the layers kept
 Ranks come from :mod:`minitron_jax.compress.importance`; :class:`PruneSpec` + :func:`prune_from_spec` run the
 whole recipe (calibrate, rank, slice) and are what the distillation trainer calls to build a student.
 
-CLI::
-
-    python -m minitron_jax.prune --model PATH --calib FILE --out DIR [--hidden H] [--ffn F] [--heads-per-group G]
-        [--drop-layers K | --layers i,j,...] [--depth-metric contiguous|ppl|bi]
-        [--importance activation|magnitude|random] [--seq-agg mean|l2|var] [--batch-agg mean|l2|var] [--preact]
-        [--calib-samples N] [--seq-len T] [--batch-size B] [--seed S] [--dtype float32|bfloat16]
-        [--config FILE.yaml] [--overwrite]
-    python -m minitron_jax.prune --config FILE.yaml --model PATH_OR_NAME --dry-run [--accelerator h100] [--json]
-
-DIR receives an HF model directory (with the tokenizer), ``importance.npz`` (``heads`` [L, H], ``neurons`` [L, F],
-``channels`` [D] when width is pruned; ``layers`` [L] when layers are chosen by a metric; all on the unpruned
-model) and ``prune_report.json``. It is written to a temporary sibling and renamed into place.
+The command is ``python -m minitron_jax.prune`` (:mod:`minitron_jax.cli.prune`, docs/pruning.md); its output is
+what :func:`save_pruned` writes: a directory with an HF model (with the tokenizer), ``importance.npz`` (``heads``
+[L, H], ``neurons`` [L, F], ``channels`` [D] when width is pruned; ``layers`` [L] when layers are chosen by a metric;
+all on the unpruned model) and ``prune_report.json``, written to a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,9 +37,7 @@ import numpy as np
 from minitron_jax.compress import importance as imp
 from minitron_jax.config import ConfigError, LlamaConfig
 from minitron_jax.evaluate.perplexity import DTYPES
-from minitron_jax.exitcodes import cli_exit
 from minitron_jax.model import Params, axis_sizes, count_params, param_axes
-from minitron_jax.progress import PhaseProgress
 
 REPORT_NAME = "prune_report.json"
 IMPORTANCE_NAME = "importance.npz"
@@ -464,131 +452,18 @@ def _kept_for_report(config: LlamaConfig, keep: dict[str, Any]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# CLI
+# Output
 # ------------------------------------------------------------------------------------------------------------------
-_PATH_KEYS = ("model", "calib", "out", "overwrite")
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m minitron_jax.prune",
-                                 description="Rank units by importance and prune a model (width and/or depth).")
-    ap.add_argument("--config", help="YAML file with any of the options below (underscored keys); flags override")
-    ap.add_argument("--model", help="HF directory, .gguf file or minitron_jax checkpoint")
-    ap.add_argument("--calib", help="calibration text (.jsonl text fields, or plain text; the data.read_text rules)")
-    ap.add_argument("--out", help="output directory (HF model + importance.npz + prune_report.json)")
-    ap.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    ap.add_argument("--hidden", type=int, help="target hidden size")
-    ap.add_argument("--ffn", type=int, help="target FFN (intermediate) size")
-    ap.add_argument("--heads-per-group", type=int, help="query heads kept in each KV group")
-    ap.add_argument("--heads", type=int, help="total query heads kept (a multiple of the KV heads)")
-    depth = ap.add_mutually_exclusive_group()
-    depth.add_argument("--drop-layers", type=int, help="remove this many layers, chosen by --depth-metric")
-    depth.add_argument("--layers", type=_int_list, help="remove exactly these layers (0-based, comma-separated)")
-    ap.add_argument("--depth-metric", choices=imp.DEPTH_METRICS)
-    ap.add_argument("--importance", choices=imp.WIDTH_METHODS, help="width ranking")
-    ap.add_argument("--seq-agg", choices=imp.SEQ_AGGS)
-    ap.add_argument("--batch-agg", choices=imp.BATCH_AGGS)
-    ap.add_argument("--preact", action=argparse.BooleanOptionalAction, default=None,
-                    help="rank neurons by the gate pre-activation instead of silu(gate)*up")
-    ap.add_argument("--calib-samples", type=int, help="at most this many calibration windows")
-    ap.add_argument("--seq-len", type=int, help="calibration window length (tokens)")
-    ap.add_argument("--batch-size", type=int, help="calibration batch size")
-    ap.add_argument("--seed", type=int, help="seed of --importance random")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the loaded weights, calibration and output")
-    return ap
-
-
-def _int_list(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _merged_options(args: argparse.Namespace) -> dict[str, Any]:
-    """YAML options (if ``--config``) overridden by the flags actually given."""
-    opts: dict[str, Any] = {}
-    if args.config:
-        from minitron_jax.train.config import read_yaml_sections
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        loaded = read_yaml_sections(path, ValueError)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of options, got {type(loaded).__name__}")
-        opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return opts
-
-
-@cli_exit
-def main(argv: Sequence[str] | None = None) -> int:
-    if "--dry-run" in (sys.argv[1:] if argv is None else argv):  # plan the importance pass: docs/scaling.md
-        from minitron_jax.planning import dryrun
-
-        return dryrun.prune_main(argv)
-    args = _parser().parse_args(argv)
-    try:
-        return _run(_merged_options(args))
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(opts: dict[str, Any]) -> int:
-    from rich.console import Console
-
-    from minitron_jax.convert import detect_format, load_model, read_source_config
-    from minitron_jax.data import read_text
-    from minitron_jax.fsutil import check_destination
-
-    missing = [f"--{k}" for k in ("model", "calib", "out") if not opts.get(k)]
-    spec = PruneSpec.from_dict({k: v for k, v in opts.items() if k not in _PATH_KEYS})
-    if missing and not (missing == ["--calib"] and not spec.needs_calibration):
-        raise ValueError(f"missing required option(s): {', '.join(missing)}")
-    out = Path(opts["out"])
-    sources = [opts["model"], opts.get("calib")]
-    check_destination(out, overwrite=bool(opts.get("overwrite")), sources=sources)  # again under the lock
-    calib_text = read_text(opts["calib"]) if spec.needs_calibration else None
-    if detect_format(opts["model"]) != "gguf":  # a GGUF's config costs a full read: checked after loading
-        check_spec(read_source_config(opts["model"]), spec)  # before minutes of weight loading
-
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
-    with console.status(f"loading {opts['model']} ..."):
-        m = load_model(opts["model"], dtype=DTYPES[spec.dtype])
-    load_s = time.perf_counter() - t0
-    console.print(f"loaded {m.config.describe()} ({count_params(m.config):,} params) in {load_s:.1f}s")
-    if spec.needs_calibration and m.tokenizer is None:
-        raise ValueError(f"{opts['model']} carries no tokenizer; calibration needs one")
-
-    with PhaseProgress(console) as progress:
-        config, params, report = prune_from_spec(m.config, m.params, m.tokenizer, spec, calib_text,
-                                                 progress=progress)
-    report["timings"]["load_s"] = load_s
-    report["model"], report["calib"] = str(opts["model"]), opts.get("calib")
-    with console.status(f"writing {out} ..."):
-        _write_output(out, config, params, m.tokenizer, report, overwrite=bool(opts.get("overwrite")),
-                      sources=sources)
-    console.print(f"pruned {report['params_before']:,} → {report['params_after']:,} params "
-                  f"({config.describe()}) into {out}")
-    return 0
-
-
-def _write_output(out: Path, config: LlamaConfig, params: Params, tokenizer, report: dict, *,
-                  overwrite: bool, sources: Sequence[str | Path | None] = ()) -> None:
-    """The HF model, importance.npz and prune_report.json, assembled in a temporary sibling and renamed into
-    place, so ``out`` is either untouched or complete."""
+def save_pruned(out: str | Path, config: LlamaConfig, params: Params, tokenizer, report: dict, *,
+                overwrite: bool = False, sources: Sequence[str | Path | None] = ()) -> None:
+    """The HF model, importance.npz and prune_report.json of a :func:`prune_from_spec` result, assembled in a
+    temporary sibling and renamed into place, so ``out`` is either untouched or complete. ``report["importance"]``
+    goes to the npz and is removed from ``report``; the rest is the JSON."""
     from minitron_jax.convert.hf import save_hf
     from minitron_jax.fsutil import atomic_directory
 
     scores = report.pop("importance")
-    with atomic_directory(out, overwrite=overwrite, sources=sources) as tmp:
+    with atomic_directory(Path(out), overwrite=overwrite, sources=sources) as tmp:
         save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True)  # tmp: atomic_directory's empty staging
         np.savez(tmp / IMPORTANCE_NAME, **{k: np.asarray(v, np.float32) for k, v in scores.items()})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

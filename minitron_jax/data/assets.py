@@ -30,12 +30,12 @@ interrupted fetch never leaves something that later looks cached. Once all files
 
 The cache is ``$MINITRON_JAX_CACHE`` if set, else ``$XDG_CACHE_HOME/minitron_jax``, else ``~/.cache/minitron_jax``.
 
-CLI: ``python -m minitron_jax.assets [--json] [--only NAME ...]`` fetches what is missing and prints the paths.
+The command ``python -m minitron_jax.assets [--json] [--only NAME ...]`` (:mod:`minitron_jax.cli.assets`) fetches
+what is missing and prints the paths.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -48,8 +48,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
-
-from minitron_jax.exitcodes import ExitCode, cli_exit
 
 ENV_CACHE = "MINITRON_JAX_CACHE"
 
@@ -318,35 +316,3 @@ def load_texts(name: str, limit: int | None = None) -> list[str]:
                 break
             out.append(json.loads(line)["text"])
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-@cli_exit
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m minitron_jax.assets",
-        description="Fetch the embedded default model and texts into the cache (once) and print their paths.",
-    )
-    parser.add_argument("--json", action="store_true", help="print {name: path} as JSON")
-    parser.add_argument("--only", nargs="+", choices=ASSET_NAMES, metavar="NAME",
-                        help=f"fetch only these assets ({', '.join(ASSET_NAMES)})")
-    parser.add_argument("--quiet", action="store_true", help="no status output on stderr")
-    args = parser.parse_args(argv)
-    try:
-        paths = fetch_assets(args.only, quiet=args.quiet)
-    except AssetFetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.SYSTEM
-    if args.json:
-        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
-    else:
-        for k, v in paths.items():
-            print(f"{k}\t{v}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,9 +4,10 @@
     python -m minitron_jax.lm_eval_adapter run --model minitron_jax \\
         --model_args path=ckpt_dir,batch_size=8,max_length=2048,dtype=bfloat16 --tasks my_task --include_path tasks/
 
-The module form is lm-eval's own CLI (``lm_eval.__main__.cli_evaluate``, same arguments) run after this module has
-registered the model: lm-eval discovers out-of-tree models only when the module defining them has been imported,
-so a bare ``lm_eval --model minitron_jax`` does not know the name. From Python, importing this module is enough::
+The command (:mod:`minitron_jax.cli.lm_eval`, also ``minitron-lm-eval``) is lm-eval's own CLI
+(``lm_eval.__main__.cli_evaluate``, same arguments) run after this module has registered the model: lm-eval
+discovers out-of-tree models only when the module defining them has been imported, so a bare
+``lm_eval --model minitron_jax`` does not know the name. From Python, importing this module is enough::
 
     import lm_eval, minitron_jax.evaluate.lm_eval_adapter  # registers "minitron_jax"
     lm_eval.simple_evaluate(model="minitron_jax", model_args="path=model.gguf", tasks=[...])
@@ -32,10 +33,9 @@ The math is in pure functions usable without lm-eval, on a ``LoadedModel`` (``co
 - ``rolling_loglikelihood(model, text, seq_len, rule=...)``: the log-likelihood of a whole text, two window rules:
 
   ``rule="eval"`` (default) is exactly ``minitron_jax.evaluate.perplexity``'s perplexity contract: tokenize without
-  special tokens,
-  consecutive non-overlapping windows of ``seq_len`` tokens, remainder dropped, ``seq_len - 1`` predictions per
-  window (the first token of each window is context only). ``-rolling_loglikelihood(...)`` equals ``eval.nll_sum``
-  on ``data.token_windows(...)``.
+  special tokens, consecutive non-overlapping windows of ``seq_len`` tokens, remainder dropped, ``seq_len - 1``
+  predictions per window (the first token of each window is context only). ``-rolling_loglikelihood(...)`` equals
+  ``perplexity.nll_sum`` on ``data.token_windows(...)``.
 
   ``rule="lm_eval"`` is lm-eval's ``loglikelihood_rolling``, which scores *every* token once: the text is tokenized
   with the tokenizer's default special tokens, ``prefix_token_id`` is put in front, and the windows are eval-style
@@ -62,7 +62,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,11 +72,10 @@ import numpy as np
 from minitron_jax.config import LlamaConfig
 from minitron_jax.evaluate.mmlu import bucket_length
 from minitron_jax.evaluate.perplexity import token_logprobs
-from minitron_jax.exitcodes import cli_exit
 from minitron_jax.model import Params, hidden_states
 
 MODEL_NAME = "minitron_jax"
-_MODULE = "minitron_jax.evaluate.lm_eval_adapter"  # not __name__, which is "__main__" under python -m
+_MODULE = "minitron_jax.evaluate.lm_eval_adapter"  # the lazy target lm-eval imports (whoever imported us)
 RULES = ("eval", "lm_eval")
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -277,11 +275,11 @@ def generate_until(model, requests: Sequence[tuple[str, dict]], *, max_length: i
                    batch_size: int = 8, dtype=jnp.float32, add_special_tokens: bool | None = None,
                    default_max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int = 0) -> list[str]:
     """lm-eval's ``generate_until``: the continuation of each context, cut at its stop strings."""
-    from minitron_jax.generate import _default_eos, generate
+    from minitron_jax.generate import default_eos, generate
 
     tok = _tokenizer(model)
     max_length = model.config.max_position_embeddings if max_length is None else int(max_length)
-    eos_ids = list(_default_eos(model))
+    eos_ids = list(default_eos(model))
     eos_id = getattr(tok, "eos_token_id", None)
     eos_text = tok.decode([eos_id], skip_special_tokens=False) if eos_id is not None else None
     groups: dict[str, list[int]] = {}
@@ -478,27 +476,9 @@ def register() -> bool:
         if MODEL_NAME not in MODEL_REGISTRY:
             register_model(MODEL_NAME)(_model_class())
         return True
-    if MODEL_NAME not in model_registry:  # idempotent (this module may run as __main__ and be imported too)
+    if MODEL_NAME not in model_registry:  # idempotent
         model_registry.register(MODEL_NAME, target=f"{_MODULE}:MinitronLM")
     return True
 
 
 register()
-
-
-@cli_exit
-def main(argv: list[str] | None = None) -> int:
-    """lm-eval's CLI with ``minitron_jax`` registered (same arguments as ``lm_eval``)."""
-    if not lm_eval_available():
-        print("error: lm-eval is not installed (pip install 'minitron_jax[lm-eval]')", file=sys.stderr)
-        return 2
-    from lm_eval.__main__ import cli_evaluate
-
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,4 @@
-"""Perplexity, the contract other tools compare with, and its CLI.
-
-``python -m minitron_jax.eval --model PATH --text FILE --seq-len N [--max-tokens M] [--json]``
+"""Perplexity, the contract other tools compare with (the command is :mod:`minitron_jax.cli.eval`).
 
 Semantics (keep them exactly): a ``.jsonl`` file is the ``text`` field of each record (or the only string value),
 records joined by "\\n\\n"; plain text is read whole; it is tokenized once with the model's tokenizer without
@@ -10,13 +8,11 @@ dropped); perplexity is exp of the mean NLL of every next-token prediction in ev
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import sys
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +20,7 @@ import numpy as np
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.dtypes import COMPUTE_DTYPES
-from minitron_jax.exitcodes import NonFiniteError, cli_exit
+from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.model import Params, hidden_states, lm_head
 
 DTYPES = {name: getattr(jnp, name) for name in COMPUTE_DTYPES}  # name → JAX type (minitron_jax.dtypes)
@@ -58,7 +54,7 @@ def token_nll(config: LlamaConfig, params: Params, hidden: jax.Array, targets: j
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _batch_nll(config: LlamaConfig, params: Params, tokens: jax.Array, weights: jax.Array,
+def batch_nll(config: LlamaConfig, params: Params, tokens: jax.Array, weights: jax.Array,
                layer_keep: jax.Array | None, dtype=jnp.float32):
     """Sum of next-token NLL over a [B, T] batch; ``weights`` [B] zeroes padding rows."""
     h, _, _ = hidden_states(config, params, tokens, dtype=dtype, layer_keep=layer_keep)
@@ -87,7 +83,7 @@ def nll_sum(config: LlamaConfig, params: Params, windows: np.ndarray, *, batch_s
     """(total NLL, predicted tokens) over windows [N, T]; one compiled shape (the last batch is padded)."""
     total, count = 0.0, 0
     for chunk, weights, done in padded_batches(windows, batch_size):
-        s, c = _batch_nll(config, params, chunk, weights, layer_keep, dtype=dtype)
+        s, c = batch_nll(config, params, chunk, weights, layer_keep, dtype=dtype)
         total += float(s)
         count += int(c)
         if progress:
@@ -100,62 +96,33 @@ def perplexity(config: LlamaConfig, params: Params, windows: np.ndarray, **kwarg
     return math.exp(total / count)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-@cli_exit
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minitron_jax.eval", description="Perplexity of a model on a text.")
-    ap.add_argument("--model", required=True, help="HF directory, .gguf file or minitron_jax checkpoint")
-    ap.add_argument("--text", required=True, help=".jsonl (text field per record) or plain text file")
-    ap.add_argument("--seq-len", type=int, required=True, help="window length N (tokens)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="use only the first M tokens of the text")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
-    ap.add_argument("--json", action="store_true", help='print one line {"perplexity", "tokens", "windows"}')
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def text_perplexity(model: str | Path, text: str | Path, seq_len: int, *, max_tokens: int | None = None,
+                    batch_size: int = 8, dtype: str = "float32") -> dict[str, Any]:
+    """Perplexity of a model (any path ``convert.load_model`` reads) on a text file, by the contract above.
 
-
-def _run(args) -> int:
+    Returns ``{"perplexity", "nll" (mean per prediction), "predicted" (windows × (N − 1)), "tokens" (windows × N),
+    "windows", "seconds" (scoring only)}``. Raises ValueError for a model without a tokenizer or a text too short
+    for one window (naming the text), NonFiniteError when the perplexity is NaN or infinite."""
     from minitron_jax.convert import load_model
     from minitron_jax.data import read_text, token_windows
 
-    if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
-    if args.max_tokens is not None and args.max_tokens < args.seq_len:
-        raise ValueError(f"--max-tokens ({args.max_tokens}) is smaller than --seq-len ({args.seq_len})")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    text = read_text(args.text)
-    m = load_model(args.model)
+    text_str = read_text(text)
+    m = load_model(model)
     if m.tokenizer is None:
-        raise ValueError(f"{args.model} carries no tokenizer; perplexity needs one")
+        raise ValueError(f"{model} carries no tokenizer; perplexity needs one")
     try:
-        windows = token_windows(m.tokenizer, text, args.seq_len, args.max_tokens)
+        windows = token_windows(m.tokenizer, text_str, seq_len, max_tokens)
     except ValueError as e:  # "text has 0 tokens ...": say which text
-        raise ValueError(f"{args.text}: {e}") from None
+        raise ValueError(f"{text}: {e}") from None
     t0 = time.perf_counter()
-    total, count = nll_sum(m.config, m.params, windows, batch_size=args.batch_size, dtype=DTYPES[args.dtype])
+    total, count = nll_sum(m.config, m.params, windows, batch_size=batch_size, dtype=DTYPES[dtype])
     nll = total / count
     try:
         ppl = math.exp(nll)
     except OverflowError:  # a finite NLL above ~709 nats
         ppl = math.inf
-    if not math.isfinite(ppl):  # a number nobody can use, and not JSON: exit 3 rather than print it
-        raise NonFiniteError(f"perplexity of {args.model} on {args.text} is not finite (mean NLL {nll}): the model "
+    if not math.isfinite(ppl):  # a number nobody can use, and not JSON
+        raise NonFiniteError(f"perplexity of {model} on {text} is not finite (mean NLL {nll}): the model "
                              "produces NaN/inf logits or is wildly wrong; check its weights")
-    if args.json:
-        # "tokens" counts the tokens in the windows (windows × N); predictions are windows × (N − 1).
-        print(json.dumps({"perplexity": ppl, "tokens": int(windows.size), "windows": int(len(windows))},
-                         allow_nan=False))
-    else:
-        print(f"perplexity {ppl:.4f} over {count} predicted tokens in {len(windows)} windows of {args.seq_len} "
-              f"({time.perf_counter() - t0:.1f}s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"perplexity": ppl, "nll": nll, "predicted": count, "tokens": int(windows.size),
+            "windows": int(len(windows)), "seconds": time.perf_counter() - t0}
