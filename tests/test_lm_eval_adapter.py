@@ -18,6 +18,7 @@ from minitron_jax import generate as G
 from minitron_jax.convert import load_model
 from minitron_jax.data import token_windows
 from minitron_jax.evaluate import lm_eval_adapter as A
+from minitron_jax.evaluate import loglikelihood as L
 from minitron_jax.evaluate import perplexity as E
 from minitron_jax.model import hidden_states
 
@@ -66,16 +67,16 @@ def test_rolling_eval_rule_equals_eval_nll_sum(tiny):
     for seq_len in (16, 37):
         windows = token_windows(m.tokenizer, TEXT, seq_len)
         total, count = E.nll_sum(m.config, m.params, windows, batch_size=4)
-        ll = A.rolling_loglikelihood(m, TEXT, seq_len, batch_size=4)
+        ll = L.rolling_loglikelihood(m, TEXT, seq_len, batch_size=4)
         assert count == len(windows) * (seq_len - 1)
         np.testing.assert_allclose(-ll, total, rtol=2e-6)
 
 
 def test_loglikelihood_equals_token_nll_of_the_concatenation(tiny):
     _, m = tiny
-    got = A.loglikelihoods(m, PAIRS, batch_size=4)
+    got = L.loglikelihoods(m, PAIRS, batch_size=4)
     for (context, continuation), (lp, _) in zip(PAIRS, got):
-        ctx, cont = A.encode_pair(m.tokenizer, context, continuation)
+        ctx, cont = L.encode_pair(m.tokenizer, context, continuation)
         assert len(cont) > 0 and ctx
         assert m.tokenizer.decode(ctx + cont) == (context + continuation if context else
                                                   m.tokenizer.decode(ctx) + continuation)
@@ -86,19 +87,19 @@ def test_loglikelihood_equals_token_nll_of_the_concatenation(tiny):
 def test_encode_pair_rules(tiny):
     _, m = tiny
     tok = m.tokenizer
-    ctx, cont = A.encode_pair(tok, "Pruning removes ", "heads")
-    assert ctx == A.tok_encode(tok, "Pruning removes") and tok.decode(cont) == " heads"
-    ctx, cont = A.encode_pair(tok, "", "heads")
-    assert ctx == [tok.bos_token_id] and cont == A.tok_encode(tok, "heads", add_special_tokens=False)
-    assert A.encode_pair(tok, "", "heads", prefix_token_id=7)[0] == [7]
+    ctx, cont = L.encode_pair(tok, "Pruning removes ", "heads")
+    assert ctx == L.tok_encode(tok, "Pruning removes") and tok.decode(cont) == " heads"
+    ctx, cont = L.encode_pair(tok, "", "heads")
+    assert ctx == [tok.bos_token_id] and cont == L.tok_encode(tok, "heads", add_special_tokens=False)
+    assert L.encode_pair(tok, "", "heads", prefix_token_id=7)[0] == [7]
 
 
 def test_is_greedy_on_a_constructed_case(tiny):
     _, m = tiny
-    ctx = A.tok_encode(m.tokenizer, "The quick brown fox")
+    ctx = L.tok_encode(m.tokenizer, "The quick brown fox")
     greedy = G.generate(m.config, m.params, [ctx], max_new_tokens=4)[0]
     other = (greedy[-1] + 1) % m.config.vocab_size
-    res = A.loglikelihood_tokens(m.config, m.params, [(ctx, greedy), (ctx, greedy[:-1] + [other]), (ctx, greedy[:1])],
+    res = L.loglikelihood_tokens(m.config, m.params, [(ctx, greedy), (ctx, greedy[:-1] + [other]), (ctx, greedy[:1])],
                                  batch_size=4)
     assert [g for _, g in res] == [True, False, True]
     assert res[0][0] > res[1][0]
@@ -110,18 +111,18 @@ def test_batching_truncation_and_empty_continuations(tiny):
     rng = np.random.default_rng(0)
     reqs = [(rng.integers(0, 250, n).tolist(), rng.integers(0, 250, c).tolist())
             for n, c in [(5, 1), (40, 3), (1, 20), (90, 2), (12, 0), (7, 7)]]
-    one = A.loglikelihood_tokens(m.config, m.params, reqs, batch_size=1)
-    many = A.loglikelihood_tokens(m.config, m.params, reqs, batch_size=4)
+    one = L.loglikelihood_tokens(m.config, m.params, reqs, batch_size=1)
+    many = L.loglikelihood_tokens(m.config, m.params, reqs, batch_size=4)
     np.testing.assert_allclose([x for x, _ in one], [x for x, _ in many], rtol=1e-5, atol=1e-4)
     assert [g for _, g in one] == [g for _, g in many]
     assert one[4] == (0.0, True)
     # Contexts longer than max_length keep their last tokens (lm-eval's left truncation).
     ctx, cont = reqs[3]
-    short = A.loglikelihood_tokens(m.config, m.params, [(ctx, cont)], max_length=30)
-    ref = A.loglikelihood_tokens(m.config, m.params, [((ctx + cont)[-31:-len(cont)], cont)])
+    short = L.loglikelihood_tokens(m.config, m.params, [(ctx, cont)], max_length=30)
+    ref = L.loglikelihood_tokens(m.config, m.params, [((ctx + cont)[-31:-len(cont)], cont)])
     np.testing.assert_allclose(short[0][0], ref[0][0], rtol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
-        A.loglikelihood_tokens(m.config, m.params, [(ctx, cont * 20)], max_length=30)
+        L.loglikelihood_tokens(m.config, m.params, [(ctx, cont * 20)], max_length=30)
 
 
 def _lm_eval_windows(ids, seq_len, prefix):
@@ -132,11 +133,11 @@ def _lm_eval_windows(ids, seq_len, prefix):
 
 def test_rolling_windows_follow_lm_eval():
     # The example of lm-eval's LM.loglikelihood_rolling docstring.
-    assert A.rolling_windows(list(range(10)), 4, -1) == [([-1], [0, 1, 2, 3]), ([3], [4, 5, 6, 7]),
+    assert L.rolling_windows(list(range(10)), 4, -1) == [([-1], [0, 1, 2, 3]), ([3], [4, 5, 6, 7]),
                                                           ([5, 6, 7], [8, 9])]
-    assert A.rolling_windows([], 4, -1) == []
+    assert L.rolling_windows([], 4, -1) == []
     for n in (1, 3, 4, 5, 8, 9, 17):
-        windows = A.rolling_windows(list(range(n)), 4, -1)
+        windows = L.rolling_windows(list(range(n)), 4, -1)
         assert [t for _, c in windows for t in c] == list(range(n))  # every token predicted exactly once
         assert all(len(c) + len(x) - 1 <= 4 for c, x in windows)
         if HAS_LM_EVAL:
@@ -145,38 +146,38 @@ def test_rolling_windows_follow_lm_eval():
 
 def test_rolling_lm_eval_rule_scores_every_token(tiny):
     _, m = tiny
-    ids = A.tok_encode(m.tokenizer, TEXT)
+    ids = L.tok_encode(m.tokenizer, TEXT)
     prefix = m.tokenizer.bos_token_id
     seq_len = 50
-    ll = A.rolling_loglikelihood(m, TEXT, seq_len, rule="lm_eval", batch_size=4)
+    ll = L.rolling_loglikelihood(m, TEXT, seq_len, rule="lm_eval", batch_size=4)
     expected = 0.0
-    for ctx, cont in A.rolling_windows(ids, seq_len, prefix):
+    for ctx, cont in L.rolling_windows(ids, seq_len, prefix):
         expected -= _token_nll(m, ctx + cont)[-len(cont):].sum()
     np.testing.assert_allclose(ll, expected, rtol=1e-5)
     # A text shorter than seq_len is one plain forward over [prefix] + ids, every token scored.
-    short = A.tok_encode(m.tokenizer, _CORPUS[0])
+    short = L.tok_encode(m.tokenizer, _CORPUS[0])
     assert len(short) < seq_len
-    np.testing.assert_allclose(A.rolling_loglikelihood(m, _CORPUS[0], seq_len, rule="lm_eval"),
+    np.testing.assert_allclose(L.rolling_loglikelihood(m, _CORPUS[0], seq_len, rule="lm_eval"),
                                -_token_nll(m, [prefix] + short).sum(), rtol=1e-5)
     with pytest.raises(ValueError, match="unknown rule"):
-        A.rolling_loglikelihood(m, TEXT, seq_len, rule="hf")
+        L.rolling_loglikelihood(m, TEXT, seq_len, rule="hf")
 
 
 def test_generate_until(tiny):
     _, m = tiny
     contexts = ["The quick brown fox", "Distillation teaches"]
     eos = G.default_eos(m) or None
-    new = G.generate(m.config, m.params, [A.tok_encode(m.tokenizer, c) for c in contexts], max_new_tokens=12,
+    new = G.generate(m.config, m.params, [L.tok_encode(m.tokenizer, c) for c in contexts], max_new_tokens=12,
                      eos_token_id=eos)
     full = [m.tokenizer.decode(t, skip_special_tokens=True) for t in new]
-    out = A.generate_until(m, [(c, {"until": [], "max_gen_toks": 12}) for c in contexts])
+    out = L.generate_until(m, [(c, {"until": [], "max_gen_toks": 12}) for c in contexts])
     assert out == full
     # A stop string taken from inside the generation cuts the text there.
     stop = next(m.tokenizer.decode(new[0][k:k + 1]) for k in range(1, len(new[0]))
                 if m.tokenizer.decode(new[0][k:k + 1]).strip())
-    cut = A.generate_until(m, [(contexts[0], {"until": [stop], "max_gen_toks": 12, "do_sample": False})])
+    cut = L.generate_until(m, [(contexts[0], {"until": [stop], "max_gen_toks": 12, "do_sample": False})])
     assert cut == [full[0].split(stop)[0]] and len(cut[0]) < len(full[0])
-    sampled = A.generate_until(m, [(contexts[0], {"until": [], "max_gen_toks": 6, "temperature": 1.0})], seed=1)
+    sampled = L.generate_until(m, [(contexts[0], {"until": [], "max_gen_toks": 6, "temperature": 1.0})], seed=1)
     assert isinstance(sampled[0], str)
 
 
@@ -186,7 +187,7 @@ def test_without_a_tokenizer_is_a_clear_error(tiny):
 
     bare = dataclasses.replace(m, tokenizer=None)
     with pytest.raises(ValueError, match="no tokenizer"):
-        A.loglikelihoods(bare, PAIRS[:1])
+        L.loglikelihoods(bare, PAIRS[:1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -216,17 +217,17 @@ def test_registered_class_on_lm_eval_instances(tiny, lm):
     _, m = tiny
     assert isinstance(lm, LM) and lm.max_length == 128 and lm.batch_size == 4
     res = lm.loglikelihood(_instances("loglikelihood", PAIRS))
-    assert res == A.loglikelihoods(m, PAIRS, max_length=128)
+    assert res == L.loglikelihoods(m, PAIRS, max_length=128)
     # lm-eval's own TemplateLM tokenization (_encode_pair → _loglikelihood_tokens) gives the same numbers.
     assert TemplateLM.loglikelihood(lm, _instances("loglikelihood", PAIRS), disable_tqdm=True) == res
 
     rolling = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(TEXT,), (_CORPUS[0],)]))
     np.testing.assert_allclose(rolling,
-                               [A.rolling_loglikelihood(m, t, 128, rule="lm_eval") for t in (TEXT, _CORPUS[0])],
+                               [L.rolling_loglikelihood(m, t, 128, rule="lm_eval") for t in (TEXT, _CORPUS[0])],
                                rtol=1e-6)
     gen = lm.generate_until(_instances("generate_until",
                                        [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})]))
-    assert gen == A.generate_until(m, [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})], max_length=128)
+    assert gen == L.generate_until(m, [("The quick brown fox", {"until": ["."], "max_gen_toks": 5})], max_length=128)
 
 
 @needs_lm_eval
@@ -254,9 +255,9 @@ def test_simple_evaluate_on_a_tiny_local_task(tiny, tmp_path):
     # acc from our loglikelihoods: lm-eval joins context and choice with its default target delimiter " ".
     hits = []
     for r in rows:
-        lls = [lp for lp, _ in A.loglikelihoods(m, [(r["q"], " " + c) for c in r["choices"]])]
+        lls = [lp for lp, _ in L.loglikelihoods(m, [(r["q"], " " + c) for c in r["choices"]])]
         hits.append(int(np.argmax(lls)) == r["label"])
     assert res["tiny_mc"]["acc,none"] == pytest.approx(np.mean(hits))
-    ll = sum(A.rolling_loglikelihood(m, r["text"], m.config.max_position_embeddings, rule="lm_eval") for r in rows)
+    ll = sum(L.rolling_loglikelihood(m, r["text"], m.config.max_position_embeddings, rule="lm_eval") for r in rows)
     words = sum(len(r["text"].split()) for r in rows)
     assert res["tiny_ppl"]["word_perplexity,none"] == pytest.approx(np.exp(-ll / words), rel=1e-4)
