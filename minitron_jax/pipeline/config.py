@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from minitron_jax.dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
-from minitron_jax.train.config import MeshConfig, OptimSection
+from minitron_jax.train.config import MeshConfig
+from minitron_jax.train.optim import OptimSection
 from minitron_jax.typed_config import build, load
 
 STUDENT_INITS = ("pruned", "random")

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from minitron_jax.dtypes import STORAGE_DTYPES
+from minitron_jax.train.optim import OptimConfig, OptimSection
 from minitron_jax.typed_config import (  # noqa: F401  (re-exported: the YAML helpers of every config)
     apply_overrides,
     build,
@@ -115,26 +116,6 @@ class LossConfig:
     chunk_size: int = 1024  # tokens per logits chunk: bounds the [tokens × vocab] memory
     naive: bool = False  # materialize full logits instead (a reference for small models and tests)
     hidden: HiddenLossConfig = dataclasses.field(default_factory=HiddenLossConfig)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimSection:
-    """The optimizer section, declared once: the run config's ``optim``, the pipeline's ``distill.optim`` and
-    ``teacher_correction.optim``, and (with the run's length) :class:`minitron_jax.train.optim.OptimConfig`, which
-    adds ``total_steps`` (here ``train.steps``) and ``accumulate_steps``.
-
-    The defaults are the paper's distillation recipe (Minitron: AdamW, LR 1e-4 → 1e-5 cosine after 40 linear
-    warmup steps, clipping at global norm 1.0); a config that trains for a few dozen steps states its own schedule
-    (the pipeline's defaults: 3e-4 → 3e-5, 4 warmup steps)."""
-
-    peak_lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 40
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +312,6 @@ def optim_config(rc: RunConfig):
 
     Gradient accumulation happens inside the jitted step (see ``train/step.py``), so the optimizer itself never
     accumulates (``accumulate_steps=1``) and one ``train.steps`` is one optimizer update."""
-    from minitron_jax.train.optim import OptimConfig
-
     return OptimConfig.of(rc.optim, total_steps=rc.train.steps)
 
 

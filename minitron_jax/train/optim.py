@@ -19,8 +19,6 @@ from typing import Any, Callable
 import jax
 import optax
 
-from minitron_jax.train.config import OptimSection
-
 __all__ = [
     "OptimSection",
     "OptimConfig",
@@ -29,6 +27,27 @@ __all__ = [
     "learning_rate_at",
     "default_weight_decay_mask",
 ]
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSection:
+    """The optimizer section, declared once: the run config's ``optim``, the pipeline's ``distill.optim`` and
+    ``teacher_correction.optim``, and (with the run's length) :class:`minitron_jax.train.optim.OptimConfig`, which
+    adds ``total_steps`` (here ``train.steps``) and ``accumulate_steps``.
+
+    The defaults are the paper's distillation recipe (Minitron: AdamW, LR 1e-4 → 1e-5 cosine after 40 linear
+    warmup steps, clipping at global norm 1.0); a config that trains for a few dozen steps states its own schedule
+    (the pipeline's defaults: 3e-4 → 3e-5, 4 warmup steps)."""
+
+    peak_lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
