@@ -1,9 +1,9 @@
 """``python -m minitron_jax.nas``, kept for the command line: the command lives in
-:mod:`minitron_jax.compress.nas`."""
+:mod:`minitron_jax.cli.nas`."""
 
 import sys
 
-from minitron_jax.compress.nas import main
+from minitron_jax.cli.nas import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -167,6 +167,41 @@ def test_mismatched_vocab_is_refused(tiny, tmp_path):
         check_compatible(tiny["teacher_cfg"], tiny["student_cfg"], tiny["tokenizer"], tok2)
 
 
+def test_student_prune_is_built_by_the_function_the_command_passes(tiny, tmp_path):
+    """train/ never imports compress/: a student given as student.prune is pruned by the prune_student function the
+    caller hands run() (the distill command passes compress.prune.prune_student), on a fresh start only; without
+    one the run is refused before anything is written."""
+    import ast
+
+    from minitron_jax.compress.prune import prune_student
+
+    for path in (Path(__file__).parents[1] / "minitron_jax" / "train").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("minitron_jax.compress") for n in names), (path.name, names)
+
+    pruned = ("student.path=null", "student.prune={hidden: 32, ffn: 64, calib_samples: 2, seq_len: 16}",
+              f"student.calib={tiny['root'] / 'corpus.jsonl'}")
+    with pytest.raises(RunConfigError, match="no pruning function"):
+        run(make_rc(tiny, tmp_path / "run", *pruned, "train.stop_at=2"))
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    calls = []
+
+    def pruner(teacher, options, calib, log):
+        calls.append(options)
+        return prune_student(teacher, options, calib, log)
+
+    first = run(make_rc(tiny, tmp_path / "run", *pruned, "train.stop_at=2"), prune_student=pruner)
+    assert first.step == 2 and len(calls) == 1
+    second = run(make_rc(tiny, tmp_path / "run", *pruned, "train.stop_at=4"), prune_student=pruner)
+    assert second.resumed_from == 2 and second.step == 4 and len(calls) == 1  # resumed: not pruned again
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------------------------

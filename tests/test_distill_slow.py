@@ -84,6 +84,7 @@ def test_sigkill_during_training_and_saving_then_resume_is_exact(tiny, tmp_path,
 
 def test_smollm2_distillation_into_pruned_student_reduces_kl(smollm2_assets, tmp_path):
     """The real thing at toy scale: SmolLM2-135M (GGUF) teaches a width-pruned copy of itself on Wikipedia."""
+    from minitron_jax.compress.prune import prune_student
     from minitron_jax.train.config import load_config
 
     rc = load_config(None, [
@@ -93,7 +94,7 @@ def test_smollm2_distillation_into_pruned_student_reduces_kl(smollm2_assets, tmp
         "data.val_rows=16", "data.val_batches=2", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=12",
         "train.eval_every=12", "optim.warmup_steps=2", "optim.peak_lr=5e-4", "train.compute_dtype=float32",
         "loss.chunk_size=256", "checkpoint.every=12", "log.progress=false", "export.at_end=false"])
-    result = run(rc)  # on the 8 fake devices: FSDP at real shapes too
+    result = run(rc, prune_student=prune_student)  # on the 8 fake devices: FSDP at real shapes too
     kd = [h["kd"] for h in result.history]
     assert np.mean(kd[-3:]) < 0.8 * np.mean(kd[:3]), kd
     assert result.validation and np.isfinite(result.validation[-1]["ppl"])

@@ -214,3 +214,71 @@ def test_layer_importance_metrics(tiny, stats):
         imp.block_drop_perplexities(config, params, windows, block_size=3)
     with pytest.raises(ValueError, match="needs calibration windows"):
         imp.layer_importance(config, params, "ppl")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The importance object
+# ------------------------------------------------------------------------------------------------------------------
+def test_importance_object_one_pass_cached_scans_and_file(tiny, stats, tmp_path, monkeypatch):
+    """Nothing runs until a score is asked for; then one calibration pass however many scores follow, one
+    layer-drop scan per distinct (metric, k) (ppl and bi serve every k), the same numbers as the functions; save →
+    load gives those arrays back under importance.npz's keys."""
+    _, config, params, windows = tiny
+    want_ppl = imp.layer_importance(config, params, "ppl", windows=windows[:3], batch_size=BATCH)
+    calls = {"pass": 0, "scan": 0}
+    real_pass, real_scan = imp.collect_activation_stats, imp.block_drop_perplexities
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(imp, "collect_activation_stats", counted("pass", real_pass))
+    monkeypatch.setattr(imp, "block_drop_perplexities", counted("scan", real_scan))
+    settings = imp.CalibrationSettings(calib_samples=N_WINDOWS, seq_len=SEQ, batch_size=BATCH, depth_samples=3)
+    importance = imp.Importance(config, params, windows, settings)
+    assert calls == {"pass": 0, "scan": 0}
+    for k, v in importance.width().items():
+        np.testing.assert_array_equal(v, stats.width_scores()[k], err_msg=k)
+    for k, v in importance.width(seq_agg="var", preact=True).items():
+        np.testing.assert_array_equal(v, stats.width_scores("var", "l2", preact=True)[k], err_msg=k)
+    np.testing.assert_array_equal(importance.layers("bi", 2), stats.block_importance())
+    assert calls == {"pass": 1, "scan": 0}
+    ppl = importance.layers("ppl", 1)
+    np.testing.assert_array_equal(importance.layers("ppl", 2), ppl)
+    np.testing.assert_array_equal(ppl, want_ppl)
+    blocks = importance.layers("contiguous", 2)
+    importance.layers("contiguous", 2)
+    assert calls == {"pass": 1, "scan": 2}
+    magnitude = importance.width("magnitude")
+    np.testing.assert_array_equal(magnitude["heads"], imp.weight_magnitude(config, params, "heads"))
+    assert calls["pass"] == 1
+
+    path = importance.save(tmp_path / "importance.npz")
+    with np.load(path) as z:
+        assert z.files == ["heads", "neurons", "channels", "bi", "layers_bi_2", "layers_ppl_1", "layers_ppl_2",
+                           "layers_contiguous_2"]
+    loaded = imp.Importance.load(path)
+    for k, v in loaded.width().items():
+        np.testing.assert_array_equal(v, stats.width_scores()[k].astype(np.float32), err_msg=k)
+    np.testing.assert_array_equal(loaded.layers("contiguous", 2), blocks.astype(np.float32))
+    np.testing.assert_array_equal(loaded.layers("ppl", 2), ppl.astype(np.float32))
+    np.testing.assert_array_equal(loaded.block_importance(), stats.block_importance().astype(np.float32))
+    with pytest.raises(ValueError, match="hold no contiguous layer scores"):
+        loaded.layers("contiguous", 1)
+    with pytest.raises(ValueError, match="aggregation only"):
+        loaded.width(seq_agg="var")
+
+
+def test_importance_from_text_uses_the_calibration_windows():
+    from utils import tiny_tokenizer
+
+    from minitron_jax.data import token_windows
+
+    tok = tiny_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    settings = imp.CalibrationSettings(calib_samples=3, seq_len=16)
+    importance = imp.Importance.from_text(None, None, tok, text, settings)
+    np.testing.assert_array_equal(importance.windows, token_windows(tok, text, 16, 48))
+    assert importance.timings == {}  # nothing computed

@@ -9,12 +9,12 @@ import random
 import numpy as np
 import pytest
 
-from minitron_jax.compress.nas import (
+from minitron_jax.cli.nas import main
+from minitron_jax.compress.candidates import (
     Candidate,
     NASError,
     enumerate_candidates,
     kendall_tau,
-    main,
     parse_params,
     ranking,
     ranking_stability,

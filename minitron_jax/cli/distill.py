@@ -24,6 +24,7 @@ import sys
 from typing import Sequence
 
 from minitron_jax.cli import plans
+from minitron_jax.compress.prune import prune_student
 from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.train.checkpoints import export_to_hf
 from minitron_jax.train.config import RunConfigError, load_config
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
     print("# resolved config\n" + rc.to_yaml(), flush=True)
     try:
-        result = run(rc)
+        result = run(rc, prune_student=prune_student)  # a student given as student.prune
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return ExitCode.NON_FINITE

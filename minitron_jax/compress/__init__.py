@@ -1,1 +1,2 @@
-"""Compression: importance from calibration passes, pruning by named axis, and architecture search."""
+"""Compression: importance (one calibration pass, cached scores: ``importance.Importance``), pruning by named axis
+(``prune``), and architecture search (``candidates`` enumeration and ranking statistics, ``nas`` the search)."""

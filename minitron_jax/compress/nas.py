@@ -1,23 +1,21 @@
-"""A small architecture search the Minitron way: ``python -m minitron_jax.nas --model PATH --target-params P``.
+"""A small architecture search the Minitron way: ``python -m minitron_jax.nas --model PATH --target-params P``
+(the command: :mod:`minitron_jax.cli.nas`).
 
-1. **Enumerate** width/depth candidates on grids (hidden size, FFN size, query heads per KV group, layers) and keep
-   those whose :func:`minitron_jax.model.count_params` is within ``±tolerance`` of the target (the paper: ±5%).
-   Default grids: hidden ``D − k·64`` and FFN ``F − k·F/12`` down to half, every head count per group, layers
-   ``L − k·step`` down to half (step ``max(1, L // 15)``). With more candidates than ``--max-candidates`` an evenly
-   spaced subset of the list ordered from deepest-and-narrowest to shallowest-and-widest is kept, so both extremes and
-   the middle are searched.
-2. **Prune** every candidate from ONE shared importance pass on the unpruned model (width scores and Block Importance
-   come from the same calibration pass; the ``ppl``/``contiguous`` depth metrics add layer-drop scans, one per
-   distinct number of dropped layers, through a single compiled function).
-3. **Distill** each candidate briefly from the unpruned teacher (forward KL, the trainer's own jitted step) on the
-   same batches in the same order, evaluating the validation loss right after pruning (step 0) and at
-   ``--eval-steps``. Validation rows hold documents that no training row touches (at least ``--val-rows`` rows'
-   worth, held out before packing: ``minitron_jax.data``), so the ranking rewards generalizing, not fitting the
-   training passages. Candidates run one after another; a jitted step is built once per distinct shape and reused.
+1. **Enumerate** width/depth candidates within ``±tolerance`` of the target parameter count and keep an evenly
+   spread subset of at most ``--max-candidates`` (:mod:`minitron_jax.compress.candidates`).
+2. **Prune** every candidate from ONE :class:`~minitron_jax.compress.importance.Importance` of the unpruned model
+   (width scores and Block Importance come from the same calibration pass; the ``ppl``/``contiguous`` depth metrics
+   add layer-drop scans, one per distinct number of dropped layers, cached by the importance object).
+3. **Distill** each candidate briefly from the unpruned teacher (forward KL) with the trainer's own loop pieces
+   (:func:`minitron_jax.train.loop.start`, ``train_steps``, ``validate``) on the same batches in the same order,
+   evaluating the validation loss right after pruning (step 0) and at ``--eval-steps``. Validation rows hold
+   documents that no training row touches (at least ``--val-rows`` rows' worth, held out before packing:
+   ``minitron_jax.data``), so the ranking rewards generalizing, not fitting the training passages. Candidates run one
+   after another; the jitted steps are built once per distinct shape and reused (:class:`StepCache`).
 4. **Rank** by validation loss (LM cross-entropy by default, or the KL to the teacher) at every evaluation step and
-   report how stable the ranking is: Kendall's tau against the final ranking and against the previous evaluation,
-   whether the top-1 candidate agrees with the final one, and the step after which the ranking (and the top-1) no
-   longer changed. (The paper saw rankings settle after ~300 steps of a 400-step search.)
+   report how stable the ranking is (Kendall's tau against the final ranking and the previous evaluation, top-1
+   agreement, the step after which the ranking and the top-1 no longer changed). (The paper saw rankings settle
+   after ~300 steps of a 400-step search.)
 5. **Export** the winner (its distilled weights) as an HF directory.
 
 Outputs in ``--out``: ``candidates/<name>.json`` (one per finished candidate; a rerun skips them), ``winner/`` (HF),
@@ -26,203 +24,22 @@ Outputs in ``--out``: ``candidates/<name>.json`` (one per finished candidate; a 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
-from minitron_jax.config import ConfigError, LlamaConfig
-from minitron_jax.exitcodes import ExitCode, cli_exit
+from minitron_jax.compress.candidates import Candidate, NASError, enumerate_candidates, ranking_stability, select_spread
+from minitron_jax.config import LlamaConfig
+from minitron_jax.fsutil import write_json_atomic
 from minitron_jax.model import count_params
 
-EXIT_ERROR = ExitCode.BAD_INPUT
 RANK_BY = ("ce", "kl")
 
 
-class NASError(ValueError):
-    """A search that cannot be run (impossible target, bad grid, bad option)."""
-
-
-# ======================================================================================================================
-# Candidates
-# ======================================================================================================================
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    layers: int
-    hidden: int
-    ffn: int
-    heads_per_group: int
-    params: int
-
-    @property
-    def name(self) -> str:
-        return f"L{self.layers}-D{self.hidden}-F{self.ffn}-G{self.heads_per_group}"
-
-    def config(self, base: LlamaConfig) -> LlamaConfig:
-        return base.replace(num_layers=self.layers, hidden_size=self.hidden, intermediate_size=self.ffn,
-                            num_heads=base.num_kv_heads * self.heads_per_group)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "name": self.name}
-
-
-def _down_grid(full: int, step: int, min_fraction: float) -> list[int]:
-    step = max(1, int(step))
-    lo = max(1, math.ceil(full * min_fraction))
-    return [full - k * step for k in range((full - lo) // step + 1)]
-
-
-def default_grids(config: LlamaConfig, min_fraction: float = 0.5) -> dict[str, list[int]]:
-    """Sensible search grids: each axis from the full size down to ``min_fraction`` of it."""
-    return {
-        "hidden": _down_grid(config.hidden_size, 64 if config.hidden_size >= 256 else max(1, config.hidden_size // 8),
-                             min_fraction),
-        "ffn": _down_grid(config.intermediate_size, max(1, config.intermediate_size // 12), min_fraction),
-        "heads_per_group": list(range(config.q_per_kv, 0, -1)),
-        "layers": _down_grid(config.num_layers, max(1, config.num_layers // 15), min_fraction),
-    }
-
-
-def parse_params(text: str | int | float) -> int:
-    """``"90M"``, ``"0.09B"``, ``"90e6"``, ``90000000`` → an integer parameter count."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().replace("_", "").replace(",", "")
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(s[-1:].lower())
-    try:
-        value = float(s[:-1]) * scale if scale else float(s)
-    except ValueError:
-        raise NASError(f"cannot read a parameter count from {text!r} (e.g. 90M, 0.09B, 90000000)") from None
-    if value <= 0:
-        raise NASError(f"the target parameter count must be positive, got {text!r}")
-    return int(round(value))
-
-
-def enumerate_candidates(config: LlamaConfig, target_params: int, tolerance: float = 0.05,
-                         grids: dict[str, Sequence[int]] | None = None) -> list[Candidate]:
-    """Every grid point whose parameter count is within ``±tolerance`` of ``target_params``, ordered from the deepest
-    and narrowest to the shallowest and widest (layers descending, then hidden, heads, FFN ascending).
-
-    Raises NASError, naming the nearest counts the grids can reach, when no candidate fits; and for a target the
-    model cannot be pruned to (at or above its own size)."""
-    if not 0 < tolerance < 1:
-        raise NASError(f"tolerance must be in (0, 1), got {tolerance}")
-    full = count_params(config)
-    if target_params >= full:
-        raise NASError(f"target {target_params:,} params is not below the model's own {full:,}: nothing to prune")
-    g = {**default_grids(config), **{k: list(v) for k, v in (grids or {}).items() if v}}
-    limits = {"hidden": config.hidden_size, "ffn": config.intermediate_size, "heads_per_group": config.q_per_kv,
-              "layers": config.num_layers}
-    for axis, values in g.items():
-        if axis not in limits:
-            raise NASError(f"unknown grid axis {axis!r} (axes: {', '.join(limits)})")
-        bad = [v for v in values if not isinstance(v, (int, np.integer)) or not 1 <= v <= limits[axis]]
-        if bad:
-            raise NASError(f"{axis} grid values {bad} are outside [1, {limits[axis]}] (pruning cannot grow a model)")
-    lo, hi = target_params * (1 - tolerance), target_params * (1 + tolerance)
-    out, below, above = [], 0, None
-    for layers, hidden, hpg, ffn in itertools.product(sorted(set(g["layers"]), reverse=True), sorted(set(g["hidden"])),
-                                                      sorted(set(g["heads_per_group"])), sorted(set(g["ffn"]))):
-        cfg = config.replace(num_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                             num_heads=config.num_kv_heads * hpg)
-        n = count_params(cfg)
-        if lo <= n <= hi:
-            out.append(Candidate(layers, hidden, ffn, hpg, n))
-        elif n < lo:
-            below = max(below, n)
-        else:
-            above = n if above is None else min(above, n)
-    if not out:
-        near = ", ".join(x for x in (f"{below:,} below" if below else "", f"{above:,} above" if above else "") if x)
-        raise NASError(f"no candidate within ±{tolerance * 100:g}% of {target_params:,} params on these grids "
-                       f"(nearest: {near or 'none'}); widen the grids (--hidden-grid/--ffn-grid/--layers-grid/"
-                       f"--heads-grid) or the --tolerance")
-    return out
-
-
-def select_spread(candidates: Sequence[Candidate], n: int) -> list[Candidate]:
-    """``n`` candidates evenly spaced over the list (first and last included); all of them when ``n`` is 0 or
-    at least the list's length."""
-    if n <= 0 or n >= len(candidates):
-        return list(candidates)
-    if n == 1:
-        return [candidates[len(candidates) // 2]]
-    idx = sorted({round(i * (len(candidates) - 1) / (n - 1)) for i in range(n)})
-    return [candidates[i] for i in idx]
-
-
-# ======================================================================================================================
-# Ranking stability
-# ======================================================================================================================
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b between two score lists over the same items (ties handled; 1.0 for fewer than 2 items or
-    when both lists are constant)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"score lists differ in length: {x.shape} vs {y.shape}")
-    n = len(x)
-    if n < 2:
-        return 1.0
-    i, j = np.triu_indices(n, 1)
-    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    concordant_minus_discordant = float(np.sum(dx * dy))
-    nx, ny = float(np.sum(dx != 0)), float(np.sum(dy != 0))
-    if nx == 0 and ny == 0:
-        return 1.0
-    if nx == 0 or ny == 0:
-        return 0.0
-    return concordant_minus_discordant / math.sqrt(nx * ny)
-
-
-def ranking(losses: Sequence[float]) -> list[int]:
-    """Candidate indices from best (lowest loss) to worst; ties keep index order."""
-    return [int(i) for i in np.argsort(np.asarray(losses, np.float64), kind="stable")]
-
-
-def ranking_stability(steps: Sequence[int], losses: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """How the ranking of candidates by loss changes over evaluation steps.
-
-    ``losses[s][c]`` is candidate c's loss at ``steps[s]`` (steps ascending). Returns per step: the ranking
-    (best first), Kendall's tau against the final step and against the previous step, the top-1 and whether it is
-    the final top-1; and ``settled_at`` / ``top1_settled_at``: the first step from which the full ranking / the top-1
-    no longer changed until the end."""
-    steps = [int(s) for s in steps]
-    L = np.asarray(losses, np.float64)
-    if L.ndim != 2 or L.shape[0] != len(steps) or L.shape[0] == 0:
-        raise ValueError(f"losses must be [len(steps)={len(steps)}, candidates], got shape {L.shape}")
-    if steps != sorted(steps):
-        raise ValueError(f"steps must be ascending, got {steps}")
-    final = L[-1]
-    ranks = [ranking(row) for row in L]
-    per_step = []
-    for k, s in enumerate(steps):
-        per_step.append({"step": s, "ranking": ranks[k], "top1": ranks[k][0],
-                         "tau_vs_final": kendall_tau(L[k], final),
-                         "tau_vs_previous": None if k == 0 else kendall_tau(L[k], L[k - 1]),
-                         "top1_agrees_with_final": ranks[k][0] == ranks[-1][0]})
-
-    def settled(same: Callable[[int], bool]) -> int:
-        k = len(steps) - 1
-        while k > 0 and same(k - 1):
-            k -= 1
-        return steps[k]
-
-    return {"steps": steps, "per_step": per_step,
-            "settled_at": settled(lambda k: ranks[k] == ranks[-1]),
-            "top1_settled_at": settled(lambda k: ranks[k][0] == ranks[-1][0]),
-            "final_ranking": ranks[-1]}
-
-
-# ======================================================================================================================
-# The search
-# ======================================================================================================================
 @dataclasses.dataclass
 class SearchSettings:
     steps: int = 400
@@ -304,56 +121,54 @@ class StepCache:
         return self._steps[config]
 
 
-def _validate(eval_step, params, teacher_params, batches, shardings, batch_size) -> dict[str, float]:
-    import jax
-
-    from minitron_jax.train import inputs
-
-    totals: dict[str, float] = {}
-    for local in batches:
-        sums = jax.device_get(eval_step(params, teacher_params, inputs.to_global(local, shardings, batch_size)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    w = max(totals.get("weight", 0.0), 1.0)
-    return {"ce": totals["ce"] / w, "kl": totals.get("kd", float("nan")) / w}
-
-
-@dataclasses.dataclass
-class SharedImportance:
-    """What one calibration pass gives every candidate: width scores and per-k layer scores (computed lazily)."""
-
-    width: dict[str, np.ndarray]
-    stats: Any
-    windows: np.ndarray
-    depth_metric: str
-    depth_samples: int
-    layer_scores: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
-
-    def layers(self, config: LlamaConfig, params, k: int, progress=None) -> np.ndarray:
-        from minitron_jax.compress import importance as imp
-
-        key = 1 if self.depth_metric in ("ppl", "bi") else k  # ppl/bi: one score vector for every k
-        if key not in self.layer_scores:
-            windows = self.windows[: self.depth_samples]
-            self.layer_scores[key] = imp.layer_importance(config, params, self.depth_metric, windows=windows,
-                                                          stats=self.stats, block_size=k,
-                                                          batch_size=min(8, len(windows)), progress=progress)
-        return self.layer_scores[key]
-
-
-def prune_candidate(config: LlamaConfig, params, cand: Candidate, shared: SharedImportance, progress=None):
-    """The candidate's (config, params): width by the shared scores, then depth by the shared layer scores."""
+def prune_candidate(importance, cand: Candidate, depth_metric: str, progress=None):
+    """The candidate's (config, params, dropped layers): the unpruned model of ``importance`` (an
+    :class:`~minitron_jax.compress.importance.Importance`) sliced by its width scores, then by its ``depth_metric``
+    layer scores."""
     from minitron_jax.compress import prune
 
+    config = importance.config
     spec = prune.PruneSpec(hidden=cand.hidden, ffn=cand.ffn, heads_per_group=cand.heads_per_group,
-                           drop_layers=config.num_layers - cand.layers, depth_metric=shared.depth_metric)
-    scores = dict(shared.width)
-    if cand.layers < config.num_layers:
-        scores["layers"] = shared.layers(config, params, config.num_layers - cand.layers, progress)
+                           drop_layers=config.num_layers - cand.layers, depth_metric=depth_metric)
+    scores, _ = prune.rank(importance, spec, progress)
     keep = prune.plan(config, spec, scores)
-    new_config, new_params = prune.apply_plan(config, params, keep)
+    new_config, new_params = prune.apply_plan(config, importance.params, keep)
     assert new_config == cand.config(config), (new_config, cand)
     return new_config, new_params, [int(i) for i in keep["drop_layers"]]
+
+
+def _losses(val: dict[str, float]) -> dict[str, float]:
+    """The validation losses a candidate is ranked by (``kl``: NaN without a teacher)."""
+    return {"ce": val["ce"], "kl": val.get("kl", float("nan"))}
+
+
+def _distill(run, cand: Candidate, settings: SearchSettings, console) -> tuple[list, list, float | None]:
+    """``settings.steps`` checked trainer steps on ``run`` (a ``train.loop.Run``), validated at step 0 and at every
+    evaluation step: (curve, train losses, seconds of the first step, its compile included)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from minitron_jax.train import loop
+
+    curve = [{"step": 0, **_losses(loop.validate(run))}]
+    train_loss: list[float] = []
+    first_step_s: list[float] = []
+    with Progress(TextColumn("distill"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[stats]}"), console=console) as bar:
+        task = bar.add_task("distill", total=settings.steps, stats="")
+
+        def after_step(r, metrics: dict[str, float], seconds: float) -> None:
+            first_step_s.append(seconds)
+            train_loss.append(metrics["loss"])
+            if r.step in settings.eval_steps:
+                curve.append({"step": r.step, **_losses(loop.validate(r))})
+            bar.update(task, completed=r.step, stats=f"loss {metrics['loss']:.4f}  val {settings.rank_by} "
+                                                     f"{curve[-1][settings.rank_by]:.4f} @ {curve[-1]['step']}")
+
+        try:
+            loop.train_steps(run, settings.steps, on_step=after_step)
+        except loop.NonFiniteLossError:
+            raise NASError(f"{cand.name}: non-finite loss at step {run.step}; lower --peak-lr") from None
+    return curve, train_loss, first_step_s[0] if first_step_s else None
 
 
 def run_search(model_path: str, target_params: int, *, out: str | Path, **kwargs) -> dict[str, Any]:
@@ -378,12 +193,11 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     from minitron_jax.compress import importance as imp
     from minitron_jax.convert import load_model
     from minitron_jax.convert.hf import save_hf
-    from minitron_jax.data import CACHE_FORMAT_VERSION, read_text, token_windows
-    from minitron_jax.pipeline import write_json_atomic
+    from minitron_jax.data import CACHE_FORMAT_VERSION, read_text
     from minitron_jax.progress import PhaseProgress
     from minitron_jax.sharding import make_mesh
-    from minitron_jax.train import inputs
-    from minitron_jax.train.state import init_train_state, place_teacher
+    from minitron_jax.train import inputs, loop
+    from minitron_jax.train.state import place_teacher, student_params_to_host
 
     if console is None:
         from rich.console import Console
@@ -407,7 +221,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
                       f"searching {len(candidates)}")
     else:
         all_cands = list(candidates)
-    console.print(_candidates_table(candidates, m.config))
+    console.print(candidates_table(candidates, m.config))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "candidates").mkdir(exist_ok=True)
@@ -418,15 +232,13 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     if not val_batches:
         raise NASError("the search needs held-out validation documents (--val-rows)")
 
-    # One calibration pass for every candidate.
-    windows = token_windows(m.tokenizer, read_text(calib_text), settings.calib_seq_len,
-                            settings.calib_samples * settings.calib_seq_len)
+    # One importance object (one calibration pass) for every candidate.
+    calib = imp.CalibrationSettings(calib_samples=settings.calib_samples, seq_len=settings.calib_seq_len,
+                                    depth_samples=settings.depth_samples)
+    text = read_text(calib_text)
     with PhaseProgress(console) as progress:
-        t0 = time.perf_counter()
-        stats = imp.collect_activation_stats(m.config, m.params, windows, progress=progress)
-        shared = SharedImportance(stats.width_scores("mean", "l2"), stats, windows, settings.depth_metric,
-                                  settings.depth_samples)
-    importance_s = time.perf_counter() - t0
+        importance = imp.Importance.calibrate(m.config, m.params, m.tokenizer, text, calib, progress=progress)
+    importance_s = importance.timings["calibration_pass_s"]
 
     teacher_params = place_teacher(rc, mesh_obj, m.config, m.params)
     cache = StepCache(rc, mesh_obj, m.config)
@@ -451,55 +263,35 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
         console.rule(f"[bold]{ci + 1}/{len(candidates)} {cand.name}[/bold] ({cand.params / 1e6:.2f}M params)")
         t0 = time.perf_counter()
         with PhaseProgress(console) as progress:
-            cfg, params, dropped = prune_candidate(m.config, m.params, cand, shared, progress)
+            cfg, params, dropped = prune_candidate(importance, cand, settings.depth_metric, progress)
         builds_before = cache.builds
-        ts, eval_step = cache.get(cfg)
-        state = init_train_state(rc, mesh_obj, cfg, m.config, params)
+        steps = cache.get(cfg)
+        # The same batches in the same order for every candidate: each run starts a fresh iterator.
+        try:
+            run = loop.start(rc, mesh_obj, cfg, m.config, teacher_params, train_ds, val_batches,
+                             student_params=params, steps=steps)
+        except loop.NonFiniteLossError as e:
+            raise NASError(f"{cand.name}: {e}") from None
         del params
-        it = inputs.train_iterator(rc, train_ds)  # the same batches in the same order for every candidate
-        curve, train_loss = [], []
-        val = _validate(eval_step, state.params, teacher_params, val_batches, ts.batch_shardings,
-                        settings.batch_size)
-        curve.append({"step": 0, **val})
-        compile_s = None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("distill"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                      TextColumn("{task.fields[stats]}"), console=console) as bar:
-            task = bar.add_task("distill", total=settings.steps, stats="")
-            for step in range(1, settings.steps + 1):
-                ts0 = time.perf_counter()
-                state, metrics = ts.step(state, teacher_params,
-                                         inputs.to_global(next(it), ts.batch_shardings, settings.batch_size))
-                loss = float(jax.device_get(metrics["loss"]))
-                if compile_s is None:
-                    compile_s = time.perf_counter() - ts0
-                if not math.isfinite(loss):
-                    raise NASError(f"{cand.name}: non-finite loss at step {step}; lower --peak-lr")
-                train_loss.append(loss)
-                if step in settings.eval_steps:
-                    val = _validate(eval_step, state.params, teacher_params, val_batches, ts.batch_shardings,
-                                    settings.batch_size)
-                    curve.append({"step": step, **val})
-                bar.update(task, completed=step, stats=f"loss {loss:.4f}  val {settings.rank_by} "
-                                                       f"{curve[-1][settings.rank_by]:.4f} @ {curve[-1]['step']}")
-        seconds = time.perf_counter() - t0
-        final = curve[-1][settings.rank_by]
-        record = {"candidate": cand.to_dict(), "dropped_layers": dropped, "curve": curve, "train_loss": train_loss,
-                  "seconds": seconds, "first_step_seconds": compile_s, "new_compile": cache.builds > builds_before,
-                  "settings": settings_key}
-        console.print(f"{cand.name}: val {settings.rank_by} {curve[0][settings.rank_by]:.4f} after pruning → "
-                      f"{final:.4f} after {settings.steps} steps ({seconds:.0f}s)")
-        if best is None or final < best[0]:
-            from minitron_jax.train.state import student_params_to_host
-
-            save_hf(out / "winner", cfg, student_params_to_host(state), tokenizer=m.tokenizer, overwrite=True,
-                    sources=[model_path])
-            best = (final, cand.name)
-            write_json_atomic(best_file, {"loss": final, "name": cand.name, "settings": settings_key})
+        try:
+            curve, train_loss, compile_s = _distill(run, cand, settings, console)
+            seconds = time.perf_counter() - t0
+            final = curve[-1][settings.rank_by]
+            record = {"candidate": cand.to_dict(), "dropped_layers": dropped, "curve": curve,
+                      "train_loss": train_loss, "seconds": seconds, "first_step_seconds": compile_s,
+                      "new_compile": cache.builds > builds_before, "settings": settings_key}
+            console.print(f"{cand.name}: val {settings.rank_by} {curve[0][settings.rank_by]:.4f} after pruning → "
+                          f"{final:.4f} after {settings.steps} steps ({seconds:.0f}s)")
+            if best is None or final < best[0]:
+                save_hf(out / "winner", cfg, student_params_to_host(run.state), tokenizer=m.tokenizer,
+                        overwrite=True, sources=[model_path])
+                best = (final, cand.name)
+                write_json_atomic(best_file, {"loss": final, "name": cand.name, "settings": settings_key})
+        finally:
+            run.close()
         write_json_atomic(done_file, record)
         results.append(record)
-        del state
+        del run
 
     report = _report(results, settings, target_params, tolerance, len(all_cands), m.config, out, importance_s,
                      cache.builds, time.perf_counter() - t_start)
@@ -516,8 +308,6 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
 
 def _report(results, settings: SearchSettings, target, tolerance, n_enumerated, base: LlamaConfig, out: Path,
             importance_s: float, builds: int, wall: float) -> dict[str, Any]:
-    from minitron_jax.pipeline import write_json_atomic
-
     steps = [p["step"] for p in results[0]["curve"]]
     losses = [[r["curve"][k][settings.rank_by] for r in results] for k in range(len(steps))]
     trained = ranking_stability(steps[1:], losses[1:])
@@ -537,7 +327,7 @@ def _report(results, settings: SearchSettings, target, tolerance, n_enumerated, 
     return report
 
 
-def _candidates_table(cands: Sequence[Candidate], base: LlamaConfig):
+def candidates_table(cands: Sequence[Candidate], base: LlamaConfig):
     from rich.table import Table
 
     t = Table(title=f"candidates (base {base.describe()}, {count_params(base):,} params)")
@@ -614,91 +404,3 @@ def _plot(report, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ======================================================================================================================
-# CLI
-# ======================================================================================================================
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-@cli_exit
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minitron_jax.nas",
-                                 description="Enumerate width/depth candidates near a parameter budget, prune each "
-                                             "from one importance pass, distill briefly, rank, export the winner.")
-    ap.add_argument("--model", required=True, help="HF directory, .gguf or minitron_jax checkpoint (asset:NAME too)")
-    ap.add_argument("--target-params", required=True, help="e.g. 90M, 0.09B, 90000000")
-    ap.add_argument("--tolerance", type=float, default=0.05, help="candidates within ±this fraction (default 0.05)")
-    ap.add_argument("--steps", type=int, default=400, help="distillation steps per candidate (paper: ~400)")
-    ap.add_argument("--eval-steps", type=_int_list, default=None,
-                    help="steps at which to evaluate and rank (default: 4 evenly spaced, ending at --steps)")
-    ap.add_argument("--out", default="runs/nas", help="output directory (default runs/nas)")
-    ap.add_argument("--data", default="asset:wikipedia", help="distillation/validation text (default asset:wikipedia)")
-    ap.add_argument("--calib", default="asset:owt", help="calibration text (default asset:owt)")
-    ap.add_argument("--max-candidates", type=int, default=8, help="search at most N (evenly spread; 0: all)")
-    ap.add_argument("--hidden-grid", type=_int_list, help="hidden sizes to try (default: D − k·64 down to D/2)")
-    ap.add_argument("--ffn-grid", type=_int_list, help="FFN sizes to try (default: F − k·F/12 down to F/2)")
-    ap.add_argument("--heads-grid", type=_int_list, help="query heads per KV group to try (default: all)")
-    ap.add_argument("--layers-grid", type=_int_list, help="layer counts to try (default: L − k·step down to L/2)")
-    ap.add_argument("--depth-metric", default="bi", help="which layers go: bi (free, from the same pass), ppl or "
-                                                         "contiguous (extra layer-drop scans)")
-    ap.add_argument("--list", action="store_true", help="print the candidates and exit")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--peak-lr", type=float, default=1e-4)
-    ap.add_argument("--min-lr", type=float, default=1e-5)
-    ap.add_argument("--warmup-steps", type=int, default=10)
-    ap.add_argument("--val-rows", type=int, default=16,
-                    help="validate on at least this many rows' worth of documents held out of --data")
-    ap.add_argument("--val-batches", type=int, default=2)
-    ap.add_argument("--rank-by", choices=RANK_BY, default="ce", help="validation CE (default) or KL to the teacher")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--depth-samples", type=int, default=2, help="windows for the ppl/contiguous layer scans")
-    ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except (NASError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _run(args) -> int:
-    from minitron_jax.convert import read_source_config
-    from minitron_jax.train.config import resolve_path
-
-    target = parse_params(args.target_params)
-    model = resolve_path(args.model)
-    config = read_source_config(model)
-    grids = {"hidden": args.hidden_grid, "ffn": args.ffn_grid, "heads_per_group": args.heads_grid,
-             "layers": args.layers_grid}
-    cands = enumerate_candidates(config, target, args.tolerance, grids)
-    if args.list:
-        from rich.console import Console
-
-        chosen = select_spread(cands, args.max_candidates)
-        Console().print(_candidates_table(chosen, config))
-        print(f"{len(cands)} candidates within ±{args.tolerance:.0%} of {target:,}; {len(chosen)} would be searched")
-        return 0
-    eval_steps = args.eval_steps or sorted({max(1, round(args.steps * k / 4)) for k in (1, 2, 3, 4)})
-    settings = SearchSettings(steps=args.steps, eval_steps=tuple(eval_steps), seq_len=args.seq_len,
-                              batch_size=args.batch_size, peak_lr=args.peak_lr, min_lr=args.min_lr,
-                              warmup_steps=args.warmup_steps, val_rows=args.val_rows, val_batches=args.val_batches,
-                              rank_by=args.rank_by, compute_dtype=args.compute_dtype, calib_samples=args.calib_samples,
-                              calib_seq_len=args.calib_seq_len, depth_samples=args.depth_samples,
-                              depth_metric=args.depth_metric, seed=args.seed)
-    settings.check()
-    run_search(model, target, out=args.out, train_text=resolve_path(args.data), calib_text=resolve_path(args.calib),
-               tolerance=args.tolerance, settings=settings, grids=grids, max_candidates=args.max_candidates)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,9 @@ attention heads    ``q_per_kv`` [L, K, G'] per layer and KV group, so every grou
 depth              ``layer``    [L'] the layers kept
 =================  ===========  ======================================================================================
 
-Ranks come from :mod:`minitron_jax.compress.importance`; :class:`PruneSpec` + :func:`prune_from_spec` run the
-whole recipe (calibrate, rank, slice) and are what the distillation trainer calls to build a student.
+Ranks come from :mod:`minitron_jax.compress.importance` (one :class:`~minitron_jax.compress.importance.Importance`
+object); :class:`PruneSpec` + :func:`prune_from_spec` run the whole recipe (calibrate, rank, slice);
+:func:`prune_student` is what the distill command hands the trainer to build a student given as ``student.prune``.
 
 The command is ``python -m minitron_jax.prune`` (:mod:`minitron_jax.cli.prune`, docs/pruning.md); its output is
 what :func:`save_pruned` writes: a directory with an HF model (with the tokenizer), ``importance.npz`` (``heads``
@@ -275,6 +276,13 @@ class PruneSpec:
     def needs_calibration(self) -> bool:
         return (self.prunes_width and self.importance == "activation") or self.ranks_layers
 
+    @property
+    def calibration(self) -> imp.CalibrationSettings:
+        """How importance is measured for this spec (the layer scans use every calibration window)."""
+        return imp.CalibrationSettings(calib_samples=self.calib_samples, seq_len=self.seq_len,
+                                       batch_size=self.batch_size, seq_agg=self.seq_agg, batch_agg=self.batch_agg,
+                                       preact=self.preact, dtype=self.dtype)
+
 
 def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
     if value is None and optional:
@@ -323,34 +331,22 @@ def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
     )
 
 
-def calibration_windows(tokenizer, text: str, spec: PruneSpec) -> np.ndarray:
-    """At most ``calib_samples`` windows of ``seq_len`` tokens, by the shared text rules of ``minitron_jax.data``."""
-    from minitron_jax.data import token_windows
-
-    return token_windows(tokenizer, text, spec.seq_len, spec.calib_samples * spec.seq_len)
-
-
-def rank(config: LlamaConfig, params: Params, spec: PruneSpec, windows: np.ndarray | None,
+def rank(importance: imp.Importance, spec: PruneSpec,
          progress: imp.Progress | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Importance arrays on the unpruned model for what ``spec`` prunes, and the seconds each phase took."""
-    dtype = DTYPES[spec.dtype]
+    """Importance arrays on the unpruned model (``importance``'s) for what ``spec`` prunes, and the seconds each
+    phase took. The calibration pass and the layer scans run here unless ``importance`` already holds them."""
     timings: dict[str, float] = {}
-    stats = None
     if (spec.prunes_width and spec.importance == "activation") or (spec.ranks_layers and spec.depth_metric == "bi"):
-        t0 = time.perf_counter()
-        stats = imp.collect_activation_stats(config, params, windows, batch_size=spec.batch_size, dtype=dtype,
-                                             progress=progress)
-        timings["calibration_pass_s"] = time.perf_counter() - t0
-        timings["calibration_tokens_per_s"] = windows.size / timings["calibration_pass_s"]
+        importance.activation_stats(progress)
+        timings["calibration_pass_s"] = importance.timings["calibration_pass_s"]
+        timings["calibration_tokens_per_s"] = importance.windows.size / timings["calibration_pass_s"]
     scores: dict[str, np.ndarray] = {}
     if spec.prunes_width:
-        scores.update(imp.width_importance(config, params, spec.importance, stats=stats, seq_agg=spec.seq_agg,
-                                           batch_agg=spec.batch_agg, preact=spec.preact, seed=spec.seed))
+        scores.update(importance.width(spec.importance, seq_agg=spec.seq_agg, batch_agg=spec.batch_agg,
+                                       preact=spec.preact, seed=spec.seed))
     if spec.ranks_layers:
         t0 = time.perf_counter()
-        scores["layers"] = imp.layer_importance(config, params, spec.depth_metric, windows=windows, stats=stats,
-                                                block_size=spec.drop_layers, batch_size=spec.batch_size,
-                                                dtype=dtype, progress=progress)
+        scores["layers"] = importance.layers(spec.depth_metric, spec.drop_layers, progress=progress)
         timings["layer_metric_s"] = time.perf_counter() - t0
     return scores, timings
 
@@ -385,7 +381,7 @@ def apply_plan(config: LlamaConfig, params: Params, keep: dict[str, Any]) -> tup
 
 def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneSpec, calib_text: str | None, *,
                     progress: imp.Progress | None = None) -> tuple[LlamaConfig, Params, dict[str, Any]]:
-    """Calibrate, rank and slice: the whole Minitron pruning step. Stable API (the distillation trainer calls it).
+    """Calibrate, rank and slice: the whole Minitron pruning step. Stable API (:func:`prune_student` calls it).
 
     Args:
       config, params: the unpruned model (host numpy or device arrays; slices stay where the inputs are).
@@ -414,8 +410,8 @@ def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneS
         if calib_text is None or tokenizer is None:
             raise ValueError(f"{'activation importance' if spec.prunes_width else 'the depth metric'} needs "
                              "calibration text and a tokenizer")
-        windows = calibration_windows(tokenizer, calib_text, spec)
-    scores, timings = rank(config, params, spec, windows, progress)
+        windows = imp.calibration_windows(tokenizer, calib_text, spec.calibration)
+    scores, timings = rank(imp.Importance(config, params, windows, spec.calibration), spec, progress)
     t0 = time.perf_counter()
     keep = plan(config, spec, scores)
     new_config, new_params = apply_plan(config, params, keep)
@@ -435,6 +431,21 @@ def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneS
         "importance": scores,
     }
     return new_config, new_params, report
+
+
+def prune_student(teacher, options: dict[str, Any], calib: str, log=print) -> tuple[LlamaConfig, Params, dict]:
+    """A distillation student given as a pruning spec: the teacher (a ``convert.LoadedModel``) pruned by a run
+    config's ``student.prune`` options, calibrated on the text at ``calib`` (``student.calib``, resolved).
+
+    The distill command hands this to the trainer (``train.loop.run(rc, prune_student=prune_student)``), which calls
+    it on a fresh start only (a resumed run's student comes from its checkpoint): ``train/`` never imports
+    ``compress/``. Raises ValueError / FileNotFoundError for a bad spec or calibration text."""
+    from minitron_jax.data import read_text
+
+    spec = PruneSpec.from_dict(options)
+    text = read_text(calib)
+    log(f"pruning the teacher on the fly: {options}")
+    return prune_from_spec(teacher.config, teacher.params, teacher.tokenizer, spec, text)
 
 
 def _kept_for_report(config: LlamaConfig, keep: dict[str, Any]) -> dict[str, Any]:

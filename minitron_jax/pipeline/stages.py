@@ -276,33 +276,25 @@ class Pipeline:
         return {**res, "params": count_params(cfg), "arch": _arch(cfg)}
 
     def _importance(self, teacher_path: str, calib_text: str) -> dict[str, Any]:
+        import dataclasses
+
         from minitron_jax.compress import importance as imp
-        from minitron_jax.data import read_text, token_windows
-        from minitron_jax.evaluate.perplexity import DTYPES
+        from minitron_jax.data import read_text
         from minitron_jax.fsutil import atomic_directory
 
         i = self.pc.importance
         m = self._load(teacher_path)
-        windows = token_windows(m.tokenizer, read_text(calib_text), i.seq_len, i.calib_samples * i.seq_len)
-        dtype = DTYPES[i.dtype]
-        timings = {}
+        importance = imp.Importance.from_text(m.config, m.params, m.tokenizer, read_text(calib_text),
+                                              imp.CalibrationSettings(**dataclasses.asdict(i)))
+        windows = importance.windows
         with PhaseProgress(self.console) as progress:
-            t0 = time.perf_counter()
-            stats = imp.collect_activation_stats(m.config, m.params, windows, batch_size=i.batch_size, dtype=dtype,
-                                                 progress=progress)
-            timings["calibration_pass_s"] = time.perf_counter() - t0
-            arrays = dict(stats.width_scores(i.seq_agg, i.batch_agg, i.preact))
-            arrays["bi"] = stats.block_importance()
+            importance.activation_stats(progress)
             for metric, k in self._depth_needs():
-                t0 = time.perf_counter()
-                depth_windows = windows[: i.depth_samples]  # a batch no larger than them: no padded rows
-                arrays[f"layers_{metric}_{k}"] = imp.layer_importance(
-                    m.config, m.params, metric, windows=depth_windows, stats=stats, block_size=k,
-                    batch_size=min(i.batch_size, len(depth_windows)), dtype=dtype, progress=progress)
-                timings[f"layers_{metric}_{k}_s"] = time.perf_counter() - t0
+                importance.layers(metric, k, progress=progress)
+        timings = dict(importance.timings)
         out = self.run_dir / "importance"
         with atomic_directory(out, overwrite=True) as tmp:
-            np.savez(tmp / "importance.npz", **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+            importance.save(tmp / "importance.npz")
         self.console.print(f"calibration: {len(windows)} windows × {windows.shape[1]} tokens "
                            f"({timings['calibration_pass_s']:.1f}s); depth scans on "
                            f"{min(len(windows), i.depth_samples)}"
@@ -311,6 +303,7 @@ class Pipeline:
                 "timings": timings}
 
     def _prune(self, student: str, teacher_path: str, importance: dict[str, Any]) -> dict[str, Any]:
+        from minitron_jax.compress import importance as imp
         from minitron_jax.compress import prune
         from minitron_jax.convert.hf import save_hf
         from minitron_jax.fsutil import atomic_directory
@@ -331,10 +324,10 @@ class Pipeline:
             config = prune.target_config(m.config, spec)
             params = jax.tree.map(np.asarray, init_params(config, jax.random.key(spec_cfg.seed)))
         else:
-            with np.load(importance["path"]) as z:
-                scores = {k: z[k] for k in ("heads", "neurons", "channels")}
-                if spec.ranks_layers:
-                    scores["layers"] = z[f"layers_{spec.depth_metric}_{spec.drop_layers}"]
+            saved = imp.Importance.load(importance["path"])
+            scores = saved.width()
+            if spec.ranks_layers:
+                scores["layers"] = saved.layers(spec.depth_metric, spec.drop_layers)
             keep = prune.plan(m.config, spec, scores)
             config, params = prune.apply_plan(m.config, m.params, keep)
             kept = {"dropped_layers": [int(x) for x in keep["drop_layers"]]}

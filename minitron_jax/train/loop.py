@@ -1,5 +1,13 @@
 """The training loop: set up a run, resume it if it has checkpoints, step, validate, checkpoint, export.
 
+The loop is made of pieces that other searches reuse (NAS trains its candidates with them):
+
+- :func:`start` → a :class:`Run`: the compiled train/eval steps, the placed teacher, the state (fresh from given
+  params, or restored from a checkpoint), the batch iterator and the validation batches;
+- :func:`setup`: :func:`start` for a whole run config (models, data, checkpoints, run files);
+- :func:`train_steps`: ``n`` checked updates; :func:`validate`: the validation losses;
+- :func:`run`: ``setup`` + ``train_steps`` with logging, validation and checkpoints after each step + export.
+
 Invariants the loop keeps:
 
 - **Exact resume.** A checkpoint at step k holds the state after k updates and the iterator position after the
@@ -23,20 +31,21 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from minitron_jax.config import LlamaConfig
 from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.sharding import make_mesh
 from minitron_jax.train import inputs
 from minitron_jax.train.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer
 from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
-from minitron_jax.train.models import RunModels, load_run_models
+from minitron_jax.train.models import RunModels, StudentPruner, load_run_models
 from minitron_jax.train.observe import Reporter, step_flops_per_token
 from minitron_jax.train.state import TrainState, abstract_train_state, init_train_state, place_teacher
-from minitron_jax.train.step import build_eval_step, build_train_step
+from minitron_jax.train.step import TrainStep, build_eval_step, build_train_step
 
 
 class NonFiniteLossError(NonFiniteError, RuntimeError):
@@ -84,6 +93,7 @@ def _write_run_files(rc: RunConfig, run_dir: Path, models: RunModels, resuming: 
         models.teacher_config.to_json_file(run_dir / TEACHER_DIR / "config.json")
 
 
+@functools.lru_cache(maxsize=8)
 def _finite_checker(mesh) -> Any:
     """``tree -> first non-finite leaf path or None``: one jitted all-finite reduction per floating leaf, so the
     state is read once on device and only a vector of booleans comes to the host.
@@ -91,7 +101,8 @@ def _finite_checker(mesh) -> Any:
     Checking the loss is not enough: it is computed *before* the update, so an update that overflows (a huge LR,
     an inf second moment) leaves NaN/inf params or optimizer state behind a finite loss, and that state would be
     the one checkpointed. The reduction reads the state once, which is small next to a step that reads it several
-    times over. Its result is replicated so every process can read it, multi-host included."""
+    times over. Its result is replicated so every process can read it, multi-host included. One checker per mesh,
+    so runs on one mesh (a search's candidates) share its compiled reductions."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -135,6 +146,159 @@ def _validate(eval_step, state: TrainState, teacher_params, batches, shardings, 
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """A run being trained: what :func:`train_steps` and :func:`validate` work on. Close it when done."""
+
+    rc: RunConfig
+    mesh: Any
+    student_config: LlamaConfig
+    teacher_config: LlamaConfig | None
+    train_step: TrainStep
+    eval_step: Any  # jitted (trainable, teacher_params, batch) -> sums; None without validation batches
+    teacher_params: Any  # placed on the mesh ({} without a teacher)
+    train_rows: int
+    val_batches: list[dict[str, np.ndarray]]
+    state: TrainState
+    step: int  # updates done
+    batches: inputs.Prefetcher  # yields (local batch, iterator position after it)
+    data_state: dict | None = None  # iterator position after the last batch trained on: what a checkpoint saves
+    checkpointer: Checkpointer | None = None
+    resumed_from: int | None = None
+    models: RunModels | None = None  # setup()'s models (params dropped once placed)
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per-step metrics, this invocation
+
+    def close(self) -> None:
+        """Stop the batch reader and close the checkpointer (waiting for saves in flight)."""
+        self.batches.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
+def start(rc: RunConfig, mesh, student_config: LlamaConfig, teacher_config: LlamaConfig | None, teacher_params,
+          train_ds, val_batches: list, *, student_params=None, resume_step: int | None = None,
+          checkpointer: Checkpointer | None = None, steps: tuple[TrainStep, Any] | None = None,
+          log: Callable[[str], None] = print) -> Run:
+    """A :class:`Run` of ``rc``'s training for ``student_config``: a fresh state around ``student_params``, or the
+    state and data position of checkpoint ``resume_step`` of ``checkpointer``.
+
+    ``teacher_params`` are already placed (``state.place_teacher``); ``train_ds`` and ``val_batches`` come from
+    ``inputs.build_datasets`` / ``inputs.validation_batches``. ``steps`` = ``(train step, eval step)`` built earlier
+    for this shape (a search reuses them across candidates); otherwise they are built here. The state is checked
+    for NaN/inf before anything trains from it (:class:`NonFiniteLossError`). ``checkpointer`` is kept on the Run
+    (closed with it) and named in non-finite errors."""
+    if steps is None:
+        steps = (build_train_step(rc, mesh, student_config, teacher_config),
+                 build_eval_step(rc, mesh, student_config, teacher_config) if val_batches else None)
+    ts, eval_step = steps
+    first_nonfinite = _finite_checker(mesh)
+    if resume_step is not None:
+        state, data_state = _restore(checkpointer, resume_step,
+                                     abstract_train_state(rc, mesh, student_config, teacher_config))
+        log(f"resumed {Path(rc.run_dir).absolute()} at step {resume_step}")
+    else:
+        state, data_state = init_train_state(rc, mesh, student_config, teacher_config, student_params), None
+    bad = first_nonfinite(state)
+    if bad is not None:  # a checkpoint from before this check, or a model that is NaN already
+        where = (f"checkpoint step {resume_step} in {checkpointer.directory}" if resume_step is not None
+                 else "the initial state")
+        raise NonFiniteLossError(f"{where} holds non-finite values (first: {bad}); refusing to train from it")
+    step = int(jax.device_get(state.step))
+    batches = inputs.Prefetcher(inputs.train_iterator(rc, train_ds, data_state))
+    return Run(rc, mesh, student_config, teacher_config, ts, eval_step, teacher_params, len(train_ds), val_batches,
+               state, step, batches, data_state, checkpointer, resume_step)
+
+
+def setup(rc: RunConfig, *, prune_student: StudentPruner | None = None,
+          log: Callable[[str], None] = print) -> Run:
+    """The :class:`Run` that ``rc`` describes: models loaded (a student given as ``student.prune`` is built by
+    ``prune_student``, see ``train.models``), data built, resumed from the run dir's latest checkpoint if it has
+    one; config.yaml and the model descriptions written only once all of that has passed (process 0).
+
+    Does not take the run dir's lock; :func:`run` does."""
+    _setup_jax(rc)
+    run_dir = Path(rc.run_dir).absolute()
+    mesh = make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, rc.checkpoint)
+    r = None
+    try:
+        latest = ckpt.latest_step()
+        if latest is not None and not rc.train.resume:
+            raise RunConfigError(f"{run_dir} already has checkpoints (latest step {latest}) and train.resume is "
+                                 "false: pick a new run_dir or resume")
+        models = load_run_models(rc, run_dir if latest is not None else None, log=log, prune_student=prune_student)
+        student_cfg, teacher_cfg = models.student_config, models.teacher_config
+        train_ds, val_ds = inputs.build_datasets(rc, models.tokenizer)
+        val_batches = inputs.validation_batches(rc, val_ds)
+        teacher_params = place_teacher(rc, mesh, teacher_cfg, models.teacher_params) if teacher_cfg else {}
+        models.teacher_params = None  # the host copy is no longer needed
+        r = start(rc, mesh, student_cfg, teacher_cfg, teacher_params, train_ds, val_batches,
+                  student_params=models.student_params, resume_step=latest, checkpointer=ckpt, log=log)
+        models.student_params = None
+        r.models = models
+        # Only now, with the models loaded and compatible, the data built and the checkpoint restored, has
+        # everything that can refuse this run passed: a refused run leaves the run dir's files as they were.
+        if jax.process_index() == 0:
+            _write_run_files(rc, run_dir, models, resuming=latest is not None)
+        return r
+    except BaseException:
+        if r is not None:
+            r.close()
+        else:
+            ckpt.close()
+        raise
+
+
+def train_steps(run: Run, n: int, on_step: Callable[[Run, dict[str, float], float], None] | None = None,
+                ) -> list[dict[str, float]]:
+    """``n`` updates of ``run.state``, each on the next batch; returns their metrics (``{"step", **metrics}``, also
+    appended to ``run.history``).
+
+    Every step's loss and gradient norm, and the updated state itself, are checked before anything sees them: a
+    non-finite value raises :class:`NonFiniteLossError`. ``on_step(run, metrics, seconds)`` runs after each
+    checked step (log, validate, checkpoint)."""
+    rc, ts, done = run.rc, run.train_step, []
+    first_nonfinite = _finite_checker(run.mesh)
+    for _ in range(n):
+        local, run.data_state = next(run.batches)
+        start_time = time.perf_counter()
+        run.state, metrics = ts.step(run.state, run.teacher_params,
+                                     inputs.to_global(local, ts.batch_shardings, rc.data.batch_size))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        seconds = time.perf_counter() - start_time
+        run.step += 1
+        step = run.step
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}); "
+                f"stopped without saving it. {_latest_good(run.checkpointer)}. Lower optim.peak_lr, check the "
+                "data, or set optim.grad_clip.")
+        # Every state is checked, not only the ones saved: so every checkpoint (and the export) is finite, and
+        # metrics.jsonl never holds a line for a step whose result was refused.
+        bad = first_nonfinite(run.state)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"non-finite state after step {step} (first: {bad}; loss {metrics['loss']}, grad norm "
+                f"{metrics['grad_norm']}); stopped without saving it. {_latest_good(run.checkpointer)}. Lower "
+                "optim.peak_lr or set optim.grad_clip.")
+        record = {"step": step, **metrics}
+        run.history.append(record)
+        done.append(record)
+        if on_step is not None:
+            on_step(run, metrics, seconds)
+    return done
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Validation CE (``ce``, ``ppl``), token count and KL to the teacher (``kl``, with one) of ``run.state`` on
+    ``run.val_batches``."""
+    return _validate(run.eval_step, run.state, run.teacher_params, run.val_batches, run.train_step.batch_shardings,
+                     run.rc)
+
+
 def _holding_run_dir_lock(fn):
     """Run ``fn(rc, ...)`` holding ``rc.run_dir``'s lock, taken before anything is written (fsutil.lock_directory).
 
@@ -161,111 +325,65 @@ def _holding_run_dir_lock(fn):
 
 
 @_holding_run_dir_lock
-def run(rc: RunConfig, *, keep_state: bool = False) -> RunResult:
-    """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss or state."""
-    _setup_jax(rc)
+def run(rc: RunConfig, *, keep_state: bool = False, prune_student: StudentPruner | None = None) -> RunResult:
+    """Run (or resume) the training described by ``rc``. Raises NonFiniteLossError on a NaN/inf loss or state.
+
+    ``prune_student`` builds a student given as ``student.prune`` (the distill command passes
+    ``minitron_jax.compress.prune.prune_student``; ``train`` never imports ``compress``)."""
     is_main = jax.process_index() == 0
-    run_dir = Path(rc.run_dir).absolute()
-    mesh = make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, rc.checkpoint)
+    log = print if is_main else (lambda *_: None)
+    r = None
     reporter = None
-    prefetch = None
     try:
-        latest = ckpt.latest_step()
-        if latest is not None and not rc.train.resume:
-            raise RunConfigError(f"{run_dir} already has checkpoints (latest step {latest}) and train.resume is "
-                                 "false: pick a new run_dir or resume")
-        log = print if is_main else (lambda *_: None)
-        models = load_run_models(rc, run_dir if latest is not None else None, log=log)
-        student_cfg, teacher_cfg = models.student_config, models.teacher_config
-        train_ds, val_ds = inputs.build_datasets(rc, models.tokenizer)
-        val_batches = inputs.validation_batches(rc, val_ds)
-
-        ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
-        eval_step = build_eval_step(rc, mesh, student_cfg, teacher_cfg) if val_batches else None
-        teacher_params = place_teacher(rc, mesh, teacher_cfg, models.teacher_params) if teacher_cfg else {}
-        models.teacher_params = None  # the host copy is no longer needed
-
-        first_nonfinite = _finite_checker(mesh)
-        if latest is not None:
-            state, data_state = _restore(ckpt, latest, abstract_train_state(rc, mesh, student_cfg, teacher_cfg))
-            log(f"resumed {run_dir} at step {latest}")
-        else:
-            state, data_state = init_train_state(rc, mesh, student_cfg, teacher_cfg, models.student_params), None
-        models.student_params = None
-        bad = first_nonfinite(state)
-        if bad is not None:  # a checkpoint from before this check, or a model that is NaN already
-            where = f"checkpoint step {latest} in {ckpt.directory}" if latest is not None else "the initial state"
-            raise NonFiniteLossError(f"{where} holds non-finite values (first: {bad}); refusing to train from it")
-        step = int(jax.device_get(state.step))
+        r = setup(rc, prune_student=prune_student, log=log)
+        ckpt, student_cfg, teacher_cfg, mesh = r.checkpointer, r.student_config, r.teacher_config, r.mesh
+        run_dir = Path(rc.run_dir).absolute()
         stop = rc.train.stop_at or rc.train.steps
-        prefetch = inputs.Prefetcher(inputs.train_iterator(rc, train_ds, data_state))
-        # Only now, with the models loaded and compatible, the data built and the checkpoint restored, has
-        # everything that can refuse this run passed: a refused run leaves the run dir's files as they were.
-        if is_main:
-            _write_run_files(rc, run_dir, models, resuming=latest is not None)
-
         tokens_per_step = rc.data.batch_size * rc.data.seq_len
-        reporter = Reporter(run_dir, total_steps=rc.train.steps, start_step=step,
+        reporter = Reporter(run_dir, total_steps=rc.train.steps, start_step=r.step,
                             flops_per_token=step_flops_per_token(student_cfg, teacher_cfg, rc.data.seq_len),
                             devices=list(mesh.devices.flat),
                             progress=rc.log.progress, tensorboard=rc.log.tensorboard, log_every=rc.train.log_every,
                             enabled=is_main)
         log(f"{rc.mode}: {'student' if teacher_cfg else 'trained model'} {student_cfg.describe()}"
             + (f" | teacher {teacher_cfg.describe()}" if teacher_cfg else "")
-            + f" | mesh {dict(mesh.shape)} | {len(train_ds)} train rows, {len(val_batches)} val batches")
-        history, validations = [], []
+            + f" | mesh {dict(mesh.shape)} | {r.train_rows} train rows, {len(r.val_batches)} val batches")
+        validations = []
         first = True
-        while step < stop:
-            local, data_state = next(prefetch)
-            start = time.perf_counter()
-            state, metrics = ts.step(state, teacher_params, inputs.to_global(local, ts.batch_shardings,
-                                                                              rc.data.batch_size))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-            seconds = time.perf_counter() - start
-            step += 1
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}); "
-                    f"stopped without saving it. {_latest_good(ckpt)}. Lower optim.peak_lr, check the data, or "
-                    "set optim.grad_clip.")
-            # Every state is checked, not only the ones saved: so every checkpoint (and the export) is finite, and
-            # metrics.jsonl never holds a line for a step whose result was refused.
-            bad = first_nonfinite(state)
-            if bad is not None:
-                raise NonFiniteLossError(
-                    f"non-finite state after step {step} (first: {bad}; loss {metrics['loss']}, grad norm "
-                    f"{metrics['grad_norm']}); stopped without saving it. {_latest_good(ckpt)}. Lower "
-                    "optim.peak_lr or set optim.grad_clip.")
-            history.append({"step": step, **metrics})
-            reporter.step(step, metrics, seconds=seconds, tokens=tokens_per_step, compiled=first)
-            first = False
 
-            if eval_step is not None and ((rc.train.eval_every and step % rc.train.eval_every == 0)
-                                          or step == rc.train.steps):
-                val = _validate(eval_step, state, teacher_params, val_batches, ts.batch_shardings, rc)
-                validations.append({"step": step, **val})
-                reporter.validation(step, val)
-            if step % rc.checkpoint.every == 0 or step == stop:
-                ckpt.save(step, state, data_state, {"step": step, "mode": rc.mode, "time": time.time()})
+        def after_step(r: Run, metrics: dict[str, float], seconds: float) -> None:
+            nonlocal first
+            reporter.step(r.step, metrics, seconds=seconds, tokens=tokens_per_step, compiled=first)
+            first = False
+            if r.eval_step is not None and ((rc.train.eval_every and r.step % rc.train.eval_every == 0)
+                                            or r.step == rc.train.steps):
+                val = validate(r)
+                validations.append({"step": r.step, **val})
+                reporter.validation(r.step, val)
+            if r.step % rc.checkpoint.every == 0 or r.step == stop:
+                ckpt.save(r.step, r.state, r.data_state, {"step": r.step, "mode": rc.mode, "time": time.time()})
+
+        train_steps(r, max(stop - r.step, 0), on_step=after_step)
         ckpt.wait()
 
         export_path = None
-        if step == rc.train.steps and rc.export.at_end:
-            params = _host_params(state.params["model"])
+        if r.step == rc.train.steps and rc.export.at_end:
+            params = _host_params(r.state.params["model"])
             if is_main:
                 export_path = _export(rc, run_dir, student_cfg, params)
                 log(f"exported the student to {export_path}")
-        return RunResult(run_dir, step, latest, history, validations, export_path, state if keep_state else None)
+        return RunResult(run_dir, r.step, r.resumed_from, r.history, validations, export_path,
+                         r.state if keep_state else None)
     finally:
-        if prefetch is not None:
-            prefetch.close()
+        if r is not None:
+            r.close()
         if reporter is not None:
             reporter.close()
-        ckpt.close()
 
 
-def _latest_good(ckpt: Checkpointer) -> str:
+def _latest_good(ckpt: Checkpointer | None) -> str:
+    if ckpt is None:
+        return "This run keeps no checkpoints"
     latest = ckpt.latest_step()
     return (f"Latest good checkpoint: step {latest} in {ckpt.directory}" if latest is not None
             else f"No checkpoint was written yet in {ckpt.directory}")

@@ -13,6 +13,10 @@ sft                  ``student.path`` (CE on        none                    the 
 
 A resumed run does not load (or re-prune) the trained model: its config comes from the run directory and its
 params from the checkpoint.
+
+Pruning is not done here: ``train/`` never imports ``compress/``. A student given as ``student.prune`` is built by
+the ``prune_student`` function the caller passes (:data:`StudentPruner`; the distill command passes
+``minitron_jax.compress.prune.prune_student``), and only on a fresh start.
 """
 
 from __future__ import annotations
@@ -62,22 +66,26 @@ def _load(path: str, what: str, progress: Callable[[str], None] | None = None):
         raise RunConfigError(f"cannot load {what} from {path}: {e}") from None
 
 
-def prune_student(rc: RunConfig, teacher, log: Callable[[str], None]):
-    """Apply ``student.prune`` (PruneSpec fields) to the teacher, with ``student.calib`` as calibration text."""
-    from minitron_jax.compress import prune
-    from minitron_jax.data import read_text
+# (teacher LoadedModel, student.prune options, student.calib resolved to a path, log) → (student config, params,
+# pruning report); raises ValueError / FileNotFoundError for a bad spec or calibration text.
+StudentPruner = Callable[[Any, dict, str, Callable[[str], None]], tuple[LlamaConfig, Params, Any]]
 
+
+def _pruned_student(rc: RunConfig, teacher, prune_student: StudentPruner | None, log: Callable[[str], None]):
+    """The teacher pruned by ``student.prune`` (PruneSpec fields), with ``student.calib`` as calibration text."""
+    if prune_student is None:
+        raise RunConfigError("student.prune: this trainer was given no pruning function (prune_student); run "
+                             "python -m minitron_jax.distill, or pass minitron_jax.compress.prune.prune_student")
     try:
-        spec = prune.PruneSpec.from_dict(rc.student.prune)
-        calib = read_text(resolve_path(rc.student.calib))
-        log(f"pruning the teacher on the fly: {rc.student.prune}")
-        return prune.prune_from_spec(teacher.config, teacher.params, teacher.tokenizer, spec, calib)
+        return prune_student(teacher, rc.student.prune, resolve_path(rc.student.calib), log)
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         raise RunConfigError(f"student.prune: {e}") from None
 
 
-def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str], None] = print) -> RunModels:
-    """Load (or, when resuming from the run dir ``resume_from``, only describe) the models of a run."""
+def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str], None] = print, *,
+                    prune_student: StudentPruner | None = None) -> RunModels:
+    """Load (or, when resuming from the run dir ``resume_from``, only describe) the models of a run;
+    ``prune_student`` builds a student given as ``student.prune`` (see :data:`StudentPruner`)."""
     from minitron_jax.convert import load_tokenizer
     from minitron_jax.train.checkpoints import STUDENT_DIR, read_run_models
 
@@ -108,7 +116,7 @@ def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str]
         student = _load(rc.student.path, "student")
         student_config, student_params, student_tokenizer = student.config, student.params, student.tokenizer
     else:
-        student_config, student_params, report = prune_student(rc, teacher, log)
+        student_config, student_params, report = _pruned_student(rc, teacher, prune_student, log)
         student_tokenizer = teacher.tokenizer
     check_compatible(teacher.config, student_config, teacher.tokenizer, student_tokenizer)
     return RunModels(student_config, student_params, teacher.config, teacher.params, teacher.tokenizer, report)
