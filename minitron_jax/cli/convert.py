@@ -11,8 +11,6 @@ import argparse
 import math
 import sys
 
-from minitron_jax.config import ConfigError
-from minitron_jax.convert.hf import ConversionError
 from minitron_jax.convert.transcode import DTYPES, TARGETS, convert
 from minitron_jax.exitcodes import BadInputError, ExitCode, cli_exit
 
@@ -40,13 +38,8 @@ def main(argv=None) -> int:
     if shard is not None and not (math.isfinite(shard) and shard >= MIN_SHARD_GB):  # nan fails both comparisons
         raise BadInputError(f"--max-shard-size must be a size in GB of at least {MIN_SHARD_GB:.6f} (1 MiB), "
                             f"got {shard:g}")
-    try:
-        summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
-                          max_shard_bytes=int(shard * 1024**3) if shard is not None else None,
-                          quiet=args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError, ConfigError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                      max_shard_bytes=int(shard * 1024**3) if shard is not None else None, quiet=args.quiet)
     print(f"{summary['source_format']} → {summary['destination_format']}: {summary['destination']}\n"
           f"  {summary['config']}\n"
           f"  {summary['params'] / 1e6:.1f}M params, {summary['dtype']}, {summary['bytes'] / 2**20:.1f} MiB, "

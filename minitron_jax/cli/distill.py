@@ -27,8 +27,8 @@ from minitron_jax.cli import plans
 from minitron_jax.compress.prune import prune_student
 from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.train.checkpoints import export_to_hf
-from minitron_jax.train.config import RunConfigError, load_config
-from minitron_jax.train.loop import NonFiniteLossError, run
+from minitron_jax.train.config import load_config
+from minitron_jax.train.loop import run
 
 PROG = "python -m minitron_jax.distill"
 
@@ -59,30 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_from:
         if not args.out:
             ap.error("--export-from needs --out")
-        try:
-            path = export_to_hf(args.export_from, args.out, dtype=args.dtype, overwrite=args.overwrite)
-        except (FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return ExitCode.BAD_INPUT
+        path = export_to_hf(args.export_from, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"exported {args.export_from} to {path}")
         return ExitCode.OK
 
     if not args.config and not args.overrides:
         ap.error("give --config FILE (and/or section.key=value overrides), or --export-from")
-    try:
-        rc = load_config(args.config, args.overrides)
-    except RunConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    rc = load_config(args.config, args.overrides)
     print("# resolved config\n" + rc.to_yaml(), flush=True)
-    try:
-        result = run(rc, prune_student=prune_student)  # a student given as student.prune
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.NON_FINITE
-    except (RunConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    # Failures become exit codes in one place (exitcodes.cli_exit): bad input 2, non-finite 3, busy 5, system 6.
+    result = run(rc, prune_student=prune_student)  # a student given as student.prune
     print(f"done: {result.step} steps in {result.run_dir}"
           + (f"; student exported to {result.export_path}" if result.export_path else ""))
     return ExitCode.OK
@@ -109,7 +95,6 @@ def dry_run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """``distill --dry-run``: the run planned by compiling its real train step on fake CPU devices."""
     from minitron_jax.planning import capacity as P
     from minitron_jax.planning.dryrun import cpu_devices, make_plan, needed_devices, reexec
-    from minitron_jax.planning.models import DryRunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = dry_run_parser(prog).parse_args(argv)
@@ -117,20 +102,16 @@ def dry_run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         print("error: --dry-run needs --config FILE (and/or section.key=value overrides)", file=sys.stderr)
         return ExitCode.BAD_INPUT
     log = plans.logger(args.json)
-    try:
-        acc = P.accelerator(args.accelerator)
-        rc = load_config(args.config, args.overrides)
-        n = needed_devices(rc, args.devices)
-        if not args.abstract and cpu_devices(n) is None:
-            log(f"[dry run] re-running in a fresh process with {n} fake CPU devices")
-            return reexec(["distill", *argv], n)
-        p = make_plan(rc, recipe=args.config, acc=acc, mfu=args.mfu, memory_fraction=args.memory_fraction,
-                      devices=args.devices, devices_per_host=args.devices_per_host, total_tokens=args.tokens,
-                      abstract=args.abstract, verify=not args.no_verify, teacher_config=args.teacher_config,
-                      student_config=args.student_config, log=log)
-    except (RunConfigError, DryRunError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    acc = P.accelerator(args.accelerator)
+    rc = load_config(args.config, args.overrides)
+    n = needed_devices(rc, args.devices)
+    if not args.abstract and cpu_devices(n) is None:
+        log(f"[dry run] re-running in a fresh process with {n} fake CPU devices")
+        return reexec(["distill", *argv], n)
+    p = make_plan(rc, recipe=args.config, acc=acc, mfu=args.mfu, memory_fraction=args.memory_fraction,
+                  devices=args.devices, devices_per_host=args.devices_per_host, total_tokens=args.tokens,
+                  abstract=args.abstract, verify=not args.no_verify, teacher_config=args.teacher_config,
+                  student_config=args.student_config, log=log)
     return plans.emit(p, args.json)
 
 

@@ -35,12 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 @cli_exit
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    return run(parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,9 +12,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from minitron_jax.compress.candidates import NASError, enumerate_candidates, parse_params, select_spread
+from minitron_jax.compress.candidates import enumerate_candidates, parse_params, select_spread
 from minitron_jax.compress.nas import RANK_BY, SearchSettings, candidates_table, run_search
-from minitron_jax.config import ConfigError
 from minitron_jax.exitcodes import ExitCode, cli_exit
 
 
@@ -65,12 +64,7 @@ def parser() -> argparse.ArgumentParser:
 
 @cli_exit
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (NASError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    return _run(parser().parse_args(argv))
 
 
 def _run(args) -> int:

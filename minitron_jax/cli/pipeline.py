@@ -30,34 +30,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (e.g. importance, prune.width)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = ap.parse_args(argv)
-    try:
-        pc = load_pipeline_config(args.config, args.overrides)
-    except PipelineConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    pc = load_pipeline_config(args.config, args.overrides)
     if args.stop_after is not None and args.stop_after not in stage_names(pc):
-        print(f"error: --stop-after {args.stop_after!r} is not a stage of this run "
-              f"({', '.join(stage_names(pc))})", file=sys.stderr)
-        return EXIT_CONFIG
+        raise PipelineConfigError(f"--stop-after {args.stop_after!r} is not a stage of this run "
+                                  f"({', '.join(stage_names(pc))})")
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(pc.to_dict(), sort_keys=False))
         return 0
-    from minitron_jax.train.loop import NonFiniteLossError
-
-    try:
-        Pipeline(pc, stop_after=args.stop_after).run()
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except (PipelineConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as e:  # RunConfigError, ConfigError, bad texts ... : an input problem, named
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    return 0
+    # Failures become exit codes in one place (exitcodes.cli_exit): bad input 2, non-finite 3, busy 5, system 6.
+    Pipeline(pc, stop_after=args.stop_after).run()
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
