@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 import zlib
 from collections import defaultdict
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.data.text import jsonl_records
 from minitron_jax.model import Params, hidden_states, logits_from_hidden
 
 LETTERS = ("A", "B", "C", "D")
@@ -119,17 +119,10 @@ def load_mmlu(path: str | Path) -> list[MMLURow]:
     if not path.is_file():
         raise FileNotFoundError(f"MMLU file {path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
-            row = _row_from_record(rec, f"{path}:{line_no}")
-            if row is not None:
-                rows.append(row)
+    for where, rec in jsonl_records(path):  # non-UTF-8 and non-JSON lines are named by file and line
+        row = _row_from_record(rec, where)
+        if row is not None:
+            rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no MMLU questions")
     return rows
