@@ -121,6 +121,19 @@ def quiet_refusal_logs(logger: str = "absl") -> None:
         log.addFilter(_DropRefusalLogs())
 
 
+@contextlib.contextmanager
+def refusals_named(path: Path) -> Iterator[None]:
+    """Inside the block, the system refusing a write under ``path`` (disk full, read-only...) surfaces as a one-line
+    SystemRefusedError naming ``path`` (exit 6); any other error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        err = refused(e, path)
+        if err is None:
+            raise
+        raise err from e
+
+
 def refused(e: BaseException, path: Path, staging: Path | None = None) -> SystemRefusedError | None:
     """``e`` as a one-line SystemRefusedError naming ``path`` when it is the system refusing a write, else None.
 
@@ -195,14 +208,9 @@ def lock_directory(path: str | Path) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise BadInputError(f"{path} is a file, not a directory; choose a directory path")
     lock_file = lock_path_for(path)
-    try:
+    with refusals_named(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(lock_file, path)
-    except OSError as e:
-        err = refused(e, path)
-        if err is None:
-            raise
-        raise err from e
     try:
         yield path
     finally:
@@ -261,13 +269,8 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False,
     with lock_directory(path):
         clean_leftovers(path)
         check_destination(path, overwrite=overwrite, sources=sources)  # again: another writer may have finished
-        try:
+        with refusals_named(path):
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        except OSError as e:
-            err = refused(e, path)
-            if err is None:
-                raise
-            raise err from e
         try:
             yield tmp
             write_marker(tmp)

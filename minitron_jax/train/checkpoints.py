@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax.config import LlamaConfig
-from minitron_jax.fsutil import check_destination, quiet_refusal_logs, refused
+from minitron_jax.fsutil import check_destination, quiet_refusal_logs, refusals_named
 from minitron_jax.train.config import CheckpointConfig, RunConfigError, load_config
 from minitron_jax.train.state import TrainState
 
@@ -81,13 +81,8 @@ class Checkpointer:
     def _refusals(self):
         """A full disk or read-only file system under Orbax surfaces as a ValueError carrying the errno in its
         text (from a background thread when saving asynchronously): make it the one-line, exit-6 kind."""
-        try:
+        with refusals_named(self.directory):
             yield
-        except Exception as e:
-            err = refused(e, self.directory)
-            if err is None:
-                raise
-            raise err from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
