@@ -142,7 +142,7 @@ def test_demo_and_paper_configs_parse():
     configs = sorted([*root.glob("distill_*.yaml"), *root.glob("teacher_correction_*.yaml")])
     assert {p.name for p in configs} >= {"distill_smollm2_135m_demo.yaml", "distill_llama31_8b_to_4b_width.yaml",
                                          "distill_llama31_8b_to_4b_depth.yaml", "teacher_correction_llama31_8b.yaml"}
-    from minitron_jax.compress.prune import PruneSpec
+    from minitron_jax.compress.spec import PruneSpec
 
     for path in configs:
         rc = load_config(path)
@@ -263,7 +263,7 @@ def test_step_gradients_chunked_naive_and_accumulated_agree(tiny, tmp_path):
 
 def test_chunked_cross_entropy_matches_naive():
     """The teacher-free chunked CE (teacher correction, SFT) equals CE on full logits, with gradients."""
-    from minitron_jax.train import losses
+    from minitron_jax.train import chunked_loss, losses
 
     rng = np.random.default_rng(0)
     h = rng.normal(size=(3, 20, 16)).astype(np.float32)
@@ -275,7 +275,7 @@ def test_chunked_cross_entropy_matches_naive():
         ce = losses.cross_entropy(jnp.einsum("btd,dv->btv", h, head), targets)
         return jnp.sum(ce * weights) / jnp.sum(weights)
 
-    chunked = lambda h, head: losses.chunked_cross_entropy(h, head, targets, weights, chunk_size=7)[0]
+    chunked = lambda h, head: chunked_loss.chunked_cross_entropy(h, head, targets, weights, chunk_size=7)[0]
     np.testing.assert_allclose(chunked(h, head), naive(h, head), rtol=1e-6)
     for a, b in zip(jax.grad(chunked, (0, 1))(h, head), jax.grad(naive, (0, 1))(h, head), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)

@@ -24,11 +24,11 @@ from minitron_jax.convert.gguf import (
     SUPPORTED_TYPES,
     GGUFError,
     dequantize_tensor,
-    llama3_rope_freqs,
     read_gguf,
     save_tokenizer,
     unpermute_qk,
 )
+from minitron_jax.convert.gguf_config import llama3_rope_freqs
 
 # ---------------------------------------------------------------------------------------------------------------
 # Independent reference dequantizer for the 32-element block types (ggml-common.h layouts), one block at a time.

@@ -8,6 +8,7 @@ from utils import tiny_hf_model
 
 from minitron_jax.compress import importance as imp
 from minitron_jax.compress import prune
+from minitron_jax.compress.importance_cache import CalibrationSettings, Importance
 from minitron_jax.convert.hf import load_hf_params
 from minitron_jax.evaluate.perplexity import batch_nll, perplexity
 
@@ -236,8 +237,8 @@ def test_importance_object_one_pass_cached_scans_and_file(tiny, stats, tmp_path,
 
     monkeypatch.setattr(imp, "collect_activation_stats", counted("pass", real_pass))
     monkeypatch.setattr(imp, "block_drop_perplexities", counted("scan", real_scan))
-    settings = imp.CalibrationSettings(calib_samples=N_WINDOWS, seq_len=SEQ, batch_size=BATCH, depth_samples=3)
-    importance = imp.Importance(config, params, windows, settings)
+    settings = CalibrationSettings(calib_samples=N_WINDOWS, seq_len=SEQ, batch_size=BATCH, depth_samples=3)
+    importance = Importance(config, params, windows, settings)
     assert calls == {"pass": 0, "scan": 0}
     for k, v in importance.width().items():
         np.testing.assert_array_equal(v, stats.width_scores()[k], err_msg=k)
@@ -259,7 +260,7 @@ def test_importance_object_one_pass_cached_scans_and_file(tiny, stats, tmp_path,
     with np.load(path) as z:
         assert z.files == ["heads", "neurons", "channels", "bi", "layers_bi_2", "layers_ppl_1", "layers_ppl_2",
                            "layers_contiguous_2"]
-    loaded = imp.Importance.load(path)
+    loaded = Importance.load(path)
     for k, v in loaded.width().items():
         np.testing.assert_array_equal(v, stats.width_scores()[k].astype(np.float32), err_msg=k)
     np.testing.assert_array_equal(loaded.layers("contiguous", 2), blocks.astype(np.float32))
@@ -278,7 +279,7 @@ def test_importance_from_text_uses_the_calibration_windows():
 
     tok = tiny_tokenizer()
     text = "The quick brown fox jumps over the lazy dog. " * 40
-    settings = imp.CalibrationSettings(calib_samples=3, seq_len=16)
-    importance = imp.Importance.from_text(None, None, tok, text, settings)
+    settings = CalibrationSettings(calib_samples=3, seq_len=16)
+    importance = Importance.from_text(None, None, tok, text, settings)
     np.testing.assert_array_equal(importance.windows, token_windows(tok, text, 16, 48))
     assert importance.timings == {}  # nothing computed

@@ -1,4 +1,5 @@
-"""Tests for minitron_jax.train.losses: per-token losses against float64 numpy, chunked ≡ naive, memory."""
+"""Tests for minitron_jax.train.losses and .chunked_loss: per-token losses against float64 numpy,
+chunked ≡ naive, memory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax.train import losses
+from minitron_jax.train import chunked_loss, losses
 
 # ----------------------------------------------------------------------------------------------
 # float64 numpy references, written straight from the definitions
@@ -177,8 +178,8 @@ def loss_and_student_grads(fn, options, *args):
 
 def compare_chunked_to_naive(args, tol=1e-5, **options):
     frozen = tuple(sorted(options.items()))
-    loss_c, aux_c, grads_c = loss_and_student_grads(losses.chunked_logit_loss, frozen, *args)
-    loss_n, aux_n, grads_n = loss_and_student_grads(losses.naive_logit_loss, frozen, *args)
+    loss_c, aux_c, grads_c = loss_and_student_grads(chunked_loss.chunked_logit_loss, frozen, *args)
+    loss_n, aux_n, grads_n = loss_and_student_grads(chunked_loss.naive_logit_loss, frozen, *args)
     assert_close(loss_c, loss_n, tol)
     for key in ("kd", "ce", "num_tokens", "weight_sum"):
         assert_close(aux_c[key], aux_n[key], tol)
@@ -220,12 +221,12 @@ def test_chunked_value_matches_float64_reference():
     alpha = 0.6
     per_token = alpha * np_forward_kl(s_logits, t_logits) + (1 - alpha) * np_ce(s_logits, y)
     expected = (w * per_token).sum() / max(w.sum(), 1.0)
-    loss, aux = losses.chunked_logit_loss(sh, sw, th, tw, y, w, alpha=alpha, chunk_size=8)
+    loss, aux = chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w, alpha=alpha, chunk_size=8)
     assert_close(loss, expected)
     assert float(aux["num_tokens"]) == float((w != 0).sum())
 
 
-@pytest.mark.parametrize("fn", [losses.chunked_logit_loss, losses.naive_logit_loss])
+@pytest.mark.parametrize("fn", [chunked_loss.chunked_logit_loss, chunked_loss.naive_logit_loss])
 def test_no_gradient_reaches_the_teacher(fn):
     args = make_inputs(30)
 
@@ -245,7 +246,7 @@ def test_zero_weight_tokens_are_excluded_exactly():
     y_g = jnp.where(keep, y, -100)
     w_g = jnp.where(keep, w, 0.0)
     opts = dict(alpha=0.5, chunk_size=5)
-    grad_fn = jax.jit(jax.value_and_grad(lambda *a: losses.chunked_logit_loss(*a, **opts)[0], argnums=(0, 1)))
+    grad_fn = jax.jit(jax.value_and_grad(lambda *a: chunked_loss.chunked_logit_loss(*a, **opts)[0], argnums=(0, 1)))
     loss_full, (g_h, g_w) = grad_fn(sh_g, sw, th_g, tw, y_g, w_g)
     loss_sub, (g_h_sub, g_w_sub) = grad_fn(sh[keep], sw, th[keep], tw, y[keep], w[keep])
     assert np.isfinite(loss_full)
@@ -257,7 +258,7 @@ def test_zero_weight_tokens_are_excluded_exactly():
 
 def test_weighted_mean_and_empty_mask():
     sh, sw, th, tw, y, _ = make_inputs(10)
-    loss_fn = jax.jit(functools.partial(losses.chunked_logit_loss, chunk_size=4))
+    loss_fn = jax.jit(functools.partial(chunked_loss.chunked_logit_loss, chunk_size=4))
     loss, aux = loss_fn(sh, sw, th, tw, y, jnp.zeros(10))
     assert float(loss) == 0.0 and float(aux["num_tokens"]) == 0.0  # max(sum w, 1) avoids 0/0
     # Doubling every weight leaves the mean unchanged.
@@ -270,8 +271,8 @@ def test_weighted_mean_and_empty_mask():
 
 def test_leading_token_dims_are_flattened():
     sh, sw, th, tw, y, w = make_inputs(24)
-    flat, _ = losses.chunked_logit_loss(sh, sw, th, tw, y, w, chunk_size=7)
-    batched, _ = losses.chunked_logit_loss(
+    flat, _ = chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w, chunk_size=7)
+    batched, _ = chunked_loss.chunked_logit_loss(
         sh.reshape(4, 6, -1), sw, th.reshape(4, 6, -1), tw, y.reshape(4, 6), w.reshape(4, 6), chunk_size=7
     )
     np.testing.assert_allclose(flat, batched, rtol=1e-6)
@@ -279,14 +280,16 @@ def test_leading_token_dims_are_flattened():
 
 def test_bf16_inputs_and_compute_dtype():
     args = make_inputs(33)
-    ref, _ = losses.naive_logit_loss(*args)
+    ref, _ = chunked_loss.naive_logit_loss(*args)
     bf16_args = tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in args[:4]) + args[4:]
-    out, aux = jax.jit(functools.partial(losses.chunked_logit_loss, chunk_size=8))(*bf16_args)
+    out, aux = jax.jit(functools.partial(chunked_loss.chunked_logit_loss, chunk_size=8))(*bf16_args)
     assert out.dtype == jnp.float32 and aux["kd"].dtype == jnp.float32
     np.testing.assert_allclose(out, ref, rtol=5e-2)
-    out2, _ = jax.jit(functools.partial(losses.chunked_logit_loss, chunk_size=8, compute_dtype=jnp.bfloat16))(*args)
+    out2, _ = jax.jit(
+        functools.partial(chunked_loss.chunked_logit_loss, chunk_size=8, compute_dtype=jnp.bfloat16)
+    )(*args)
     np.testing.assert_allclose(out2, out, rtol=1e-5)
-    g = jax.jit(jax.grad(lambda *a: losses.chunked_logit_loss(*a, chunk_size=8)[0]))(*bf16_args)
+    g = jax.jit(jax.grad(lambda *a: chunked_loss.chunked_logit_loss(*a, chunk_size=8)[0]))(*bf16_args)
     assert g.dtype == jnp.bfloat16
 
 
@@ -305,25 +308,25 @@ def test_fp32_master_head_gradient_is_summed_in_fp32():
         # Inputs are jit arguments, not closed-over constants (XLA would constant-fold the loss).
         return jax.jit(jax.grad(lambda *a: fn(*a, **options)[0], argnums=1))(*args)
 
-    exact = np.asarray(head_grad(losses.naive_logit_loss), np.float64)
+    exact = np.asarray(head_grad(chunked_loss.naive_logit_loss), np.float64)
     rel_err = lambda g: np.linalg.norm(np.asarray(g, np.float64) - exact) / np.linalg.norm(exact)  # noqa: E731
-    naive_bf16 = rel_err(head_grad(losses.naive_logit_loss, compute_dtype=jnp.bfloat16))
-    chunked_bf16 = rel_err(head_grad(losses.chunked_logit_loss, compute_dtype=jnp.bfloat16, chunk_size=32))
+    naive_bf16 = rel_err(head_grad(chunked_loss.naive_logit_loss, compute_dtype=jnp.bfloat16))
+    chunked_bf16 = rel_err(head_grad(chunked_loss.chunked_logit_loss, compute_dtype=jnp.bfloat16, chunk_size=32))
     assert chunked_bf16 < 1.5 * naive_bf16, (chunked_bf16, naive_bf16)
 
 
 def test_chunked_loss_validation():
     sh, sw, th, tw, y, w = make_inputs(8)
     with pytest.raises(ValueError, match="teacher_head"):
-        losses.chunked_logit_loss(sh, sw, th, sw, y, w)
+        chunked_loss.chunked_logit_loss(sh, sw, th, sw, y, w)
     with pytest.raises(ValueError, match="vocab sizes differ"):
-        losses.chunked_logit_loss(sh, sw, th, tw[:, :10], y, w)
+        chunked_loss.chunked_logit_loss(sh, sw, th, tw[:, :10], y, w)
     with pytest.raises(ValueError, match="weights token shape"):
-        losses.chunked_logit_loss(sh, sw, th, tw, y, w[:4])
+        chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w[:4])
     with pytest.raises(ValueError, match="alpha"):
-        losses.chunked_logit_loss(sh, sw, th, tw, y, w, alpha=1.5)
+        chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w, alpha=1.5)
     with pytest.raises(ValueError, match="chunk_size"):
-        losses.chunked_logit_loss(sh, sw, th, tw, y, w, chunk_size=0)
+        chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w, chunk_size=0)
 
 
 def test_chunked_loss_uses_several_times_less_memory():
@@ -344,12 +347,12 @@ def test_chunked_loss_uses_several_times_less_memory():
         stats = grad.lower(*args).compile().memory_analysis()
         return None if stats is None else stats.temp_size_in_bytes
 
-    naive = temp_bytes(losses.naive_logit_loss)
+    naive = temp_bytes(chunked_loss.naive_logit_loss)
     if naive is None:
         if jax.default_backend() == "cpu":
             pytest.fail("memory_analysis() is expected to work on CPU")
         pytest.skip(f"memory_analysis() unavailable on {jax.default_backend()}")
-    chunked = temp_bytes(losses.chunked_logit_loss)
+    chunked = temp_bytes(chunked_loss.chunked_logit_loss)
     logits_bytes = n * v * 4
     assert naive >= logits_bytes  # sanity: the naive version really holds full logits
     assert chunked * 4 < naive, f"chunked {chunked / 2**20:.0f} MiB vs naive {naive / 2**20:.0f} MiB"

@@ -262,7 +262,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 def test_demo_config_is_valid_and_students_match_in_size():
     """The README's main command reads this file; its two students have about the same parameter count."""
-    from minitron_jax.compress.prune import target_config
+    from minitron_jax.compress.spec import target_config
     from minitron_jax.config import LlamaConfig
     from minitron_jax.model import count_params
     from minitron_jax.pipeline import load_pipeline_config

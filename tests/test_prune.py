@@ -12,6 +12,7 @@ from utils import tiny_hf_model, tiny_tokenizer, torch_logits
 from minitron_jax import model as M
 from minitron_jax.cli import prune as prune_cli
 from minitron_jax.compress import prune
+from minitron_jax.compress.spec import PruneSpec, check_spec, target_config
 from minitron_jax.config import ConfigError
 from minitron_jax.convert import load_model
 from minitron_jax.convert.hf import load_hf_params
@@ -56,8 +57,8 @@ def dropped(keep_row, size):
 # ------------------------------------------------------------------------------------------------------------------
 def test_full_size_is_identity(tiny):
     _, config, params, tokens = tiny
-    spec = prune.PruneSpec(hidden=config.hidden_size, ffn=config.intermediate_size,
-                           heads_per_group=config.q_per_kv, drop_layers=0, importance="magnitude")
+    spec = PruneSpec(hidden=config.hidden_size, ffn=config.intermediate_size,
+                     heads_per_group=config.q_per_kv, drop_layers=0, importance="magnitude")
     new_config, new_params, report = prune.prune_from_spec(config, params, None, spec, None)
     assert new_config == config
     jax.tree.map(np.testing.assert_array_equal, new_params, params)
@@ -180,7 +181,7 @@ def test_export_loads_in_transformers_and_matches(tiny, tmp_path):
             "drop_layers": [1]}
     c, p = prune.apply_plan(config, params, keep)
     assert (c.num_heads, c.num_kv_heads, c.intermediate_size, c.hidden_size, c.num_layers) == (6, 2, 50, 48, 2)
-    assert c == prune.target_config(config, prune.PruneSpec(hidden=48, ffn=50, heads_per_group=3, layers=[1]))
+    assert c == target_config(config, PruneSpec(hidden=48, ffn=50, heads_per_group=3, layers=[1]))
     ours = logits(c, p, tokens)
 
     from minitron_jax.convert.hf import save_hf
@@ -243,7 +244,7 @@ def test_bad_specs_refused_before_work(tiny, options, error, match):
     _, config, params, _ = tiny
     with pytest.raises(error, match=match):
         # No tokenizer and no text: a refusal must come from the size check, before calibration is attempted.
-        prune.prune_from_spec(config, params, None, prune.PruneSpec(**options), None)
+        prune.prune_from_spec(config, params, None, PruneSpec(**options), None)
 
 
 def test_keep_along_axis_refusals(tiny):
@@ -259,14 +260,14 @@ def test_keep_along_axis_refusals(tiny):
     with pytest.raises(ConfigError, match="head_dim"):
         prune.keep_along_axis(config, params, "head_dim", [0, 1])
     with pytest.raises(ValueError, match="needs calibration"):
-        prune.prune_from_spec(config, params, None, prune.PruneSpec(ffn=10), None)
+        prune.prune_from_spec(config, params, None, PruneSpec(ffn=10), None)
 
 
 def test_spec_from_dict():
-    spec = prune.PruneSpec.from_dict({"heads-per-group": 2, "layers": [3, 1], "batch_agg": "mean"})
+    spec = PruneSpec.from_dict({"heads-per-group": 2, "layers": [3, 1], "batch_agg": "mean"})
     assert spec.heads_per_group == 2 and spec.layers == (3, 1) and spec.batch_agg == "mean"
     with pytest.raises(ValueError, match="unknown prune option.*hiddn"):
-        prune.PruneSpec.from_dict({"hiddn": 3})
+        PruneSpec.from_dict({"hiddn": 3})
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def test_recipes_build_the_sizes_they_claim(name, base, params_after):
 
     text = (Path(__file__).parents[1] / "configs" / f"{name}.yaml").read_text()
     assert text.startswith("# Reproduces") or text.startswith("# Demo")  # the header says what it is
-    spec = prune.PruneSpec.from_dict(yaml.safe_load(text))
+    spec = PruneSpec.from_dict(yaml.safe_load(text))
     config = LlamaConfig(**base)
-    prune.check_spec(config, spec)
-    assert M.count_params(prune.target_config(config, spec)) == pytest.approx(params_after, rel=2e-3)
+    check_spec(config, spec)
+    assert M.count_params(target_config(config, spec)) == pytest.approx(params_after, rel=2e-3)

@@ -51,7 +51,8 @@ def run_config(args, *extra):
 
 
 def cpu_models():
-    from minitron_jax.compress.prune import PruneSpec, prune_from_spec
+    from minitron_jax.compress.prune import prune_from_spec
+    from minitron_jax.compress.spec import PruneSpec
     from minitron_jax.convert import load_model
     from minitron_jax.data.assets import smollm2_gguf
 

@@ -22,7 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.train.losses import KD_KINDS, chunked_logit_loss, naive_logit_loss
+from minitron_jax.train.chunked_loss import chunked_logit_loss, naive_logit_loss
+from minitron_jax.train.losses import KD_KINDS
 
 GIB = 2**30
 

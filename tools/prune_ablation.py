@@ -31,6 +31,7 @@ import numpy as np
 
 from minitron_jax.compress import importance as imp
 from minitron_jax.compress import prune
+from minitron_jax.compress.spec import PruneSpec, target_config
 from minitron_jax.evaluate.perplexity import perplexity
 from minitron_jax.model import count_params
 
@@ -111,8 +112,8 @@ def run(args) -> dict:
         stats = imp.collect_activation_stats(config, params, calib, batch_size=bs)
     log(f"calibration pass {clock.records['calibration_pass']['wall_s']:.1f}s")
 
-    width_spec = prune.PruneSpec(hidden=args.hidden, ffn=args.ffn)
-    width_params = count_params(prune.target_config(config, width_spec))
+    width_spec = PruneSpec(hidden=args.hidden, ffn=args.ffn)
+    width_params = count_params(target_config(config, width_spec))
 
     # Residual-stream channels whose activation importance dwarfs the rest ("massive activations"): whether a
     # ranking keeps them turns out to decide most of the width results.
@@ -145,7 +146,7 @@ def run(args) -> dict:
         # Which dimension does the damage: each one alone, for the activation and magnitude rankings.
         for method, scores in (("activation", stats.width_scores()),
                                ("magnitude", imp.width_importance(config, params, "magnitude"))):
-            for dim, spec in (("hidden", prune.PruneSpec(hidden=args.hidden)), ("ffn", prune.PruneSpec(ffn=args.ffn))):
+            for dim, spec in (("hidden", PruneSpec(hidden=args.hidden)), ("ffn", PruneSpec(ffn=args.ffn))):
                 rows.append(width_row("dimension", f"{method}, {dim} only", scores, spec))
 
     depth_calib = calib[: args.depth_calib_samples]

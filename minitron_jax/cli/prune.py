@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 from minitron_jax.cli import plans
 from minitron_jax.compress import importance as imp
-from minitron_jax.compress.prune import PruneSpec, check_spec, prune_from_spec, save_pruned
+from minitron_jax.compress.prune import prune_from_spec, save_pruned
+from minitron_jax.compress.spec import PruneSpec, check_spec
 from minitron_jax.evaluate.perplexity import DTYPES
 from minitron_jax.exitcodes import ExitCode, cli_exit
 from minitron_jax.planning import capacity as P

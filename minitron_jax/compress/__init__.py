@@ -1,2 +1,3 @@
-"""Compression: importance (one calibration pass, cached scores: ``importance.Importance``), pruning by named axis
-(``prune``), and architecture search (``candidates`` enumeration and ranking statistics, ``nas`` the search)."""
+"""Compression: importance (the statistics: ``importance``; one calibration pass, cached scores:
+``importance_cache.Importance``), pruning by named axis (``spec`` what to prune, ``prune`` the slicing and the
+recipe), and architecture search (``candidates`` enumeration and ranking statistics, ``nas`` the search)."""

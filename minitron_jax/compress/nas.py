@@ -123,13 +123,14 @@ class StepCache:
 
 def prune_candidate(importance, cand: Candidate, depth_metric: str, progress=None):
     """The candidate's (config, params, dropped layers): the unpruned model of ``importance`` (an
-    :class:`~minitron_jax.compress.importance.Importance`) sliced by its width scores, then by its ``depth_metric``
-    layer scores."""
+    :class:`~minitron_jax.compress.importance_cache.Importance`) sliced by its width scores, then by its
+    ``depth_metric`` layer scores."""
     from minitron_jax.compress import prune
+    from minitron_jax.compress.spec import PruneSpec
 
     config = importance.config
-    spec = prune.PruneSpec(hidden=cand.hidden, ffn=cand.ffn, heads_per_group=cand.heads_per_group,
-                           drop_layers=config.num_layers - cand.layers, depth_metric=depth_metric)
+    spec = PruneSpec(hidden=cand.hidden, ffn=cand.ffn, heads_per_group=cand.heads_per_group,
+                     drop_layers=config.num_layers - cand.layers, depth_metric=depth_metric)
     scores, _ = prune.rank(importance, spec, progress)
     keep = prune.plan(config, spec, scores)
     new_config, new_params = prune.apply_plan(config, importance.params, keep)
@@ -190,7 +191,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
             console=None) -> dict[str, Any]:
     import jax
 
-    from minitron_jax.compress import importance as imp
+    from minitron_jax.compress.importance_cache import CalibrationSettings, Importance
     from minitron_jax.convert import load_model
     from minitron_jax.convert.hf import save_hf
     from minitron_jax.data import CACHE_FORMAT_VERSION, read_text
@@ -233,11 +234,11 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
         raise NASError("the search needs held-out validation documents (--val-rows)")
 
     # One importance object (one calibration pass) for every candidate.
-    calib = imp.CalibrationSettings(calib_samples=settings.calib_samples, seq_len=settings.calib_seq_len,
-                                    depth_samples=settings.depth_samples)
+    calib = CalibrationSettings(calib_samples=settings.calib_samples, seq_len=settings.calib_seq_len,
+                                depth_samples=settings.depth_samples)
     text = read_text(calib_text)
     with PhaseProgress(console) as progress:
-        importance = imp.Importance.calibrate(m.config, m.params, m.tokenizer, text, calib, progress=progress)
+        importance = Importance.calibrate(m.config, m.params, m.tokenizer, text, calib, progress=progress)
     importance_s = importance.timings["calibration_pass_s"]
 
     teacher_params = place_teacher(rc, mesh_obj, m.config, m.params)

@@ -13,8 +13,9 @@ attention heads    ``q_per_kv`` [L, K, G'] per layer and KV group, so every grou
 depth              ``layer``    [L'] the layers kept
 =================  ===========  ======================================================================================
 
-Ranks come from :mod:`minitron_jax.compress.importance` (one :class:`~minitron_jax.compress.importance.Importance`
-object); :class:`PruneSpec` + :func:`prune_from_spec` run the whole recipe (calibrate, rank, slice);
+Ranks come from :mod:`minitron_jax.compress.importance` (one
+:class:`~minitron_jax.compress.importance_cache.Importance` object); a :class:`~minitron_jax.compress.spec.PruneSpec`
++ :func:`prune_from_spec` run the whole recipe (calibrate, rank, slice);
 :func:`prune_student` is what the distill command hands the trainer to build a student given as ``student.prune``.
 
 The command is ``python -m minitron_jax.prune`` (:mod:`minitron_jax.cli.prune`, docs/pruning.md); its output is
@@ -25,7 +26,6 @@ all on the unpruned model) and ``prune_report.json``, written to a temporary sib
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.compress import importance as imp
+from minitron_jax.compress.importance import Progress
+from minitron_jax.compress.importance_cache import Importance, calibration_windows
+from minitron_jax.compress.spec import PruneSpec, check_drop_list, check_spec, resolve_heads_per_group
 from minitron_jax.config import ConfigError, LlamaConfig
-from minitron_jax.evaluate.perplexity import DTYPES
 from minitron_jax.model import Params, axis_sizes, count_params, param_axes
 
 REPORT_NAME = "prune_report.json"
@@ -146,20 +147,6 @@ def drop_layers(config: LlamaConfig, params: Params, drop: Sequence[int]) -> tup
     return keep_along_axis(config, params, "layer", [i for i in range(config.num_layers) if i not in drop])
 
 
-def check_drop_list(config: LlamaConfig, drop: Sequence[int]) -> list[int]:
-    """Validated, sorted layer indices to drop (in range, no duplicates, at least one layer left)."""
-    drop = [int(i) for i in drop]
-    L = config.num_layers
-    bad = [i for i in drop if not 0 <= i < L]
-    if bad:
-        raise ConfigError(f"layer indices {bad} out of range for a {L}-layer model (0..{L - 1})")
-    if len(set(drop)) != len(drop):
-        raise ConfigError(f"layer indices to drop contain duplicates: {drop}")
-    if len(drop) >= L:
-        raise ConfigError(f"cannot drop {len(drop)} layers of a {L}-layer model: at least one must remain")
-    return sorted(drop)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Ranking
 # ------------------------------------------------------------------------------------------------------------------
@@ -197,142 +184,8 @@ def layers_to_drop(layer_scores, k: int, metric: str) -> list[int]:
 # ------------------------------------------------------------------------------------------------------------------
 # A whole recipe
 # ------------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class PruneSpec:
-    """Target sizes (None keeps a dimension) and how to rank.
-
-    Attributes:
-      hidden, ffn: target hidden and FFN sizes.
-      heads_per_group: query heads to keep in each KV group (``heads``: the same as a total, a multiple of K).
-      drop_layers: number of layers to remove, chosen by ``depth_metric``; ``layers``: exactly which to remove.
-      depth_metric: ``contiguous`` (best window of consecutive layers by calibration perplexity), ``ppl`` (the
-        layers whose single removal hurts perplexity least) or ``bi`` (lowest Block Importance).
-      importance: width ranking by ``activation`` (calibration pass), weight ``magnitude`` or seeded ``random``.
-      seq_agg, batch_agg: activation aggregation over tokens, then samples (see ``minitron_jax.compress.importance``).
-      preact: rank neurons by the gate pre-activation (the paper's variant) instead of ``silu(gate) * up``.
-      calib_samples, seq_len: calibration windows (at most ``calib_samples`` windows of ``seq_len`` tokens).
-      batch_size: calibration batch size; seed: for ``random``; dtype: compute dtype of calibration.
-    """
-
-    hidden: int | None = None
-    ffn: int | None = None
-    heads_per_group: int | None = None
-    heads: int | None = None
-    drop_layers: int | None = None
-    layers: tuple[int, ...] | None = None
-    depth_metric: str = "contiguous"
-    importance: str = "activation"
-    seq_agg: str = "mean"
-    batch_agg: str = "l2"
-    preact: bool = False
-    calib_samples: int = 1024
-    seq_len: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        for name, choices in (("depth_metric", imp.DEPTH_METRICS), ("importance", imp.WIDTH_METHODS),
-                              ("seq_agg", imp.SEQ_AGGS), ("batch_agg", imp.BATCH_AGGS), ("dtype", tuple(DTYPES))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("hidden", "ffn", "heads_per_group", "heads"):
-            _check_int(name, getattr(self, name), minimum=1, optional=True)
-        _check_int("drop_layers", self.drop_layers, minimum=0, optional=True)
-        for name in ("calib_samples", "seq_len", "batch_size"):
-            _check_int(name, getattr(self, name), minimum=2 if name == "seq_len" else 1)
-        _check_int("seed", self.seed, minimum=0)
-        if self.drop_layers is not None and self.layers is not None:
-            raise ValueError("give either drop_layers (how many, chosen by a metric) or layers (which), not both")
-        if self.heads is not None and self.heads_per_group is not None:
-            raise ValueError("give either heads or heads_per_group, not both")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PruneSpec:
-        """From a dict of field names (``-`` or ``_``), refusing unknown keys by name."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        norm = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(norm) - fields)
-        if unknown:
-            raise ValueError(f"unknown prune option(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
-        return cls(**norm)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
-
-    @property
-    def prunes_width(self) -> bool:
-        return any(x is not None for x in (self.hidden, self.ffn, self.heads_per_group, self.heads))
-
-    @property
-    def ranks_layers(self) -> bool:
-        return bool(self.drop_layers)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return (self.prunes_width and self.importance == "activation") or self.ranks_layers
-
-    @property
-    def calibration(self) -> imp.CalibrationSettings:
-        """How importance is measured for this spec (the layer scans use every calibration window)."""
-        return imp.CalibrationSettings(calib_samples=self.calib_samples, seq_len=self.seq_len,
-                                       batch_size=self.batch_size, seq_agg=self.seq_agg, batch_agg=self.batch_agg,
-                                       preact=self.preact, dtype=self.dtype)
-
-
-def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def resolve_heads_per_group(config: LlamaConfig, spec: PruneSpec) -> int | None:
-    """Target query heads per KV group (from ``heads_per_group`` or a total ``heads``), or None to keep them."""
-    if spec.heads is None:
-        return spec.heads_per_group
-    if spec.heads % config.num_kv_heads:
-        raise ConfigError(f"heads={spec.heads} is not divisible across the {config.num_kv_heads} KV groups: every "
-                          f"group must keep the same number of query heads (try a multiple of {config.num_kv_heads})")
-    return spec.heads // config.num_kv_heads
-
-
-def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
-    """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config``."""
-    def at_most(name, value, limit, what):
-        if value is not None and value > limit:
-            raise ConfigError(f"{name}={value} exceeds the model's {what} ({limit}): pruning cannot grow a model")
-
-    at_most("hidden", spec.hidden, config.hidden_size, "hidden size")
-    at_most("ffn", spec.ffn, config.intermediate_size, "FFN size")
-    at_most("heads", spec.heads, config.num_heads, "number of attention heads")
-    g = resolve_heads_per_group(config, spec)
-    at_most("heads_per_group", g, config.q_per_kv, "query heads per KV group")
-    if spec.drop_layers is not None and spec.drop_layers >= config.num_layers:
-        raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {config.num_layers}-layer model")
-    if spec.layers is not None:
-        check_drop_list(config, spec.layers)
-    _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
-
-
-def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
-    """The pruned model's config: fixed by the target sizes alone, before any importance is computed."""
-    g = resolve_heads_per_group(config, spec)
-    n_drop = len(spec.layers) if spec.layers is not None else (spec.drop_layers or 0)
-    return config.replace(
-        hidden_size=spec.hidden or config.hidden_size,
-        intermediate_size=spec.ffn or config.intermediate_size,
-        num_heads=config.num_kv_heads * (g or config.q_per_kv),
-        num_layers=config.num_layers - n_drop,
-    )
-
-
-def rank(importance: imp.Importance, spec: PruneSpec,
-         progress: imp.Progress | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def rank(importance: Importance, spec: PruneSpec,
+         progress: Progress | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Importance arrays on the unpruned model (``importance``'s) for what ``spec`` prunes, and the seconds each
     phase took. The calibration pass and the layer scans run here unless ``importance`` already holds them."""
     timings: dict[str, float] = {}
@@ -380,7 +233,7 @@ def apply_plan(config: LlamaConfig, params: Params, keep: dict[str, Any]) -> tup
 
 
 def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneSpec, calib_text: str | None, *,
-                    progress: imp.Progress | None = None) -> tuple[LlamaConfig, Params, dict[str, Any]]:
+                    progress: Progress | None = None) -> tuple[LlamaConfig, Params, dict[str, Any]]:
     """Calibrate, rank and slice: the whole Minitron pruning step. Stable API (:func:`prune_student` calls it).
 
     Args:
@@ -410,8 +263,8 @@ def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneS
         if calib_text is None or tokenizer is None:
             raise ValueError(f"{'activation importance' if spec.prunes_width else 'the depth metric'} needs "
                              "calibration text and a tokenizer")
-        windows = imp.calibration_windows(tokenizer, calib_text, spec.calibration)
-    scores, timings = rank(imp.Importance(config, params, windows, spec.calibration), spec, progress)
+        windows = calibration_windows(tokenizer, calib_text, spec.calibration)
+    scores, timings = rank(Importance(config, params, windows, spec.calibration), spec, progress)
     t0 = time.perf_counter()
     keep = plan(config, spec, scores)
     new_config, new_params = apply_plan(config, params, keep)

@@ -217,7 +217,7 @@ def validate(pc: PipelineConfig) -> None:
 
 def prune_spec(pc: PipelineConfig, student: StudentSpec):
     """The PruneSpec of a student: its sizes plus the shared importance settings."""
-    from minitron_jax.compress.prune import PruneSpec
+    from minitron_jax.compress.spec import PruneSpec
 
     sizes = {k.replace("-", "_"): v for k, v in student.prune.items()}
     allowed = {"hidden", "ffn", "heads_per_group", "heads", "drop_layers", "layers", "depth_metric"}

@@ -147,7 +147,7 @@ class Pipeline:
 
     def _preflight(self) -> None:
         """Refuse sizes the teacher cannot be pruned to before any work (reads the teacher's config only)."""
-        from minitron_jax.compress.prune import check_spec, target_config
+        from minitron_jax.compress.spec import check_spec, target_config
         from minitron_jax.convert import read_source_config
         from minitron_jax.model import count_params
 
@@ -278,14 +278,14 @@ class Pipeline:
     def _importance(self, teacher_path: str, calib_text: str) -> dict[str, Any]:
         import dataclasses
 
-        from minitron_jax.compress import importance as imp
+        from minitron_jax.compress.importance_cache import CalibrationSettings, Importance
         from minitron_jax.data import read_text
         from minitron_jax.fsutil import atomic_directory
 
         i = self.pc.importance
         m = self._load(teacher_path)
-        importance = imp.Importance.from_text(m.config, m.params, m.tokenizer, read_text(calib_text),
-                                              imp.CalibrationSettings(**dataclasses.asdict(i)))
+        importance = Importance.from_text(m.config, m.params, m.tokenizer, read_text(calib_text),
+                                          CalibrationSettings(**dataclasses.asdict(i)))
         windows = importance.windows
         with PhaseProgress(self.console) as progress:
             importance.activation_stats(progress)
@@ -303,8 +303,9 @@ class Pipeline:
                 "timings": timings}
 
     def _prune(self, student: str, teacher_path: str, importance: dict[str, Any]) -> dict[str, Any]:
-        from minitron_jax.compress import importance as imp
         from minitron_jax.compress import prune
+        from minitron_jax.compress.importance_cache import Importance
+        from minitron_jax.compress.spec import check_spec, target_config
         from minitron_jax.convert.hf import save_hf
         from minitron_jax.fsutil import atomic_directory
         from minitron_jax.model import count_params, init_params
@@ -314,17 +315,17 @@ class Pipeline:
         m = self._load(teacher_path)
         t0 = time.perf_counter()
         try:
-            prune.check_spec(m.config, spec)
+            check_spec(m.config, spec)
         except ValueError as e:
             raise PipelineConfigError(f"students.{student}.prune: {e}") from None
         kept = None
         if spec_cfg.init == "random":
             import jax
 
-            config = prune.target_config(m.config, spec)
+            config = target_config(m.config, spec)
             params = jax.tree.map(np.asarray, init_params(config, jax.random.key(spec_cfg.seed)))
         else:
-            saved = imp.Importance.load(importance["path"])
+            saved = Importance.load(importance["path"])
             scores = saved.width()
             if spec.ranks_layers:
                 scores["layers"] = saved.layers(spec.depth_metric, spec.drop_layers)

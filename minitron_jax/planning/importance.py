@@ -16,7 +16,7 @@ from minitron_jax.planning.models import resolve_model_config
 def prune_model_config(spec, model: str | None, *, recipe: str | None = None, explicit: str | None = None):
     """The config of the model a prune recipe starts from (``model``: a path or a name in configs/models, or
     ``explicit``: an HF config.json), checked against ``spec``: refuses a size it cannot be pruned to."""
-    from minitron_jax.compress.prune import check_spec
+    from minitron_jax.compress.spec import check_spec
 
     cfg = resolve_model_config(model or "", "model", recipe, explicit)
     check_spec(cfg, spec)
@@ -25,7 +25,7 @@ def prune_model_config(spec, model: str | None, *, recipe: str | None = None, ex
 
 def plan_prune(spec, model_config, **kwargs) -> dict[str, Any]:
     """:func:`make_importance_plan` plus the config of the model the pruning yields (``pruned``)."""
-    from minitron_jax.compress.prune import target_config
+    from minitron_jax.compress.spec import target_config
 
     p = make_importance_plan(spec, model_config, **kwargs)
     p["pruned"] = {"config": target_config(model_config, spec).describe()}

@@ -3,7 +3,7 @@
 A model reference is a local path (HF directory, ``.gguf``, minitron_jax checkpoint, or a ``config.json``), an
 ``asset:NAME``, or a name (an HF repo id such as ``meta-llama/Llama-3.1-8B``) looked up in
 ``configs/models/<name>.json`` beside the recipe or in the repository's ``configs/models``. A distillation's student
-given as a pruning spec is that spec applied to the teacher's config (``compress.prune.target_config``).
+given as a pruning spec is that spec applied to the teacher's config (``compress.spec.target_config``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def resolve_model_config(ref: str, what: str, recipe: str | None = None, explici
 
 def run_models(rc, recipe: str | None, teacher_config: str | None = None, student_config: str | None = None):
     """(student config, teacher config or None) of a run config, from configs only."""
-    from minitron_jax.compress import prune
+    from minitron_jax.compress.spec import PruneSpec, check_spec, target_config
 
     if rc.mode == "teacher_correction":
         return resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config), None
@@ -76,9 +76,9 @@ def run_models(rc, recipe: str | None, teacher_config: str | None = None, studen
         return resolve_model_config(rc.student.path, "student", recipe, student_config), None
     teacher = resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config)
     if rc.student.prune is not None:
-        spec = prune.PruneSpec.from_dict(rc.student.prune)
-        prune.check_spec(teacher, spec)
-        student = prune.target_config(teacher, spec)
+        spec = PruneSpec.from_dict(rc.student.prune)
+        check_spec(teacher, spec)
+        student = target_config(teacher, spec)
     else:
         student = resolve_model_config(rc.student.path, "student", recipe, student_config)
     return student, teacher

@@ -7,8 +7,8 @@ explicit in/out shardings and the train state donated. Inside it:
    batch sharding) and scanned over;
 2. per micro-batch, the teacher runs forward-only in ``teacher.dtype`` under ``stop_gradient``, the student runs
    in ``train.compute_dtype`` from fp32 master weights, and the loss is computed from both models' *final hidden
-   states and lm_heads* by :func:`minitron_jax.train.losses.chunked_logit_loss`, so ``[tokens × vocab]`` logits are
-   never materialized;
+   states and lm_heads* by :func:`minitron_jax.train.chunked_loss.chunked_logit_loss`, so ``[tokens × vocab]``
+   logits are never materialized;
 3. gradients are **sums** over tokens, divided once by the batch's token count: a batch split into micro-batches
    gives the same update as the whole batch at once (token-weighted, not a mean of micro-batch means). This is
    also why accumulation lives here rather than in ``optax.MultiSteps``: one call is one update, and the
@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, hidden_states, lm_head
 from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
-from minitron_jax.train import losses
+from minitron_jax.train import chunked_loss, losses
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
 from minitron_jax.train.optim import make_schedule
 from minitron_jax.train.state import (
@@ -115,7 +115,7 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
     teacher_dtype = dtype_of(rc.teacher.dtype)
     pairs = loss.hidden.pairs if (teacher is not None and loss.hidden.weight > 0) else []
     collect = _layer_outputs if pairs else None
-    logit_loss = losses.naive_logit_loss if loss.naive else losses.chunked_logit_loss
+    logit_loss = chunked_loss.naive_logit_loss if loss.naive else chunked_loss.chunked_logit_loss
     if pairs:
         bad = [p for p in pairs if p[0] >= student.num_layers or p[1] >= teacher.num_layers]
         if bad:
@@ -138,8 +138,8 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
         sums = {"weight": weight_sum, "tokens": jnp.sum(weights != 0).astype(jnp.float32)}
         scale = jnp.maximum(weight_sum, 1.0)  # the losses return weighted means: back to sums
         if teacher is None:
-            ce, _ = losses.chunked_cross_entropy(s_hidden, head_of(student, model), targets, weights,
-                                                 chunk_size=loss.chunk_size, compute_dtype=compute)
+            ce, _ = chunked_loss.chunked_cross_entropy(s_hidden, head_of(student, model), targets, weights,
+                                                       chunk_size=loss.chunk_size, compute_dtype=compute)
             return ce * scale, {**sums, "ce": ce * scale}
 
         frozen = jax.lax.stop_gradient(teacher_params)  # forward-only: no gradient is ever traced into the teacher
