@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.train.losses import _check_kd_options, _weighted_sum, cross_entropy, kd_loss, mix_kd_ce
+from minitron_jax.train.losses import check_kd_options, cross_entropy, kd_loss, mix_kd_ce, weighted_sum
 
 __all__ = [
     "chunked_logit_loss",
@@ -44,7 +44,7 @@ class _LossOptions(NamedTuple):
 
 
 def _make_options(kind, temperature, alpha, top_k, jsd_beta) -> _LossOptions:
-    _check_kd_options(kind, temperature, top_k, jsd_beta)
+    check_kd_options(kind, temperature, top_k, jsd_beta)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     top_k = None if top_k is None else int(top_k)
@@ -203,7 +203,7 @@ def chunked_logit_loss(
     def chunk_sums(s_head, t_head, s_h, t_h, tgt, w):
         s_logits, t_logits = _logits(s_h, s_head, compute_dtype), _logits(t_h, t_head, compute_dtype)
         kd, ce = _token_losses(s_logits, t_logits, tgt, opts)
-        return _weighted_sum(kd, w), _weighted_sum(ce, w)
+        return weighted_sum(kd, w), weighted_sum(ce, w)
 
     def body(carry, chunk_xs):
         kd_sum, ce_sum = chunk_sums(s_head, t_head, *chunk_xs)
@@ -242,7 +242,7 @@ def naive_logit_loss(
     )
     s_logits, t_logits = _logits(s_hidden, s_head, compute_dtype), _logits(t_hidden, t_head, compute_dtype)
     kd, ce = _token_losses(s_logits, t_logits, targets, opts)
-    return _finish(_weighted_sum(kd, weights), _weighted_sum(ce, weights), weights, opts)
+    return _finish(weighted_sum(kd, weights), weighted_sum(ce, weights), weights, opts)
 
 
 def chunked_cross_entropy(
@@ -272,7 +272,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def chunk_sum(head, h, tgt, w):
-        return _weighted_sum(cross_entropy(_logits(h, head, compute_dtype), tgt), w)
+        return weighted_sum(cross_entropy(_logits(h, head, compute_dtype), tgt), w)
 
     def body(total, chunk_xs):
         return total + chunk_sum(head, *chunk_xs), None

@@ -158,7 +158,7 @@ def kd_loss(
     jsd_beta: float = 0.5,
 ) -> jax.Array:
     """Per-token distillation loss of the given ``kind`` (see `KD_KINDS`); ``top_k`` needs forward_kl."""
-    _check_kd_options(kind, temperature, top_k, jsd_beta)
+    check_kd_options(kind, temperature, top_k, jsd_beta)
     if top_k is not None:
         return top_k_forward_kl(student_logits, teacher_logits, top_k, temperature=temperature)
     if kind == "forward_kl":
@@ -183,7 +183,7 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
 
 
-def _check_kd_options(kind: str, temperature: float, top_k: int | None, jsd_beta: float) -> None:
+def check_kd_options(kind: str, temperature: float, top_k: int | None, jsd_beta: float) -> None:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss kind {kind!r}; expected one of {KD_KINDS}")
     if not temperature > 0:
@@ -197,7 +197,7 @@ def _check_kd_options(kind: str, temperature: float, top_k: int | None, jsd_beta
         _check_beta(jsd_beta)
 
 
-def _weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
     """Σ w·l, with weight-0 tokens *selected away* so they contribute exactly nothing."""
     return jnp.sum(jnp.where(weights != 0, weights * values, 0.0))
 
@@ -253,7 +253,7 @@ def hidden_state_loss(
 
     w = jnp.ones(per_token.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     w = jnp.broadcast_to(w, per_token.shape)
-    return _weighted_sum(per_token, w) / jnp.maximum(jnp.sum(w), 1.0)
+    return weighted_sum(per_token, w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
