@@ -118,9 +118,9 @@ class ActivationStats:
 
     def scores(self, metric: str, seq_agg: str = "mean", batch_agg: str = "l2") -> np.ndarray:
         """Importance of ``metric`` (heads [L, H], neurons / neurons_preact [L, F], channels [D])."""
-        _check_choice("metric", metric, WIDTH_METRICS)
-        _check_choice("sequence aggregation", seq_agg, SEQ_AGGS)
-        _check_choice("batch aggregation", batch_agg, BATCH_AGGS)
+        check_choice("metric", metric, WIDTH_METRICS)
+        check_choice("sequence aggregation", seq_agg, SEQ_AGGS)
+        check_choice("batch aggregation", batch_agg, BATCH_AGGS)
         out = self.moments[(metric, seq_agg)].aggregate(batch_agg)
         return out.reshape(self.config.num_layers, -1) if metric == "heads" else out
 
@@ -135,7 +135,7 @@ class ActivationStats:
         return self.bi_sum / (self.samples * self.seq_len)
 
 
-def _check_choice(what: str, value: str, choices) -> None:
+def check_choice(what: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
 
@@ -242,7 +242,7 @@ def weight_magnitude(config: LlamaConfig, params: Params, unit: str) -> np.ndarr
     """L2 norm of all the weights a unit owns: every parameter that carries all of the unit's axes contributes
     its squares summed over its other axes (e.g. a neuron: its gate and up columns and its down row; a channel:
     its entries in every matrix, norm and embedding that touches the residual stream)."""
-    _check_choice("unit", unit, tuple(UNIT_AXES))
+    check_choice("unit", unit, tuple(UNIT_AXES))
     want = UNIT_AXES[unit]
     total = np.zeros(_unit_shape(config, unit))
     flat_axes = jax.tree.leaves(param_axes(config), is_leaf=lambda x: isinstance(x, tuple))
@@ -258,7 +258,7 @@ def weight_magnitude(config: LlamaConfig, params: Params, unit: str) -> np.ndarr
 
 def random_scores(config: LlamaConfig, unit: str, seed: int = 0) -> np.ndarray:
     """Seeded uniform scores (a pruning baseline); each unit kind draws from its own stream."""
-    _check_choice("unit", unit, tuple(UNIT_AXES))
+    check_choice("unit", unit, tuple(UNIT_AXES))
     rng = np.random.default_rng([seed, tuple(UNIT_AXES).index(unit)])
     return _as_scores(config, unit, rng.random(_unit_shape(config, unit)))
 
@@ -267,7 +267,7 @@ def width_importance(config: LlamaConfig, params: Params, method: str, *, stats:
                      seq_agg: str = "mean", batch_agg: str = "l2", preact: bool = False,
                      seed: int = 0) -> dict[str, np.ndarray]:
     """``{"heads" [L, H], "neurons" [L, F], "channels" [D]}`` by ``method`` (activation needs ``stats``)."""
-    _check_choice("importance method", method, WIDTH_METHODS)
+    check_choice("importance method", method, WIDTH_METHODS)
     if method == "activation":
         if stats is None:
             raise ValueError("activation importance needs the ActivationStats of a calibration pass")
@@ -314,7 +314,7 @@ def layer_importance(config: LlamaConfig, params: Params, metric: str, *, window
     - ``contiguous``: perplexity with the ``block_size`` layers starting at that layer dropped, NaN where no such
       window fits (needs ``windows``); with ``block_size=1`` it equals ``ppl``.
     """
-    _check_choice("depth metric", metric, DEPTH_METRICS)
+    check_choice("depth metric", metric, DEPTH_METRICS)
     if metric == "bi":
         if stats is None:
             raise ValueError("Block Importance needs the ActivationStats of a calibration pass")

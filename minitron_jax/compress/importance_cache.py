@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from minitron_jax.compress import importance as imp
-from minitron_jax.compress.importance import DEPTH_METRICS, ActivationStats, Progress, _check_choice
+from minitron_jax.compress.importance import DEPTH_METRICS, ActivationStats, Progress, check_choice
 from minitron_jax.config import LlamaConfig
 from minitron_jax.evaluate.perplexity import DTYPES
 from minitron_jax.model import Params
@@ -144,7 +144,7 @@ class Importance:
     def layers(self, metric: str, k: int = 1, *, progress: Progress | None = None) -> np.ndarray:
         """[L] scores of depth ``metric`` for dropping ``k`` layers (higher = more important; see
         :func:`~minitron_jax.compress.importance.layer_importance`), computed on the first request and cached."""
-        _check_choice("depth metric", metric, DEPTH_METRICS)
+        check_choice("depth metric", metric, DEPTH_METRICS)
         key = (metric, k if metric == "contiguous" else 1)
         if (metric, k) not in self._asked:
             self._asked.append((metric, k))
