@@ -101,9 +101,6 @@ def classify(e: BaseException) -> tuple[ExitCode, str]:
         if isinstance(e, OSError) and not msg:
             msg = describe_os_error(e)
         return e.exit_code, msg
-    # Kinds that predate this module: classified by name so that low modules need not import this one.
-    if type(e).__name__ in ("NonFiniteLossError",):
-        return ExitCode.NON_FINITE, str(e)
     if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
         return ExitCode.BAD_INPUT, _one_line(e)
     if isinstance(e, OSError) and e.errno in _SYSTEM_ERRNOS:

@@ -81,9 +81,7 @@ def merged_options(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
-        loaded = read_yaml_sections(path, ValueError)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of options, got {type(loaded).__name__}")
+        loaded = read_yaml_sections(path, ValueError)  # refuses a file that is not a mapping
         opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
     opts.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     return opts
