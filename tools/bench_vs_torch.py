@@ -25,28 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_forward import cpu_name  # noqa: E402  (one CPU-name reader for the benchmarks)
+
 WARMUP = 2
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
-
-def median_seconds(fn, steps: int) -> float:
-    for _ in range(WARMUP):
+def median_seconds(fn, steps: int, warmup: int = WARMUP) -> float:
+    """Median wall seconds of ``fn()`` over ``steps`` calls after ``warmup`` untimed ones (compilation)."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(steps):

@@ -23,29 +23,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vs_torch import cpu_name, run_config  # noqa: E402
+from bench_vs_torch import cpu_name, median_seconds, run_config  # noqa: E402
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def timed(fn, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ours(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) -> None:
@@ -61,7 +48,7 @@ def ours(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) -> N
     from minitron_jax.train.step import build_train_step, make_grad_fn
 
     def t(name, fn):
-        res[name] = round(timed(lambda: jax.block_until_ready(fn()), args.warmup, args.steps) * 1000, 1)
+        res[name] = round(median_seconds(lambda: jax.block_until_ready(fn()), args.steps, args.warmup) * 1000, 1)
         log(f"  {name}: {res[name]} ms")
 
     rc = run_config(args)
@@ -166,7 +153,7 @@ def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) ->
     from minitron_jax.convert.hf import save_hf
 
     def t(name, fn):
-        res[name] = round(timed(fn, args.warmup, args.steps) * 1000, 1)
+        res[name] = round(median_seconds(fn, args.steps, args.warmup) * 1000, 1)
         log(f"  torch {name}: {res[name]} ms")
 
     torch.manual_seed(0)
