@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from utils import finish_one_layer_llama_gguf
 
 from minitron_jax.convert.gguf_tokenizer import GGUFTokenizerError, build_tokenizer, load_gguf_tokenizer
 
@@ -184,17 +185,7 @@ def test_gguf_conversion_needs_no_torch(tmp_path):
                        ("add_token_types", fields["types"]), ("add_token_merges", fields["merges"]),
                        ("add_bos_token_id", 0), ("add_eos_token_id", 1)):
         getattr(w, add)(value)
-    rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (len(fields["tokens"]), 8), "output_norm.weight": (8,),
-              "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8),
-              "blk.0.attn_k.weight": (4, 8), "blk.0.attn_v.weight": (4, 8), "blk.0.attn_output.weight": (8, 8),
-              "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16)}
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_one_layer_llama_gguf(w, vocab=len(fields["tokens"]), hidden=8, kv_dim=4, ffn=16)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MINITRON_JAX_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(path), str(tmp_path / "out")], env=env,

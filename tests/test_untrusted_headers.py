@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from utils import finish_one_layer_llama_gguf
 
 from minitron_jax.convert.gguf import GGUFError, read_gguf
 from minitron_jax.convert.gguf_header import (
@@ -269,17 +270,7 @@ def tiny_llama_gguf(path, **meta):
             w.add_float32(key, value)
         else:
             (w.add_uint64 if value >= 2**32 else w.add_uint32)(key, value)
-    rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (32, 16), "output_norm.weight": (16,), "blk.0.attn_norm.weight": (16,),
-              "blk.0.attn_q.weight": (16, 16), "blk.0.attn_k.weight": (8, 16), "blk.0.attn_v.weight": (8, 16),
-              "blk.0.attn_output.weight": (16, 16), "blk.0.ffn_norm.weight": (16,),
-              "blk.0.ffn_gate.weight": (32, 16), "blk.0.ffn_up.weight": (32, 16), "blk.0.ffn_down.weight": (16, 32)}
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_one_layer_llama_gguf(w, vocab=32, hidden=16, kv_dim=8, ffn=32)
     return path
 
 

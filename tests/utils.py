@@ -96,3 +96,21 @@ def poison_hf(path: Path, name: str = "model.norm.weight", value: float = float(
     tensors[name].flat[0] = value
     save_file(tensors, str(file), metadata={"format": "pt"})
     return Path(path)
+
+
+def finish_one_layer_llama_gguf(writer, *, vocab: int, hidden: int, kv_dim: int, ffn: int, seed: int = 0) -> None:
+    """Add random F32 tensors of a one-layer llama.cpp Llama (names as llama.cpp writes them, GGUF [out, in] data)
+    to a ``gguf.GGUFWriter`` whose metadata is already added, and write and close the file."""
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (kv_dim, hidden),
+              "blk.0.attn_v.weight": (kv_dim, hidden), "blk.0.attn_output.weight": (hidden, hidden),
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
