@@ -410,3 +410,102 @@ def test_hidden_state_loss_gradients():
     # Zero vectors (padding) keep cosine gradients finite.
     g = jax.grad(lambda a: losses.hidden_state_loss(a, a + 1, kind="cosine"))(jnp.zeros((3, 4)))
     assert np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_head_loss: the hand-written backward ≡ jax.grad of the materialized loss
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "options"))
+def objective_and_all_grads(fn, options, *args):
+    """Loss and jax.grad w.r.t. every float input (teacher ones must come out exactly 0)."""
+    kwargs = dict(options)
+    return jax.value_and_grad(lambda *a: fn(*a, **kwargs)[0], argnums=(0, 1, 2, 3))(*args)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kind="forward_kl"),
+        dict(kind="reverse_kl", temperature=0.7),
+        dict(kind="jsd", jsd_beta=0.3, alpha=0.6),
+        dict(kind="forward_kl", top_k=4, temperature=2.0, alpha=0.25),
+        dict(kind="reverse_kl", temperature=3.0, alpha=0.0),
+    ],
+)
+def test_fused_gradients_equal_grad_of_naive_loss(options):
+    # 53 tokens, ~30% masked, in chunks of 12: five chunks, the last one ragged (padded with weight-0 rows).
+    args = make_inputs(53, seed=21, zero_frac=0.3)
+    frozen = tuple(sorted({**options, "chunk_size": 12}.items()))
+    loss_f, grads_f = objective_and_all_grads(chunked_loss.chunked_logit_loss, frozen, *args)
+    loss_n, grads_n = objective_and_all_grads(chunked_loss.naive_logit_loss, frozen, *args)
+    assert_close(loss_f, loss_n, 1e-5)
+    for g_f, g_n in zip(grads_f[:2], grads_n[:2]):
+        assert_close(g_f, g_n, 1e-5)
+    assert not np.any(np.asarray(grads_f[0])[np.asarray(args[5]) == 0])  # masked tokens: exactly 0
+    assert not np.any(np.asarray(grads_f[2])) and not np.any(np.asarray(grads_f[3]))  # the teacher is constant
+
+
+def test_fused_head_loss_with_cached_sparse_teacher():
+    """A per-token function of per-token inputs only (what a KD from cached teacher top-k needs): value and
+    gradients equal jax.grad of the same loss written on materialized logits; aux is summed, not differentiated."""
+    rng = np.random.default_rng(22)
+    n, d, v, k = 29, 8, 40, 3
+    hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, v)) * 0.5, jnp.float32)
+    ids = jnp.asarray(rng.integers(0, v, size=(n, k)), jnp.int32)
+    t_logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(n, k)), jnp.float32))
+    weights = jnp.asarray(rng.random(n) > 0.25, jnp.float32) * 1.5
+
+    def per_token(z, ids, t_logp):
+        log_ps = jax.nn.log_softmax(z)
+        kl = jnp.sum(jnp.exp(t_logp) * (t_logp - jnp.take_along_axis(log_ps, ids, axis=-1)), axis=-1)
+        return kl, {"max_logit": jnp.max(z, axis=-1)}
+
+    def fused(hidden, head):
+        return chunked_loss.fused_head_loss(hidden, head, per_token, (ids, t_logp), weights=weights, chunk_size=7)
+
+    def naive(hidden, head):
+        kl, aux = per_token(hidden @ head, ids, t_logp)
+        return losses.weighted_sum(kl, weights), losses.weighted_sum(aux["max_logit"], weights)
+
+    (loss_f, aux_f), grads_f = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, head)
+    (loss_n, max_n), grads_n = jax.jit(jax.value_and_grad(naive, argnums=(0, 1), has_aux=True))(hidden, head)
+    assert_close(loss_f, loss_n, 1e-5)
+    assert_close(aux_f["max_logit"], max_n, 1e-5)
+    for g_f, g_n in zip(grads_f, grads_n):
+        assert_close(g_f, g_n, 1e-5)
+    # Scaling the objective scales the gradient (the backward multiplies by the cotangent), and aux gets none.
+    g2 = jax.jit(jax.grad(lambda h, w: 3.0 * fused(h, w)[0] + fused(h, w)[1]["max_logit"], argnums=(0, 1)))(
+        hidden, head)
+    for a, b in zip(g2, grads_f):
+        assert_close(a, 3.0 * b, 1e-5)
+    # Leading token dims are flattened like the other chunked losses.
+    batched = chunked_loss.fused_head_loss(hidden[:28].reshape(4, 7, d), head, per_token,
+                                           (ids[:28].reshape(4, 7, k), t_logp[:28].reshape(4, 7, k)),
+                                           weights=weights[:28].reshape(4, 7), chunk_size=5)[0]
+    flat = chunked_loss.fused_head_loss(hidden[:28], head, per_token, (ids[:28], t_logp[:28]),
+                                        weights=weights[:28], chunk_size=5)[0]
+    assert_close(batched, flat, 1e-6)
+    with pytest.raises(ValueError, match="chunk_xs\\[1\\] token shape"):
+        chunked_loss.fused_head_loss(hidden, head, per_token, (ids, t_logp[:5]), weights=weights)
+
+
+def _count_dots(jaxpr) -> int:
+    """dot_general equations in a jaxpr, sub-jaxprs (scan bodies, custom_vjp rules) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "dot_general"
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            count += _count_dots(sub)
+    return count
+
+
+def test_fused_kd_gradient_does_not_recompute_logits():
+    """The point of the fused loss: a KD value_and_grad does 4 head-sized matmuls (student and teacher logits,
+    dHidden, dHead), not 6 (a rematerialized chunk recomputes both models' logits in its backward)."""
+    args = make_inputs(40)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(
+        lambda *a: chunked_loss.chunked_logit_loss(*a, chunk_size=16)[0], argnums=(0, 1)))(*args)
+    assert _count_dots(jaxpr.jaxpr) == 4

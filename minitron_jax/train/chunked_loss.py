@@ -1,12 +1,16 @@
 """Token-chunked fused distillation loss: final hidden states + lm_heads → KD (+ CE), never [N, V] logits.
 
-`chunked_logit_loss` takes the *final hidden states* and the *lm_head* of both models rather than
-logits, and loops over chunks of tokens with ``lax.scan``, computing ``hidden @ head`` for one chunk
-at a time. The scan body is wrapped in ``jax.checkpoint`` so the backward pass recomputes chunk
-logits instead of keeping ``[N, V]`` residuals: for Llama-3 (V=128256) a single 8192-token sequence
-has 4.2 GB of fp32 logits per model, and the naive loss+grad keeps several such buffers alive.
-`naive_logit_loss` has the same signature and materializes everything; it is the reference in tests.
-`chunked_cross_entropy` is the teacher-free CE counterpart.
+`fused_head_loss` is the machinery: for any per-token loss of the logits ``hidden @ head`` it loops over chunks
+of tokens with ``lax.scan`` and, in the same forward scan, computes each chunk's logits, loss and the gradient
+w.r.t. ``hidden`` and ``head`` (a ``jax.custom_vjp``: the backward only scales the stored gradients). So no
+``[N, V]`` array exists (for Llama-3, V=128256, one 8192-token sequence has 4.2 GB of fp32 logits per model)
+and nothing is recomputed: a KD step does 4 head-sized matmuls (student and teacher logits, dH, dW), where a
+``jax.checkpoint``-ed chunk did 6 (both models' logits again in the backward).
+
+`chunked_logit_loss` (KD from a teacher's final hidden states and lm_head, + CE) and `chunked_cross_entropy`
+(no teacher: teacher correction, SFT) are `fused_head_loss` with a per-token function each; a KD loss from
+cached teacher outputs plugs in the same way. `naive_logit_loss` has `chunked_logit_loss`'s signature and
+materializes everything; it is the reference in tests.
 
 The per-token losses, the option checks and the conventions (argument order, temperature, alpha,
 weighted-mean reductions) live in :mod:`minitron_jax.train.losses`.
@@ -14,7 +18,8 @@ weighted-mean reductions) live in :mod:`minitron_jax.train.losses`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 from minitron_jax.train.losses import check_kd_options, cross_entropy, kd_loss, mix_kd_ce, weighted_sum
 
 __all__ = [
+    "fused_head_loss",
     "chunked_logit_loss",
     "naive_logit_loss",
     "chunked_cross_entropy",
@@ -113,8 +119,9 @@ def _prepare(student_hidden, student_head, teacher_hidden, teacher_head, targets
     return student_hidden, student_head, teacher_hidden, teacher_head, targets, weights
 
 
-def _finish(kd_sum, ce_sum, weights, opts: _LossOptions):
-    """Turn weighted sums into the weighted-mean loss and the aux dict."""
+def _finish(kd_sum, ce_sum, weights, opts: _LossOptions, loss_sum=None):
+    """Turn weighted sums into the weighted-mean loss and the aux dict (``loss_sum``: the objective's sum, when it
+    was summed on its own — the fused loss differentiates only that one)."""
     weight_sum = jnp.sum(weights)
     denom = jnp.maximum(weight_sum, 1.0)
     kd, ce = kd_sum / denom, ce_sum / denom
@@ -124,7 +131,8 @@ def _finish(kd_sum, ce_sum, weights, opts: _LossOptions):
         "num_tokens": jnp.sum(weights != 0).astype(jnp.float32),
         "weight_sum": weight_sum,
     }
-    return mix_kd_ce(kd, ce, opts.alpha), aux
+    loss = mix_kd_ce(kd, ce, opts.alpha) if loss_sum is None else loss_sum / denom
+    return loss, aux
 
 
 def _to_chunks(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
@@ -148,6 +156,140 @@ def _chunk_layout(num_tokens: int, chunk_size: int) -> tuple[int, int]:
     num_chunks = max(1, -(-num_tokens // chunk_size))
     chunk = max(1, -(-num_tokens // num_chunks))
     return num_chunks, chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused hidden → logits → loss with a hand-written backward
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_head_loss(
+    hidden: jax.Array,
+    head: jax.Array,
+    per_token_fn: Callable[..., tuple[jax.Array, Any]],
+    chunk_xs: tuple[jax.Array, ...] = (),
+    *,
+    weights: jax.Array,
+    consts: tuple[jax.Array, ...] = (),
+    chunk_size: int = 1024,
+    compute_dtype: jnp.dtype | None = None,
+) -> tuple[jax.Array, Any]:
+    """``Σ_tokens w·loss`` of a per-token loss of the logits ``hidden @ head``, one chunk of tokens at a time,
+    with its gradient w.r.t. ``hidden`` and ``head`` computed *in the forward pass* (fused linear loss).
+
+    Per chunk of tokens the forward scan computes the logits ``z = h @ W`` ([chunk, V], fp32), the per-token
+    loss, and — through ``jax.vjp`` of the chunk's weighted loss sum at ``z`` — the gradient ``dZ`` of that sum
+    w.r.t. the logits; then ``dH = dZ @ Wᵀ`` (kept for the chunk) and ``dW += Hᵀ @ dZ`` (one fp32 running sum).
+    The backward only scales the stored ``dH``/``dW`` by the cotangent of the loss sum. So a training step costs
+    two ``[N, D]×[D, V]``-sized matmuls more than the forward (dH, dW) and recomputes nothing, and no ``[N, V]``
+    array ever exists (only ``[chunk, V]`` per scan step), against three more with a rematerialized chunk
+    (``jax.checkpoint``: logits again, then dH, dW). Outside differentiation (an eval step) only the forward
+    scan runs, without the gradient matmuls. This is the "fused linear cross-entropy" of Liger-Kernel and
+    Apple's cut-cross-entropy, generalized to any per-token loss ``jax.vjp`` can differentiate.
+
+    Args:
+      hidden: ``[..., D]`` final hidden states; leading dims are flattened to N tokens.
+      head: ``[D, V]`` lm_head (tied embeddings: ``embed.T``).
+      per_token_fn: ``per_token_fn(logits, *chunk_slices, *consts) -> (loss, aux)``. ``logits`` is the chunk's
+        ``[c, V]`` fp32 logits; ``chunk_slices`` are the same ``c`` rows of each array of ``chunk_xs``;
+        ``loss`` is ``[c]`` per-token values (the only output that is differentiated) and ``aux`` a pytree
+        (possibly ``{}``) of ``[c]`` per-token values that are only summed, e.g. the KD and CE parts of a mixed
+        loss for logging. It must be a pure function of its arguments, differentiable in ``logits`` (its other
+        arguments are constants here). Padding rows (weight 0, zeros in ``hidden`` and every ``chunk_xs``) are
+        passed to it too, so it must not fail on them; their values are selected away.
+      chunk_xs: per-token inputs of ``per_token_fn``, each ``[..., *]`` with ``hidden``'s token dims, e.g. the
+        teacher's final hidden states and the targets, or cached teacher top-k ids and log-probs. No gradient.
+      weights: ``[...]`` token weights (loss mask); weight-0 tokens are selected away exactly (see
+        ``losses.weighted_sum``), so their loss and their gradient are exactly 0 whatever ``per_token_fn`` says.
+      consts: arrays passed whole (not chunked) to every call of ``per_token_fn``, e.g. a teacher's lm_head.
+        No gradient: they are constants, as a frozen teacher is. (Pass them here rather than closing over them:
+        a ``jax.custom_vjp`` function may not close over traced values.)
+      chunk_size: max tokens per chunk; N is padded up to whole chunks with weight-0 rows.
+      compute_dtype: dtype of the matmul operands (``hidden``, ``head`` and ``dZ``, e.g. bf16); None keeps
+        ``hidden``/``head``'s. Accumulation, logits, the loss math and the ``dW`` running sum are fp32; the
+        gradients come back in ``hidden``'s and ``head``'s dtypes.
+
+    Returns:
+      ``(loss_sum, aux_sums)``: fp32 scalars ``Σ w·loss`` and ``Σ w·aux`` (same pytree as ``aux``). Only
+      ``loss_sum`` carries gradient (to ``hidden`` and ``head``); ``aux_sums`` are under ``stop_gradient``.
+    """
+    if head.ndim != 2 or head.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"head must be [D={hidden.shape[-1]}, V], got {head.shape}")
+    tokens = hidden.shape[:-1]
+    for i, x in enumerate((weights, *chunk_xs)):
+        if x.shape[: len(tokens)] != tokens:
+            name = "weights" if i == 0 else f"chunk_xs[{i - 1}]"
+            raise ValueError(f"{name} token shape {x.shape[:len(tokens)]} does not match hidden's {tokens}")
+    num_tokens = math.prod(tokens)
+    flat = lambda x: x.reshape(num_tokens, *x.shape[len(tokens):])  # noqa: E731
+    hidden = flat(hidden)
+    # Everything but hidden and head is a constant of this loss; the stop_gradient says so in the primal too,
+    # rather than leaving it to the custom backward to return zeros.
+    weights = jax.lax.stop_gradient(flat(weights).astype(jnp.float32))
+    chunk_xs = jax.lax.stop_gradient(tuple(flat(x) for x in chunk_xs))
+    consts = jax.lax.stop_gradient(tuple(consts))
+    num_chunks, chunk = _chunk_layout(num_tokens, chunk_size)
+    hidden_chunks = _to_chunks(hidden, num_chunks, chunk)
+    const_xs = (_to_chunks(weights, num_chunks, chunk), *(_to_chunks(x, num_chunks, chunk) for x in chunk_xs))
+
+    def of_logits(z, consts, w, *rest):
+        """(Σ w·loss, Σ w·aux) of one chunk, as a function of its logits ``z``."""
+        loss, aux = per_token_fn(z, *rest, *consts)
+        return weighted_sum(loss, w), jax.tree.map(lambda a: weighted_sum(a, w), aux)
+
+    z_shape = jax.ShapeDtypeStruct((chunk, head.shape[1]), jnp.float32)
+    row_shapes = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in const_xs)
+    sums_shape = jax.eval_shape(of_logits, z_shape, consts, *row_shapes)
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
+
+    def cast(x):
+        return x if compute_dtype is None else x.astype(compute_dtype)
+
+    # const_xs and consts go into the custom_vjp as arguments (with no cotangent), not by closure: a custom_vjp
+    # function must not close over traced values.
+    def forward(hidden_chunks, head, frozen):
+        """Forward only: the sums, no gradient work (what an undifferentiated call runs)."""
+        const_xs, consts = frozen
+
+        def body(sums, xs):
+            h, *rest = xs
+            return jax.tree.map(jnp.add, sums, of_logits(_logits(h, head, compute_dtype), consts, *rest)), None
+
+        return jax.lax.scan(body, zero_sums, (hidden_chunks, *const_xs))[0]
+
+    def forward_with_grads(hidden_chunks, head, frozen):
+        """The sums, plus d(Σ w·loss)/d(hidden chunks) and d(Σ w·loss)/d(head), in one scan."""
+        const_xs, consts = frozen
+        head_t = cast(head).T  # loop-invariant: XLA hoists the cast and transpose out of the scan
+
+        def body(carry, xs):
+            sums, d_head = carry
+            h, *rest = xs
+            z = _logits(h, head, compute_dtype)
+            loss, vjp, aux = jax.vjp(lambda z: of_logits(z, consts, *rest), z, has_aux=True)
+            (d_z,) = vjp(jnp.ones((), loss.dtype))
+            d_z = cast(d_z)
+            d_h = jnp.dot(d_z, head_t, preferred_element_type=jnp.float32).astype(h.dtype)
+            # dW as one fp32 running sum over chunks whatever the storage/compute dtypes: rounded once, at the end.
+            d_head = d_head + jnp.dot(cast(h).T, d_z, preferred_element_type=jnp.float32)
+            return (jax.tree.map(jnp.add, sums, (loss, aux)), d_head), d_h
+
+        init = (zero_sums, jnp.zeros(head.shape, jnp.float32))
+        (sums, d_head), d_hidden = jax.lax.scan(body, init, (hidden_chunks, *const_xs))
+        return sums, (d_hidden, d_head.astype(head.dtype))
+
+    @jax.custom_vjp
+    def fused(hidden_chunks, head, frozen):
+        return forward(hidden_chunks, head, frozen)
+
+    def fused_bwd(grads, cotangent):
+        d_hidden, d_head = grads
+        g = cotangent[0]  # only the loss sum is differentiated: the aux sums are stop_gradient'ed below
+        return g.astype(d_hidden.dtype) * d_hidden, g.astype(d_head.dtype) * d_head, None
+
+    fused.defvjp(forward_with_grads, fused_bwd)
+    loss_sum, aux_sums = fused(hidden_chunks, head, (const_xs, consts))
+    return loss_sum, jax.lax.stop_gradient(aux_sums)
 
 
 def chunked_logit_loss(
@@ -180,9 +322,10 @@ def chunked_logit_loss(
       chunk_size: max tokens per chunk; N need not divide it (it is padded with weight-0 tokens).
       compute_dtype: dtype to cast hidden states and heads to before the matmul (e.g. bf16 for
         tensor cores); None keeps their dtypes. Accumulation, logits and all loss math are fp32.
-        The head gradient is summed over chunks in the head's *storage* dtype: pass fp32 master
-        heads with ``compute_dtype=bf16`` for an fp32 sum (measured more accurate than the naive
-        bf16 version); a bf16-stored head gets a bf16 running sum, rounded once per chunk.
+        The student head gradient is summed over chunks in fp32 and cast to the head's dtype once.
+
+    Only ``loss`` is differentiable (to the student's hidden states and head, by `fused_head_loss`); the
+    values in ``aux`` are for logging and carry no gradient.
 
     Returns:
       ``(loss, aux)``: ``loss = alpha*kd + (1-alpha)*ce`` as weighted means over tokens;
@@ -193,25 +336,16 @@ def chunked_logit_loss(
     s_hidden, s_head, t_hidden, t_head, targets, weights = _prepare(
         student_hidden, student_head, teacher_hidden, teacher_head, targets, weights
     )
-    num_chunks, chunk = _chunk_layout(s_hidden.shape[0], chunk_size)
-    xs = tuple(_to_chunks(x, num_chunks, chunk) for x in (s_hidden, t_hidden, targets, weights))
 
-    # Rematerialized: the backward pass recomputes this chunk's logits from (hidden chunk, heads)
-    # instead of saving [chunk, V] softmax residuals for every chunk, i.e. [N, V] in total. The
-    # price is one extra student and one extra teacher head matmul per chunk in the backward pass.
-    @jax.checkpoint
-    def chunk_sums(s_head, t_head, s_h, t_h, tgt, w):
-        s_logits, t_logits = _logits(s_h, s_head, compute_dtype), _logits(t_h, t_head, compute_dtype)
-        kd, ce = _token_losses(s_logits, t_logits, tgt, opts)
-        return weighted_sum(kd, w), weighted_sum(ce, w)
+    def per_token(s_logits, t_hidden, targets, t_head):
+        # The teacher's chunk logits do not depend on the student's: the vjp computes them once, in its primal.
+        t_logits = _logits(t_hidden, t_head, compute_dtype)
+        kd, ce = _token_losses(s_logits, t_logits, targets, opts)
+        return mix_kd_ce(kd, ce, opts.alpha), {"kd": kd, "ce": ce}
 
-    def body(carry, chunk_xs):
-        kd_sum, ce_sum = chunk_sums(s_head, t_head, *chunk_xs)
-        return (carry[0] + kd_sum, carry[1] + ce_sum), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (kd_sum, ce_sum), _ = jax.lax.scan(body, (zero, zero), xs)
-    return _finish(kd_sum, ce_sum, weights, opts)
+    loss_sum, sums = fused_head_loss(s_hidden, s_head, per_token, (t_hidden, targets), weights=weights,
+                                     consts=(t_head,), chunk_size=chunk_size, compute_dtype=compute_dtype)
+    return _finish(sums["kd"], sums["ce"], weights, opts, loss_sum)
 
 
 def naive_logit_loss(
@@ -254,8 +388,8 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     compute_dtype: jnp.dtype | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Next-token CE from final hidden states ``[..., D]`` and the lm_head ``[D, V]``, chunked and
-    rematerialized like `chunked_logit_loss` but with no teacher (teacher correction, SFT).
+    """Next-token CE from final hidden states ``[..., D]`` and the lm_head ``[D, V]``, chunked and fused
+    (`fused_head_loss`) like `chunked_logit_loss` but with no teacher (teacher correction, SFT).
 
     Returns ``(ce, aux)``: the weighted-mean CE and ``aux = {"ce", "num_tokens", "weight_sum"}``.
     """
@@ -267,17 +401,8 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).astype(jnp.int32)
     weights = weights.reshape(-1).astype(jnp.float32)
-    num_chunks, chunk = _chunk_layout(hidden.shape[0], chunk_size)
-    xs = tuple(_to_chunks(x, num_chunks, chunk) for x in (hidden, targets, weights))
-
-    @jax.checkpoint
-    def chunk_sum(head, h, tgt, w):
-        return weighted_sum(cross_entropy(_logits(h, head, compute_dtype), tgt), w)
-
-    def body(total, chunk_xs):
-        return total + chunk_sum(head, *chunk_xs), None
-
-    ce_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    ce_sum, _ = fused_head_loss(hidden, head, lambda z, tgt: (cross_entropy(z, tgt), {}), (targets,),
+                                weights=weights, chunk_size=chunk_size, compute_dtype=compute_dtype)
     weight_sum = jnp.sum(weights)
     ce = ce_sum / jnp.maximum(weight_sum, 1.0)
     return ce, {"ce": ce, "num_tokens": jnp.sum(weights != 0).astype(jnp.float32), "weight_sum": weight_sum}
