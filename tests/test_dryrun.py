@@ -288,3 +288,30 @@ def test_llama31_70b_teacher_on_64_devices(tmp_path):
     for key in ("params", "optimizer", "teacher"):
         assert comp[key] == pytest.approx(naive[key], rel=0.05), key
     assert p["fits"], report.format_plan(p)
+
+
+def test_on_device_plan_compiles_for_the_local_backend(tmp_path, capsys):
+    """``--on-device`` compiles for JAX's default backend (a lent GPU in tools/gpu_check.sh); on the CPU backend it
+    must be the very program the fake-CPU plan compiles, so the two plans' compiled bytes agree exactly."""
+    from minitron_jax.cli import distill
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                                "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+                                "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5,
+                                "rope_theta": 10000.0, "tie_word_embeddings": True,
+                                "max_position_embeddings": 512}))
+    common = ["--dry-run", "--devices", "1", "--teacher-config", str(tiny), "--student-config", str(tiny), "--no-verify",
+              "teacher.path=tiny", "student.path=tiny", "data.sources=[unused]", "run_dir=" + str(tmp_path / "r"),
+              "data.seq_len=64", "data.batch_size=2", "train.steps=100"]
+    plans = {}
+    for name, extra in (("fake", []), ("device", ["--on-device"])):
+        out = tmp_path / f"{name}.json"
+        assert distill.main([*common, *extra, "--json", str(out)]) == ExitCode.OK, capsys.readouterr().err
+        plans[name] = json.loads(out.read_text())
+    fake, device = plans["fake"], plans["device"]
+    assert device["compile"]["backend"] == jax.default_backend() and device["compile"]["device_kind"]
+    assert fake["compile"]["device_kind"] is None
+    assert device["memory_per_device"]["compiled"] == fake["memory_per_device"]["compiled"]
+    assert distill.main([*common, "--on-device", "--abstract"]) == ExitCode.BAD_INPUT
+    assert "pick one" in capsys.readouterr().err

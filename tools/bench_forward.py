@@ -11,6 +11,8 @@ torch so that load from other processes on a shared machine hits both alike; the
     python tools/bench_forward.py --batch 8 --seq-len 512 --repeats 10
     python tools/bench_forward.py --dtype bfloat16                 # on a GPU: jax bf16, torch bf16 on CUDA
     python tools/bench_forward.py --json
+    python tools/bench_forward.py --random-config configs/models/Llama-3.2-1B.json --dtype bfloat16 --batch 8 \
+        --seq-len 2048            # random weights of a named shape: no asset, no network (the GPU check)
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def cpu_name() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GGUF file, HF directory or checkpoint (default: the embedded SmolLM2 GGUF)")
+    p.add_argument("--random-config", metavar="CONFIG_JSON",
+                   help="random weights of this HF config.json's shape instead of --model (nothing to fetch)")
     p.add_argument("--batch", type=int, nargs="+", default=[4, 1], help="batch sizes, paired with --seq-len")
     p.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side and shape (median reported)")
@@ -70,12 +74,24 @@ def main(argv=None) -> int:
     from minitron_jax.convert import load_model
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if args.model is None:
+    if args.random_config:
+        from types import SimpleNamespace
+
+        from minitron_jax.config import LlamaConfig
+
+        config = LlamaConfig.from_json_file(args.random_config)
+        log(f"random weights of {config.describe()} ({args.random_config})")
+        # Host numpy weights, as load_model returns them, so both sides get the very same values.
+        with jax.default_device(jax.devices("cpu")[0]):
+            loaded = SimpleNamespace(config=config,
+                                     params=jax.tree.map(np.asarray, M.init_params(config, jax.random.key(0))))
+    elif args.model is None:
         from minitron_jax.data.assets import fetch_assets
 
         args.model = str(fetch_assets(quiet=True)["smollm2_gguf"])
-    log(f"loading {args.model}")
-    loaded = load_model(args.model, with_tokenizer=False)
+    if not args.random_config:
+        log(f"loading {args.model}")
+        loaded = load_model(args.model, with_tokenizer=False)
     config = loaded.config
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jdtype), loaded.params))

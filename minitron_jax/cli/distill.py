@@ -85,6 +85,9 @@ def dry_run_parser(prog: str = PROG) -> argparse.ArgumentParser:
     ap.add_argument("--devices-per-host", type=int, help="default: the accelerator's devices per node")
     ap.add_argument("--tokens", type=float, help="token budget (default: train.steps × data.batch_size × seq_len)")
     ap.add_argument("--abstract", action="store_true", help="only lower on an AbstractMesh (no compile)")
+    ap.add_argument("--on-device", action="store_true",
+                    help="compile for this machine's own accelerator (JAX's default backend) instead of fake CPU "
+                         "devices: checks the CPU-compiled plan against the real compiler")
     ap.add_argument("--no-verify", action="store_true", help="do not compile the best suggestion of a refusal")
     ap.add_argument("--teacher-config", help="HF config.json of the teacher (instead of configs/models lookup)")
     ap.add_argument("--student-config", help="HF config.json of the student when student.path is given")
@@ -105,13 +108,17 @@ def dry_run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     acc = P.accelerator(args.accelerator)
     rc = load_config(args.config, args.overrides)
     n = needed_devices(rc, args.devices)
-    if not args.abstract and cpu_devices(n) is None:
+    if args.on_device and args.abstract:
+        print("error: --on-device compiles on this machine's devices; --abstract only lowers: pick one",
+              file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if not args.abstract and not args.on_device and cpu_devices(n) is None:
         log(f"[dry run] re-running in a fresh process with {n} fake CPU devices")
         return reexec(["distill", *argv], n)
     p = make_plan(rc, recipe=args.config, acc=acc, mfu=args.mfu, memory_fraction=args.memory_fraction,
                   devices=args.devices, devices_per_host=args.devices_per_host, total_tokens=args.tokens,
                   abstract=args.abstract, verify=not args.no_verify, teacher_config=args.teacher_config,
-                  student_config=args.student_config, log=log)
+                  student_config=args.student_config, log=log, on_device=args.on_device)
     return plans.emit(p, args.json)
 
 

@@ -118,8 +118,11 @@ def _shard_bytes(leaves, shardings) -> float:
 
 
 def compile_step(rc, layout: P.Layout, student, teacher, *, abstract: bool, platform: str,
-                 devices_per_host: int | None) -> Compiled:
-    """Build the trainer's jitted step for ``layout`` and lower (and compile) it with abstract inputs."""
+                 devices_per_host: int | None, on_device: bool = False) -> Compiled:
+    """Build the trainer's jitted step for ``layout`` and lower (and compile) it with abstract inputs.
+
+    ``on_device``: compile for this process's own accelerator devices (JAX's default backend) instead of fake CPU
+    devices, so the planner's CPU-compiled numbers can be checked against the real compiler's on a lent GPU."""
     import jax
     from jax.sharding import AbstractMesh
 
@@ -132,6 +135,12 @@ def compile_step(rc, layout: P.Layout, student, teacher, *, abstract: bool, plat
     sizes = (layout.data, layout.fsdp, layout.tensor)
     if abstract:
         mesh = AbstractMesh(sizes, MESH_AXES)
+    elif on_device:
+        devices = jax.devices()
+        if len(devices) < layout.devices:
+            raise DryRunError(f"needs {layout.devices} devices, this process has {len(devices)} "
+                              f"{devices[0].platform} device(s): plan for fewer with --devices or mesh overrides")
+        mesh = make_mesh(*sizes, devices=devices[:layout.devices])
     else:
         devices = cpu_devices(layout.devices)
         if devices is None:
@@ -252,7 +261,7 @@ def valid_layout(rc, layout: P.Layout) -> bool:
 def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_fraction: float,
               devices: int | None, devices_per_host: int | None, total_tokens: float | None, abstract: bool,
               verify: bool, teacher_config: str | None = None, student_config: str | None = None,
-              log=print) -> dict[str, Any]:
+              log=print, on_device: bool = False) -> dict[str, Any]:
     from minitron_jax.model import count_params
 
     student, teacher = run_models(rc, recipe, teacher_config, student_config)
@@ -262,9 +271,13 @@ def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_
                           f"split over {layout.data * layout.fsdp} data-parallel devices")
     dph = devices_per_host or acc.devices_per_node
     platform = "tpu" if acc.name.startswith("TPU") else "cuda"
+    import jax
+
+    where = "abstract" if abstract else (jax.devices()[0].device_kind if on_device else "fake CPU")
     log(f"[dry run] {'lowering' if abstract else 'compiling'} the train step for {layout.describe()} "
-        f"on {layout.devices} {'abstract' if abstract else 'fake CPU'} devices ...")
-    comp = compile_step(rc, layout, student, teacher, abstract=abstract, platform=platform, devices_per_host=dph)
+        f"on {layout.devices} {where} devices ...")
+    comp = compile_step(rc, layout, student, teacher, abstract=abstract, platform=platform, devices_per_host=dph,
+                        on_device=on_device)
     ana = analytic(rc, layout, student, teacher)
 
     T = rc.data.seq_len
@@ -302,7 +315,10 @@ def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_
         "batch": {"global_rows": rc.data.batch_size, "seq_len": T, "grad_accum": layout.grad_accum,
                   "rows_per_device_per_micro_batch": micro_rows, "tokens_per_step": tokens_per_step,
                   "loss_chunk_tokens": rc.loss.chunk_size},
-        "compile": {"method": comp.method, "backend": "cpu" if comp.method == "compile" else f"abstract:{platform}",
+        "compile": {"method": comp.method,
+                    "backend": (f"abstract:{platform}" if comp.method != "compile"
+                                else jax.default_backend() if on_device else "cpu"),
+                    "device_kind": jax.devices()[0].device_kind if on_device else None,
                     "lower_seconds": comp.lower_seconds, "compile_seconds": comp.compile_seconds},
         "memory_per_device": {
             "compiled": _compiled_memory(comp),
