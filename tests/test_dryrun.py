@@ -302,8 +302,8 @@ def test_on_device_plan_compiles_for_the_local_backend(tmp_path, capsys):
                                 "rope_theta": 10000.0, "tie_word_embeddings": True,
                                 "max_position_embeddings": 512}))
     common = ["--dry-run", "--devices", "1", "--teacher-config", str(tiny), "--student-config", str(tiny),
-              "--no-verify", "teacher.path=tiny", "student.path=tiny", "data.sources=[unused]", "run_dir=" + str(tmp_path / "r"),
-              "data.seq_len=64", "data.batch_size=2", "train.steps=100"]
+              "--no-verify", "teacher.path=tiny", "student.path=tiny", "data.sources=[unused]",
+              "run_dir=" + str(tmp_path / "r"), "data.seq_len=64", "data.batch_size=2", "train.steps=100"]
     plans = {}
     for name, extra in (("fake", []), ("device", ["--on-device"])):
         out = tmp_path / f"{name}.json"
