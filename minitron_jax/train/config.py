@@ -61,6 +61,9 @@ class TeacherConfig:
 
     path: str | None = None
     dtype: str = "bfloat16"  # storage and compute dtype of the forward-only teacher
+    # A directory written by `python -m minitron_jax.teacher_logits` (train/teacher_cache.py): the teacher's top-k
+    # log-probs over this run's rows, read instead of running (or loading) the teacher; loss: sparse forward KL.
+    logits_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +267,15 @@ def validate(rc: RunConfig) -> None:
          f"loss.hidden.pairs must be [student_layer, teacher_layer] pairs of layer indices, got {h.pairs}")
     need(not (h.weight > 0 and not h.pairs), "loss.hidden.weight > 0 needs loss.hidden.pairs")
     need(not (h.weight > 0 and not rc.uses_teacher), "loss.hidden needs a teacher (mode: distill)")
+    if rc.teacher.logits_cache is not None:
+        need(rc.mode == "distill", f"teacher.logits_cache is for mode: distill ({rc.mode} runs no teacher)")
+        need(rc.loss.kind == "forward_kl" and rc.loss.top_k is None,
+             "teacher.logits_cache trains with the sparse forward KL of the cached top-k: it needs "
+             f"loss.kind=forward_kl and loss.top_k=null (got {rc.loss.kind}, top_k={rc.loss.top_k})")
+        need(rc.loss.temperature == 1.0, "teacher.logits_cache holds the teacher's log-probs at T=1: loss.temperature "
+             f"must be 1 (got {rc.loss.temperature}); a temperature needs the teacher's full logits")
+        need(not rc.loss.naive, "loss.naive (full-logits reference) needs the online teacher, not teacher.logits_cache")
+        need(h.weight == 0, "loss.hidden needs the teacher's hidden states, which teacher.logits_cache does not hold")
 
     t = rc.train
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")

@@ -39,7 +39,7 @@ import numpy as np
 from minitron_jax.config import LlamaConfig
 from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.sharding import make_mesh
-from minitron_jax.train import inputs
+from minitron_jax.train import inputs, teacher_cache
 from minitron_jax.train.checkpoints import CHECKPOINT_DIR, CONFIG_FILE, STUDENT_DIR, TEACHER_DIR, Checkpointer
 from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
 from minitron_jax.train.models import RunModels, StudentPruner, load_run_models
@@ -232,6 +232,9 @@ def setup(rc: RunConfig, *, prune_student: StudentPruner | None = None,
         models = load_run_models(rc, run_dir if latest is not None else None, log=log, prune_student=prune_student)
         student_cfg, teacher_cfg = models.student_config, models.teacher_config
         train_ds, val_ds = inputs.build_datasets(rc, models.tokenizer)
+        if rc.teacher.logits_cache is not None:  # the teacher's cached top-k stand in for it (train/teacher_cache)
+            train_ds, val_ds = teacher_cache.attach(rc, teacher_cfg, models.tokenizer, train_ds, val_ds, log=log)
+            teacher_cfg = None  # no teacher forward in the step and no teacher params on the devices
         val_batches = inputs.validation_batches(rc, val_ds)
         teacher_params = place_teacher(rc, mesh, teacher_cfg, models.teacher_params) if teacher_cfg else {}
         models.teacher_params = None  # the host copy is no longer needed

@@ -38,6 +38,7 @@ __all__ = [
     "reverse_kl",
     "jsd",
     "top_k_forward_kl",
+    "sparse_forward_kl",
     "cross_entropy",
     "kd_loss",
     "mix_kd_ce",
@@ -134,6 +135,68 @@ def top_k_forward_kl(
     student_lse = jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
     log_ps_at_s = jnp.take_along_axis(z_s, top_idx, axis=-1) - student_lse
     return temperature**2 * _kl_from_log_probs(log_qt, log_ps_at_s)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 − eˣ) for x ≤ 0, stable at both ends (Mächler 2012): ``log(−expm1(x))`` near 0, where 1 − eˣ is a
+    small difference, ``log1p(−eˣ)`` far below it, where eˣ is small."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+# The student's rest mass is floored at float32 resolution: when Σ_{i∈S} p_s(i) rounds to 1, log r_s would be
+# −inf (and its gradient NaN); 2⁻²⁴ is the spacing of float32 just below 1, so no finer rest is representable.
+# This caps log Σ_{i∈S} p_s(i) at log(1 − 2⁻²⁴), i.e. log r_s at −24·log 2 ≈ −16.6.
+_MAX_LOG_SUPPORT_MASS = math.log1p(-(2.0**-24))
+
+
+def sparse_forward_kl(
+    student_logits: jax.Array,
+    teacher_ids: jax.Array,
+    teacher_logprobs: jax.Array,
+    teacher_rest: jax.Array,
+    *,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Forward KL(teacher‖student) per token over the teacher's stored top-k ids plus one "rest" bucket.
+
+    The teacher is known only on its top-k support ``S`` (an offline cache, ``train/teacher_cache.py``): ids
+    ``[..., K]``, their log-probabilities ``log p_t(i)`` and ``log r_t = log(1 − Σ_{i∈S} p_t(i))`` ``[...]``. The
+    student's distribution is collapsed onto the same K + 1 outcomes, so the loss is a proper KL of two distributions
+    (≥ 0, zero only when they agree on S and on the rest)::
+
+        log p_s(i) = z_s[i] − logsumexp(z_s)                          (the student's FULL log-softmax)
+        log r_s    = log(1 − Σ_{i∈S} p_s(i)) = log1mexp(logsumexp_{i∈S} log p_s(i))
+        loss       = Σ_{i∈S} p_t(i) (log p_t(i) − log p_s(i)) + r_t (log r_t − log r_s)
+
+    With K = V the rest is empty (``teacher_rest = −inf``): its term is 0 with a zero gradient, and the loss is the
+    dense forward KL. A teacher log-probability of −inf (underflow in a float16 cache) contributes 0. The ids must
+    be distinct within a token (top-k ids are). The student's rest mass is floored at 2⁻²⁴ (float32 resolution
+    below 1) so a student that puts all but a rounding error of its mass on S gets a large, finite loss.
+
+    Only T = 1: the cache holds the teacher's log-probabilities at T = 1, and its distribution at another
+    temperature needs the logits of the whole vocabulary (the rest bucket cannot be rescaled).
+    """
+    if temperature != 1.0:
+        raise ValueError(f"sparse_forward_kl needs temperature 1 (the cache stores the teacher's log-probabilities "
+                         f"at T=1; its distribution at T={temperature} needs the full logits), got {temperature}")
+    z_s = student_logits.astype(jnp.float32)
+    ids = teacher_ids.astype(jnp.int32)
+    log_pt = teacher_logprobs.astype(jnp.float32)
+    log_rt = teacher_rest.astype(jnp.float32)
+    # Gather at S and subtract the full logsumexp: no second [..., V] array.
+    log_ps = jnp.take_along_axis(z_s, ids, axis=-1) - jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
+    # Σ p_t (log p_t − log p_s), with p_t = 0 (log p_t = −inf) selected away before the product (0 · −inf = NaN).
+    pt_pos = jnp.isfinite(log_pt)
+    safe_log_pt = jnp.where(pt_pos, log_pt, 0.0)
+    support = jnp.sum(jnp.where(pt_pos, jnp.exp(safe_log_pt) * (safe_log_pt - log_ps), 0.0), axis=-1)
+    # The rest bucket. Its input is replaced where r_t = 0 (double where): otherwise log1mexp(0) = −inf would send
+    # NaN through the unselected branch's gradient.
+    has_rest = jnp.isfinite(log_rt)
+    in_s = jnp.minimum(jax.nn.logsumexp(log_ps, axis=-1), _MAX_LOG_SUPPORT_MASS)
+    log_rs = _log1mexp(jnp.where(has_rest, in_s, -1.0))
+    safe_log_rt = jnp.where(has_rest, log_rt, 0.0)
+    rest = jnp.where(has_rest, jnp.exp(safe_log_rt) * (safe_log_rt - log_rs), 0.0)
+    return support + rest
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -66,6 +66,35 @@ def _load(path: str, what: str, progress: Callable[[str], None] | None = None):
         raise RunConfigError(f"cannot load {what} from {path}: {e}") from None
 
 
+def _describe(path: str, what: str):
+    """A model's config and tokenizer without its weights (a ``LoadedModel`` with ``params=None``)."""
+    from minitron_jax.convert import (
+        LoadedModel,
+        detect_format,
+        gguf_tokenizer_dir,
+        load_tokenizer,
+        read_source_config,
+    )
+
+    resolved = Path(resolve_path(path))
+    try:
+        fmt = detect_format(resolved)
+        config = read_source_config(resolved, fmt)
+        tokenizer = load_tokenizer(gguf_tokenizer_dir(resolved) if fmt == "gguf" else resolved)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunConfigError(f"cannot load {what} from {path}: {e}") from None
+    return LoadedModel(config, None, tokenizer, resolved, fmt)
+
+
+def load_teacher(rc: RunConfig, *, weights: bool = True):
+    """The run's teacher with its tokenizer (the data is tokenized with it); ``weights=False`` reads only its config
+    and tokenizer (a run whose teacher outputs come from ``teacher.logits_cache``)."""
+    teacher = _load(rc.teacher.path, "teacher") if weights else _describe(rc.teacher.path, "teacher")
+    if teacher.tokenizer is None:
+        raise RunConfigError(f"the teacher at {rc.teacher.path} carries no tokenizer; the data is tokenized with it")
+    return teacher
+
+
 # (teacher LoadedModel, student.prune options, student.calib resolved to a path, log) → (student config, params,
 # pruning report); raises ValueError / FileNotFoundError for a bad spec or calibration text.
 StudentPruner = Callable[[Any, dict, str, Callable[[str], None]], tuple[LlamaConfig, Params, Any]]
@@ -102,9 +131,9 @@ def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str]
         config, _ = read_run_models(resume_from)
         return RunModels(config, None, None, None, load_tokenizer(resume_from / STUDENT_DIR))
 
-    teacher = _load(rc.teacher.path, "teacher")
-    if teacher.tokenizer is None:
-        raise RunConfigError(f"the teacher at {rc.teacher.path} carries no tokenizer; the data is tokenized with it")
+    # With teacher.logits_cache the teacher's outputs come from disk: its weights are read only to prune a student.
+    cached = rc.mode == "distill" and rc.teacher.logits_cache is not None
+    teacher = load_teacher(rc, weights=not cached or (resume_from is None and rc.student.prune is not None))
     if rc.mode == "teacher_correction":
         return RunModels(teacher.config, teacher.params, None, None, teacher.tokenizer)
 
@@ -119,4 +148,5 @@ def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str]
         student_config, student_params, report = _pruned_student(rc, teacher, prune_student, log)
         student_tokenizer = teacher.tokenizer
     check_compatible(teacher.config, student_config, teacher.tokenizer, student_tokenizer)
-    return RunModels(student_config, student_params, teacher.config, teacher.params, teacher.tokenizer, report)
+    return RunModels(student_config, student_params, teacher.config, None if cached else teacher.params,
+                     teacher.tokenizer, report)

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import Params, hidden_states, lm_head
 from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
-from minitron_jax.train import chunked_loss, losses
+from minitron_jax.train import chunked_loss, losses, sparse_loss, teacher_cache
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
 from minitron_jax.train.optim import make_schedule
 from minitron_jax.train.state import (
@@ -57,13 +57,22 @@ Batch = dict[str, jax.Array]
 # ----------------------------------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------------------------------
-def batch_shardings(mesh: Mesh) -> Batch:
-    return {k: batch_sharding(mesh) for k in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, rc: RunConfig | None = None) -> Batch:
+    """Every batch array split by rows; with ``teacher.logits_cache`` also the cached teacher's arrays."""
+    out = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+    if rc is not None and rc.teacher.logits_cache is not None:
+        out.update({k: batch_sharding(mesh, ndim) for k, ndim in teacher_cache.CACHE_NDIM.items()})
+    return out
 
 
 def abstract_batch(rc: RunConfig, mesh: Mesh) -> Batch:
     shape = (rc.data.batch_size, rc.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in batch_shardings(mesh).items()}
+    shardings = batch_shardings(mesh, rc)
+    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=shardings[k]) for k in BATCH_KEYS}
+    if rc.teacher.logits_cache is not None:  # [B, T, K] ids and log-probs, [B, T] rest, in the cache's dtypes
+        out.update({k: jax.ShapeDtypeStruct(shape + tail, dtype, sharding=shardings[k])
+                    for k, (tail, dtype) in teacher_cache.read_layout(rc.teacher.logits_cache).items()})
+    return out
 
 
 def check_batch_layout(rc: RunConfig, mesh: Mesh) -> None:
@@ -116,6 +125,7 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
     pairs = loss.hidden.pairs if (teacher is not None and loss.hidden.weight > 0) else []
     collect = _layer_outputs if pairs else None
     logit_loss = chunked_loss.naive_logit_loss if loss.naive else chunked_loss.chunked_logit_loss
+    cached = teacher is None and rc.teacher.logits_cache is not None  # the teacher's top-k come in the batch
     if pairs:
         bad = [p for p in pairs if p[0] >= student.num_layers or p[1] >= teacher.num_layers]
         if bad:
@@ -137,6 +147,12 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
         s_hidden, s_layers, _ = run_model(student, model, mb, compute, rc.train.remat)
         sums = {"weight": weight_sum, "tokens": jnp.sum(weights != 0).astype(jnp.float32)}
         scale = jnp.maximum(weight_sum, 1.0)  # the losses return weighted means: back to sums
+        if cached:
+            mean, aux = sparse_loss.cached_teacher_loss(
+                s_hidden, head_of(student, model), mb["teacher_ids"], mb["teacher_logprobs"], mb["teacher_rest"],
+                targets, weights, alpha=loss.alpha, temperature=loss.temperature, chunk_size=loss.chunk_size,
+                compute_dtype=compute)
+            return mean * scale, {**sums, "kd": aux["kd"] * scale, "ce": aux["ce"] * scale}
         if teacher is None:
             ce, _ = chunked_loss.chunked_cross_entropy(s_hidden, head_of(student, model), targets, weights,
                                                        chunk_size=loss.chunk_size, compute_dtype=compute)
@@ -255,7 +271,7 @@ def build_train_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: L
 
     s_sh = state_shardings(rc, mesh, student, teacher, optimizer)
     t_sh = teacher_shardings(rc, mesh, teacher)
-    b_sh = batch_shardings(mesh)
+    b_sh = batch_shardings(mesh, rc)
     jitted = jax.jit(train_step, in_shardings=(s_sh, t_sh, b_sh), out_shardings=(s_sh, replicated(mesh)),
                      donate_argnums=(0,))
     return TrainStep(jitted, s_sh, b_sh, t_sh)
@@ -274,5 +290,6 @@ def build_eval_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: Ll
         _, sums = loss_fn(trainable, teacher_params, batch)
         return sums
 
-    return jax.jit(eval_step, in_shardings=(params_sh, teacher_shardings(rc, mesh, teacher), batch_shardings(mesh)),
+    return jax.jit(eval_step, in_shardings=(params_sh, teacher_shardings(rc, mesh, teacher),
+                                            batch_shardings(mesh, rc)),
                    out_shardings=replicated(mesh))
