@@ -422,3 +422,23 @@ def test_full_vocabulary_cache_gives_the_online_forward_kl_loss(tiny, tmp_path):
     np.testing.assert_allclose(float(v2), float(v1), rtol=1e-5)
     np.testing.assert_allclose(float(s2["kd"]), float(s1["kd"]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), g2, g1)
+
+
+def test_dry_run_plans_no_teacher_and_the_cached_arrays_in_the_batch(tiny, cache_k8, tmp_path):
+    from minitron_jax.planning import capacity as P
+    from minitron_jax.planning.dryrun import make_plan
+    from minitron_jax.planning.report import format_plan
+
+    out, _ = cache_k8
+    kw = dict(recipe=None, acc=P.accelerator("h100"), mfu=0.4, memory_fraction=0.9, devices=1,
+              devices_per_host=None, total_tokens=None, abstract=False, verify=False, log=lambda *_: None)
+    online = make_plan(make_rc(tiny, tmp_path / "r"), **kw)
+    cached = make_plan(make_rc(tiny, tmp_path / "r", f"teacher.logits_cache={out}"), **kw)
+    assert cached["models"]["teacher"] is None and online["models"]["teacher"] is not None
+    assert cached["teacher_logits_cache"]["top_k"] == 8 and online["teacher_logits_cache"] is None
+    extra = 8 * 32 * (8 * (2 + 4) + 4)  # rows × seq_len × (K uint16 ids + K float32 log-probs + float32 rest)
+    for basis in ("compiled", "analytic"):
+        on, off = online["memory_per_device"][basis], cached["memory_per_device"][basis]
+        assert off["teacher"] == 0 < on["teacher"]
+        assert off["batch"] - on["batch"] == extra
+    assert "teacher   not loaded: top-8 log-probs (float32)" in format_plan(cached)

@@ -216,6 +216,9 @@ def analytic(rc, layout: P.Layout, student, teacher) -> dict[str, Any]:
         "teacher": P.param_bytes(teacher, shape, rules, _itemsize(rc.teacher.dtype)) if teacher else 0.0,
         "batch": P.batch_bytes(rc.data.batch_size, rc.data.seq_len, layout.data * layout.fsdp),
     }
+    if rc.teacher.logits_cache is not None:  # the cached teacher's ids, log-probs and rest ride in the batch
+        out["batch"] += (rc.data.batch_size * rc.data.seq_len * _cache_index(rc)["bytes_per_token"]
+                         / (layout.data * layout.fsdp))
     act = P.activation_bytes(student, teacher, layout, global_rows=rc.data.batch_size, seq_len=rc.data.seq_len,
                              chunk_size=rc.loss.chunk_size, param_bytes_per_device=P.param_bytes(student, shape,
                                                                                                  rules, 4),
@@ -230,6 +233,13 @@ def analytic(rc, layout: P.Layout, student, teacher) -> dict[str, Any]:
         "teacher": P.naive_param_bytes(teacher, shards, _itemsize(rc.teacher.dtype)) if teacher else 0.0,
     }
     return out
+
+
+def _cache_index(rc) -> dict[str, Any]:
+    """The index of the run's teacher-logits cache (K, dtypes, bytes per token); refused when there is none."""
+    from minitron_jax.train.teacher_cache import TeacherCache
+
+    return TeacherCache(rc.teacher.logits_cache).index
 
 
 def compiled_total(c: Compiled, *, raw: bool = False) -> float | None:
@@ -265,6 +275,14 @@ def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_
     from minitron_jax.model import count_params
 
     student, teacher = run_models(rc, recipe, teacher_config, student_config)
+    cache = None
+    if rc.mode == "distill" and rc.teacher.logits_cache is not None:
+        # The teacher's top-k come from disk in the batch: the step has no teacher (params, forward, activations).
+        index = _cache_index(rc)
+        cache = {"path": rc.teacher.logits_cache, "top_k": index["top_k"], "logprobs_dtype": index["logprobs_dtype"],
+                 "ids_dtype": index["ids_dtype"], "bytes_per_token": index["bytes_per_token"],
+                 "teacher_not_loaded": teacher.describe()}
+        teacher = None
     layout = layout_of(rc, devices)
     if not valid_layout(rc, layout):
         raise DryRunError(f"data.batch_size {rc.data.batch_size} / train.grad_accum {layout.grad_accum} does not "
@@ -315,6 +333,7 @@ def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_
         "batch": {"global_rows": rc.data.batch_size, "seq_len": T, "grad_accum": layout.grad_accum,
                   "rows_per_device_per_micro_batch": micro_rows, "tokens_per_step": tokens_per_step,
                   "loss_chunk_tokens": rc.loss.chunk_size},
+        "teacher_logits_cache": cache,
         "compile": {"method": comp.method,
                     "backend": (f"abstract:{platform}" if comp.method != "compile"
                                 else jax.default_backend() if on_device else "cpu"),

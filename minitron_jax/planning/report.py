@@ -35,6 +35,10 @@ def format_plan(p: dict[str, Any]) -> str:
              f"({p['hosts']} host{'s' if p['hosts'] > 1 else ''} of {p['devices_per_host']}), MFU {p['mfu']:g}"]
     if te:
         lines.append(f"  teacher   {te['config']}  {te['params'] / 1e9:.2f}B params ({te['dtype']})")
+    cache = p.get("teacher_logits_cache")
+    if cache:
+        lines.append(f"  teacher   not loaded: top-{cache['top_k']} log-probs ({cache['logprobs_dtype']}) read from "
+                     f"{cache['path']}, {cache['bytes_per_token']} bytes/token in the batch")
     lines.append(f"  student   {st['config']}  {st['params'] / 1e9:.2f}B params ({st['param_dtype']} master, "
                  f"{st['compute_dtype']} compute)" + (f"  = teacher pruned by {st['pruned_from_teacher']}"
                                                       if st.get("pruned_from_teacher") else ""))
