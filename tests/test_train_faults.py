@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_distill import compile_cache, make_rc, tiny  # noqa: F401  (fixtures)
+from test_distill import compile_cache, make_rc, random_batch, tiny  # noqa: F401  (fixtures)
 from utils import poison_hf
 
 from minitron_jax.cli import distill
@@ -28,6 +28,7 @@ from minitron_jax.train.checkpoints import Checkpointer
 from minitron_jax.train.config import RunConfigError
 from minitron_jax.train.loop import NonFiniteLossError, run
 from minitron_jax.train.observe import read_metrics, truncate_metrics
+from minitron_jax.train.step import all_finite
 
 
 def _steps(run_dir, kind="train"):
@@ -65,7 +66,9 @@ def test_learning_rate_that_overflows_is_refused_with_the_config(tiny, tmp_path,
 
 def _poison_step_at(monkeypatch, bad_step: int):
     """Make the train step leave a NaN in the params after update ``bad_step`` while its loss (computed before the
-    update) stays finite: the case a loss check alone lets through."""
+    update) stays finite: the case a loss check alone lets through. The NaN goes in after the jitted step, so its
+    ``finite`` metric is recomputed on the poisoned state with the step's own check (``step.all_finite``), as the
+    step would have reported had its update made the NaN."""
     real = loop.build_train_step
 
     def build(*args, **kwargs):
@@ -76,6 +79,7 @@ def _poison_step_at(monkeypatch, bad_step: int):
             if int(jax.device_get(state.step)) == bad_step:
                 model = dict(state.params["model"], final_norm=state.params["model"]["final_norm"] * jnp.nan)
                 state = state._replace(params=dict(state.params, model=model))
+                metrics = dict(metrics, finite=metrics["finite"] & all_finite((state.params, state.opt_state)))
             return state, metrics
 
         return ts._replace(step=step)
@@ -96,6 +100,45 @@ def test_nonfinite_state_is_never_checkpointed_or_logged(tiny, tmp_path, monkeyp
     assert distill.main(["--config", str(tmp_path / "c.yaml")]) == 3
     assert "non-finite state after step 3" in capsys.readouterr().err
     assert _latest(tmp_path / "run", rc) == 2 and _steps(tmp_path / "run") == [1, 2]
+
+
+def test_the_step_reports_whether_its_result_is_finite(tiny):  # noqa: F811
+    """metrics["finite"], computed inside the jitted step, is False when the new state holds NaN/inf even though the
+    loss and the params are finite (an inf second moment: Adam's update is then 0), and when the loss is NaN."""
+    from minitron_jax.model import init_params
+    from minitron_jax.sharding import make_mesh
+    from minitron_jax.train.state import init_train_state, place_teacher
+    from minitron_jax.train.step import build_train_step
+
+    rc = make_rc(tiny, "/tmp/unused_run_dir")
+    s_cfg, t_cfg = tiny["student_cfg"], tiny["teacher_cfg"]
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    ts = build_train_step(rc, mesh, s_cfg, t_cfg)
+    t_params = jax.tree.map(np.asarray, init_params(t_cfg, jax.random.key(0)))
+    s_params = jax.tree.map(np.asarray, init_params(s_cfg, jax.random.key(1)))
+    batch = jax.device_put({k: np.asarray(v, np.int32) for k, v in random_batch(s_cfg.vocab_size).items()},
+                           ts.batch_shardings)
+
+    def one_step(state, teacher):
+        state, metrics = ts.step(state, place_teacher(rc, mesh, t_cfg, teacher), batch)
+        return state, jax.device_get(metrics)
+
+    state, metrics = one_step(init_train_state(rc, mesh, s_cfg, t_cfg, s_params), t_params)
+    assert bool(metrics["finite"]) and bool(all_finite(state))
+
+    def inf_second_moment(x):  # Adam's nu of one leaf: its update becomes mu / inf = 0
+        return x.at[0].set(jnp.inf) if x.ndim == 1 and x.shape == s_params["final_norm"].shape else x
+
+    state = init_train_state(rc, mesh, s_cfg, t_cfg, s_params)
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, x: inf_second_moment(x) if "nu" in jax.tree_util.keystr(path) else x, state.opt_state)
+    state, metrics = one_step(state._replace(opt_state=opt_state), t_params)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and bool(all_finite(state.params))
+    assert not bool(metrics["finite"]) and not bool(all_finite(state.opt_state))
+
+    nan_teacher = dict(t_params, final_norm=t_params["final_norm"] * np.nan)
+    _, metrics = one_step(init_train_state(rc, mesh, s_cfg, t_cfg, s_params), nan_teacher)
+    assert not np.isfinite(metrics["loss"]) and not bool(metrics["finite"])
 
 
 def test_nan_checkpoint_is_neither_exported_nor_resumed(tiny, tmp_path, capsys):  # noqa: F811

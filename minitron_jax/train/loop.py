@@ -96,7 +96,9 @@ def _write_run_files(rc: RunConfig, run_dir: Path, models: RunModels, resuming: 
 @functools.lru_cache(maxsize=8)
 def _finite_checker(mesh) -> Any:
     """``tree -> first non-finite leaf path or None``: one jitted all-finite reduction per floating leaf, so the
-    state is read once on device and only a vector of booleans comes to the host.
+    state is read once on device and only a vector of booleans comes to the host. It checks a state before any step
+    trains from it (fresh or restored) and names the bad leaf of a state a step refused; the train step checks its
+    own result inside its jit (``metrics["finite"]``), so a good step costs no second pass.
 
     Checking the loss is not enough: it is computed *before* the update, so an update that overflows (a huge LR,
     an inf second moment) leaves NaN/inf params or optimizer state behind a finite loss, and that state would be
@@ -274,15 +276,17 @@ def train_steps(run: Run, n: int, on_step: Callable[[Run, dict[str, float], floa
         seconds = time.perf_counter() - start_time
         run.step += 1
         step = run.step
+        finite = bool(metrics.pop("finite"))  # the step's own check of its loss, grads and new state
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} (loss {metrics['loss']}, grad norm {metrics['grad_norm']}); "
                 f"stopped without saving it. {_latest_good(run.checkpointer)}. Lower optim.peak_lr, check the "
                 "data, or set optim.grad_clip.")
         # Every state is checked, not only the ones saved: so every checkpoint (and the export) is finite, and
-        # metrics.jsonl never holds a line for a step whose result was refused.
-        bad = first_nonfinite(run.state)
-        if bad is not None:
+        # metrics.jsonl never holds a line for a step whose result was refused. The step computed the check; only
+        # a refused state is read again, leaf by leaf, to name its first bad leaf in the error.
+        if not finite:
+            bad = first_nonfinite(run.state) or "a leaf the step found non-finite"
             raise NonFiniteLossError(
                 f"non-finite state after step {step} (first: {bad}; loss {metrics['loss']}, grad norm "
                 f"{metrics['grad_norm']}); stopped without saving it. {_latest_good(run.checkpointer)}. Lower "

@@ -244,6 +244,12 @@ def make_grad_fn(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: Llama
 # ----------------------------------------------------------------------------------------------------------------
 # The train step
 # ----------------------------------------------------------------------------------------------------------------
+def all_finite(tree) -> jax.Array:
+    """Scalar bool: every floating-point element of ``tree`` is finite (no NaN, no inf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
 class TrainStep(NamedTuple):
     """The jitted step and the shardings of its arguments (also what a dry run lowers with)."""
 
@@ -265,7 +271,12 @@ def build_train_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: L
         grads, metrics = grad_fn(state.params, teacher_params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        grad_norm = optax.global_norm(grads)
+        metrics.update(grad_norm=grad_norm, lr=schedule(state.step))
+        # The loop refuses a step whose result holds NaN/inf. Checked here, inside the step, rather than by a second
+        # program reading the new state back: the loss is computed before the update and cannot vouch for it (an
+        # overflowing update leaves NaN params behind a finite loss). A finite grad norm means finite grads.
+        metrics["finite"] = all_finite((params, opt_state)) & jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         return new_state, metrics
 
