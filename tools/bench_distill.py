@@ -17,6 +17,11 @@ mesh over all local devices (FSDP), and MFU from ``minitron_jax.train.observe``'
     python tools/bench_distill.py --batch 4 --seq-len 512 --steps 5
     python tools/bench_distill.py --gpu --batch 16 --seq-len 4096 --grad-accum 2
     python tools/bench_distill.py --json
+    python tools/bench_distill.py --cached-teacher 64      # also: the student trained from a cached top-64 teacher
+
+``--cached-teacher K`` adds a third number: the same student's step when the teacher's top-K log-probs come with the
+batch (``teacher.logits_cache``, ``python -m minitron_jax.teacher_logits``): no teacher weights, no teacher forward;
+the cached arrays here are synthetic (uniform log-probs over K random ids), which costs the step the same.
 """
 
 from __future__ import annotations
@@ -72,7 +77,16 @@ def gpu_models():
     return teacher, host(init_params(teacher, key_t)), student, host(init_params(student, key_s))
 
 
-def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, steps: int) -> dict:
+def cached_teacher_arrays(rng, shape, vocab: int, top_k: int) -> dict:
+    """Synthetic cached-teacher batch arrays in the cache's dtypes (ids uint16 below 2^16 vocab, log-probs fp16)."""
+    ids = rng.integers(0, vocab, (*shape, top_k)).astype(np.uint16 if vocab <= 65536 else np.int32)
+    uniform = np.float32(-np.log(top_k + 1))
+    return {"teacher_ids": ids, "teacher_logprobs": np.full((*shape, top_k), uniform, np.float16),
+            "teacher_rest": np.full(shape, uniform, np.float32)}
+
+
+def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, steps: int,
+              cached_top_k: int | None = None) -> dict:
     """Median seconds per step (after one compile/warm-up step) and tokens/s."""
     ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
     state = init_train_state(rc, mesh, student_cfg, teacher_cfg, student_params)
@@ -81,7 +95,10 @@ def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params
     shape = (rc.data.batch_size, rc.data.seq_len)
     batch = {"tokens": rng.integers(0, student_cfg.vocab_size, shape), "segment_ids": np.ones(shape),
              "positions": np.broadcast_to(np.arange(shape[1]), shape), "loss_mask": np.ones(shape)}
-    batch = jax.device_put({k: np.asarray(v, np.int32) for k, v in batch.items()}, ts.batch_shardings)
+    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+    if cached_top_k:
+        batch.update(cached_teacher_arrays(rng, shape, student_cfg.vocab_size, cached_top_k))
+    batch = jax.device_put(batch, ts.batch_shardings)
     start = time.perf_counter()
     state, metrics = ts.step(state, teacher, batch)
     jax.block_until_ready(metrics)
@@ -94,6 +111,7 @@ def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params
         times.append(time.perf_counter() - start)
     sec = statistics.median(times)
     tokens = shape[0] * shape[1]
+    # The cached step's useful work is the student's alone (teacher_cfg None): its MFU is not inflated.
     flops = step_flops_per_token(student_cfg, teacher_cfg, rc.data.seq_len) * tokens
     peak = peak_flops(list(mesh.devices.flat))
     return {"seconds_per_step": sec, "tokens_per_s": tokens / sec, "first_step_s": compile_s,
@@ -120,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--mem-seq-len", type=int, default=4096, help="tokens of the memory comparison (one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
+    p.add_argument("--cached-teacher", type=int, metavar="K",
+                   help="also time the step reading a cached top-K teacher instead of running it")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -142,6 +162,14 @@ def main(argv=None) -> None:
         report["ce_only"] = time_step(ce_rc, mesh, student_cfg, student_params, None, None, args.steps)
         report["distill_over_ce_time"] = (report["distill"]["seconds_per_step"]
                                           / report["ce_only"]["seconds_per_step"])
+        if args.cached_teacher:
+            # The path is never opened: the step is built from the config and the batch arrays given here.
+            cached_rc = run_config(args, "teacher.logits_cache=/nonexistent/synthetic")
+            report["distill_cached"] = time_step(cached_rc, mesh, student_cfg, student_params, None, None,
+                                                 args.steps, cached_top_k=args.cached_teacher)
+            report["distill_cached"]["top_k"] = args.cached_teacher
+            report["online_over_cached_time"] = (report["distill"]["seconds_per_step"]
+                                                 / report["distill_cached"]["seconds_per_step"])
 
     if not args.no_memory:
         memory = {"tokens": args.mem_seq_len, "chunk_size": args.chunk_size}
@@ -163,13 +191,18 @@ def main(argv=None) -> None:
         return
     print(f"device: {report['device']}   batch {args.batch} x {args.seq_len} tokens   remat {args.remat}")
     print(f"teacher: {report['teacher']}\nstudent: {report['student']}")
-    for name in ("distill", "ce_only") if "distill" in report else ():
+    for name in ("distill", "ce_only", "distill_cached") if "distill" in report else ():
+        if name not in report:
+            continue
         r = report[name]
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{name:<8} {r['seconds_per_step']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
               f"{r['tflops_per_s']:.3f} TFLOP/s  MFU {mfu}  (first step {r['first_step_s']:.1f} s)")
     if "distill" in report:
         print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
+    if "distill_cached" in report:
+        print(f"online-teacher step time / cached top-{args.cached_teacher} step time = "
+              f"{report['online_over_cached_time']:.2f}")
     for row in (v for v in report.get("step_memory", {}).values() if isinstance(v, dict)):
         print(f"whole-step temp memory, V={row['vocab']}: chunked {row['chunked_temp_gib']:.3f} GiB, "
               f"naive {row['naive_temp_gib']:.3f} GiB "

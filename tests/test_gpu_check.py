@@ -1,0 +1,80 @@
+"""tools/gpu_check.sh's report (tools/gpu_report.py) on hand-made piece outputs: every piece reported, failures
+named with their exit code, the numbers in the tables; and the script itself is valid bash that writes at most the
+three files the device tool brings back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def R():
+    spec = importlib.util.spec_from_file_location("gpu_report", REPO / "tools" / "gpu_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _step(tok_s, mfu):
+    return {"seconds_per_step": 32768 / tok_s, "tokens_per_s": tok_s, "first_step_s": 40.0, "tflops_per_s": 400.0,
+            "mfu": mfu, "loss": 3.0}
+
+
+def _pieces(tmp_path: Path) -> Path:
+    d = tmp_path / "pieces"
+    d.mkdir()
+    forward = {"env": {"model": "L=16 D=2048", "dtype": "bfloat16", "jax": "0.11.2", "jax_device": "cuda:0",
+                       "torch": "2.11.0", "torch_device": "cuda:0", "torch_attn": "sdpa"},
+               "results": [{"batch": 8, "seq_len": 2048, "ours_tok_s": 250000.0, "torch_tok_s": 200000.0,
+                            "ratio": 1.25, "max_abs_logit_diff": 0.03}]}
+    distill = {"device": "1 x NVIDIA H200", "batch": 8, "seq_len": 4096, "remat": "full", "teacher": "T",
+               "student": "S", "distill": _step(30000.0, 0.51), "ce_only": _step(45000.0, 0.55),
+               "distill_cached": {**_step(42000.0, 0.57), "top_k": 64}}
+    plan = {"compile": {"backend": "cuda", "device_kind": "NVIDIA H200", "compile_seconds": 30.0},
+            "memory_per_device": {"compiled": {"params": 18e9, "optimizer": 36e9, "teacher": 16e9, "temp": 20e9},
+                                  "total": 90e9}, "fits": True}
+    for name, result, rc in (("forward_bf16", forward, 0), ("distill", distill, 0), ("plan8b_gpu", plan, 0)):
+        (d / f"{name}.json").write_text(json.dumps(result))
+        (d / f"{name}.rc").write_text(f"{rc}\n")
+    (d / "plan8b_cpu.json").write_text("Traceback (most recent call last): ...")  # a crashed piece
+    (d / "plan8b_cpu.rc").write_text("1\n")
+    return d
+
+
+def test_report_tables_and_failures(R, tmp_path, capsys):
+    d = _pieces(tmp_path)
+    assert R.main([str(d), "--json", str(tmp_path / "all.json")]) == 0
+    md = capsys.readouterr().out
+    assert "| 8 × 2048 | 250,000 | 200,000 | 1.25 | 3.00e-02 |" in md
+    assert "| distill, online teacher |" in md and "51.0%" in md
+    assert "| distill, cached top-64 teacher |" in md and "57.0%" in md
+    assert "| cuda | NVIDIA H200 | 30.0 | 18.00 | 36.00 | 16.00 | 20.00 | 90.00 | True |" in md
+    assert "| plan8b_cpu | no result (exit 1) |" in md  # a failed piece is named, never dropped
+    assert "plan8b_cpu 1" in md
+    everything = json.loads((tmp_path / "all.json").read_text())
+    assert everything["plan8b_cpu"]["rc"] == 1 and "Traceback" in everything["plan8b_cpu"]["result"]["raw"]
+    assert everything["distill"]["result"]["distill_cached"]["top_k"] == 64
+
+
+def test_report_of_pieces_never_run(R, tmp_path, capsys):
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert R.main([str(empty)]) == 0
+    md = capsys.readouterr().out
+    assert "forward: no result (exit None)" in md and "distillation step: no result (exit None)" in md
+
+
+def test_script_is_valid_bash_and_names_three_outputs():
+    script = (REPO / "tools" / "gpu_check.sh").read_text()
+    subprocess.run(["bash", "-n", str(REPO / "tools" / "gpu_check.sh")], check=True)
+    outputs = {name for name in ("gpu_check.json", "gpu_check.md", "gpu_check.log") if f"$OUT_DIR/{name}" in script}
+    assert len(outputs) == 3
+    # those three, the .md twice (written, then printed); the pieces go to a temporary directory
+    assert script.count('"$OUT_DIR/') == 4

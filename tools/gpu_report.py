@@ -1,0 +1,122 @@
+"""The tables of ``tools/gpu_check.sh``: reads its pieces' JSON outputs and exit codes, prints markdown for docs/.
+
+    python tools/gpu_report.py PIECES_DIR [--json ALL.json]
+
+``PIECES_DIR`` holds ``NAME.json`` (a piece's stdout) and ``NAME.rc`` (its exit code) for the pieces
+forward_bf16, distill, plan8b_gpu, plan8b_cpu; a missing or failed piece is reported as such,
+never skipped silently. ``--json`` writes every piece (parsed, or the raw text when it is not JSON) and its exit
+code into one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+GB = 1e9
+PIECES = ("forward_bf16", "distill", "plan8b_gpu", "plan8b_cpu")
+
+
+def read_pieces(directory: Path) -> dict[str, dict]:
+    out = {}
+    for name in PIECES:
+        path, rc_path = directory / f"{name}.json", directory / f"{name}.rc"
+        if not rc_path.exists():
+            out[name] = {"rc": None, "result": None, "note": "not run"}
+            continue
+        rc = int(rc_path.read_text().strip() or -1)
+        text = path.read_text() if path.exists() else ""
+        try:
+            result = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError:
+            result = {"raw": text[-4000:]}
+        out[name] = {"rc": rc, "result": result}
+    return out
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def forward_table(piece: dict) -> list[str]:
+    r = piece["result"]
+    if not r or "results" not in r:
+        return [f"forward: no result (exit {piece['rc']})"]
+    env = r["env"]
+    lines = [f"Forward, {env['model']}, {env['dtype']}: jax {env['jax']} on {env['jax_device']}, "
+             f"torch {env.get('torch', '—')} on {env.get('torch_device', '—')} (attn={env.get('torch_attn')}).", "",
+             "| batch × seq | ours tok/s | torch tok/s | ours/torch | max abs Δlogit |", "|---|---:|---:|---:|---:|"]
+    for row in r["results"]:
+        lines.append(f"| {row['batch']} × {row['seq_len']} | {row['ours_tok_s']:,.0f} | "
+                     f"{_fmt(row.get('torch_tok_s'), ',.0f')} | {_fmt(row.get('ratio'), '.2f')} | "
+                     f"{_fmt(row.get('max_abs_logit_diff'), '.2e')} |")
+    return lines
+
+
+def distill_table(piece: dict) -> list[str]:
+    r = piece["result"]
+    if not r or "distill" not in r:
+        return [f"distillation step: no result (exit {piece['rc']})"]
+    lines = [f"Distillation step on {r['device']}, batch {r['batch']} × {r['seq_len']}, remat {r['remat']}; "
+             f"teacher {r['teacher']}, student {r['student']}. MFU counts the model FLOPs of the models that run "
+             "(the cached step: the student's alone).", "",
+             "| step | s/step | tok/s | TFLOP/s | MFU | first step s |", "|---|---:|---:|---:|---:|---:|"]
+    rows = [("distill, online teacher", "distill"), ("CE only (no teacher)", "ce_only")]
+    if "distill_cached" in r:
+        rows.append((f"distill, cached top-{r['distill_cached']['top_k']} teacher", "distill_cached"))
+    for label, key in rows:
+        s = r[key]
+        lines.append(f"| {label} | {s['seconds_per_step']:.3f} | {s['tokens_per_s']:,.0f} | "
+                     f"{s['tflops_per_s']:.1f} | {_fmt(s['mfu'], '.1%')} | {s['first_step_s']:.1f} |")
+    return lines
+
+
+def plan_table(pieces: dict) -> list[str]:
+    lines = ["| compiled by | device | compile s | params GB | Adam GB | teacher GB | temp GB | total GB | fits |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in ("plan8b_gpu", "plan8b_cpu"):
+        piece = pieces[name]
+        r = piece["result"]
+        if not r or "memory_per_device" not in r:
+            lines.append(f"| {name} | no result (exit {piece['rc']}) | | | | | | | |")
+            continue
+        c = r["memory_per_device"]["compiled"] or {}
+        comp = r["compile"]
+        lines.append(f"| {comp['backend']} | {comp.get('device_kind') or 'fake CPU'} | "
+                     f"{_fmt(comp.get('compile_seconds'), '.1f')} | {_fmt(c.get('params', 0) / GB, '.2f')} | "
+                     f"{_fmt(c.get('optimizer', 0) / GB, '.2f')} | {_fmt(c.get('teacher', 0) / GB, '.2f')} | "
+                     f"{_fmt(c.get('temp', 0) / GB, '.2f')} | {_fmt(r['memory_per_device']['total'] / GB, '.2f')} | "
+                     f"{r['fits']} |")
+    return lines
+
+
+def _plan_shape(pieces: dict) -> str:
+    for name in ("plan8b_gpu", "plan8b_cpu"):
+        r = pieces[name]["result"]
+        if r and "batch" in r:
+            b = r["batch"]
+            return f" ({b['global_rows']} × {b['seq_len']} tokens, {b['grad_accum']} micro-batches)"
+    return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("pieces", type=Path)
+    ap.add_argument("--json", type=Path, help="write all pieces and exit codes to this file")
+    args = ap.parse_args(argv)
+    pieces = read_pieces(args.pieces)
+    if args.json:
+        args.json.write_text(json.dumps(pieces, indent=2) + "\n")
+    out = ["## GPU check (`tools/gpu_check.sh`)", "",
+           "Exit codes: " + ", ".join(f"{k} {v['rc']}" for k, v in pieces.items()), "",
+           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces["distill"]), "",
+           f"The Llama-3.1-8B → 4B width recipe's train step on one device{_plan_shape(pieces)}, compiled by the "
+           "device's compiler and for a fake CPU device (the planner's basis):", "", *plan_table(pieces)]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
