@@ -219,6 +219,47 @@ def test_tiny_search_end_to_end(tmp_path):
     assert again["stability"] == report["stability"]
 
 
+def test_search_from_a_cached_teacher_matches_the_online_teacher(tmp_path):
+    """``teacher_top_k``: the teacher runs once into OUT/teacher_logits and every candidate trains from it. With
+    K = the whole vocabulary in float32 the sparse KL is the full KL, so the candidates' curves equal the online
+    search's; a rerun reuses the cache (no second teacher pass) and the finished candidates."""
+    from utils import save_tiny_hf, tiny_tokenizer
+
+    from minitron_jax.compress.nas import SearchSettings, run_search
+    from minitron_jax.convert import load_model
+
+    save_tiny_hf(tmp_path / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
+    words = "the quick brown fox jumps over lazy dog pruning removes heads neurons teacher student".split()
+    rng = random.Random(1)
+    for name, n in (("train", 40), ("calib", 10)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n")
+    base = load_model(tmp_path / "teacher", with_tokenizer=False).config
+    target = 100_000
+    cands = select_spread(enumerate_candidates(base, target, 0.05), 2)
+    common = dict(steps=3, eval_steps=(3,), seq_len=32, batch_size=2, peak_lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                  val_rows=4, val_batches=1, calib_samples=2, calib_seq_len=32, rank_by="kl")
+    kw = dict(train_text=str(tmp_path / "train.jsonl"), calib_text=str(tmp_path / "calib.jsonl"), candidates=cands,
+              mesh={"data": 1, "fsdp": 1, "tensor": 1})
+    online = run_search(str(tmp_path / "teacher"), target, out=tmp_path / "online", settings=SearchSettings(**common),
+                        **kw)
+    cached_settings = SearchSettings(**common, teacher_top_k=base.vocab_size, teacher_logits_dtype="float32")
+    cached = run_search(str(tmp_path / "teacher"), target, out=tmp_path / "cached", settings=cached_settings, **kw)
+    index = json.loads((tmp_path / "cached" / "teacher_logits" / "index.json").read_text())
+    assert index["top_k"] == base.vocab_size
+    for a, b in zip(online["candidates"], cached["candidates"]):
+        assert a["candidate"] == b["candidate"]
+        for pa, pb in zip(a["curve"], b["curve"]):
+            assert pb["ce"] == pytest.approx(pa["ce"], rel=1e-4, abs=1e-5)
+            assert pb["kl"] == pytest.approx(pa["kl"], rel=1e-3, abs=1e-4)
+    assert cached["winner"]["name"] == online["winner"]["name"]
+    shards = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cached" / "teacher_logits").rglob("*.npy"))
+    again = run_search(str(tmp_path / "teacher"), target, out=tmp_path / "cached", settings=cached_settings, **kw)
+    assert again["compiled_shapes"] == 0
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cached" / "teacher_logits").rglob("*.npy")) == shards
+
+
 def test_step_cache_builds_once_per_shape():
     import jax
 

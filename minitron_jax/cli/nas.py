@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--depth-samples", type=int, default=2, help="windows for the ppl/contiguous layer scans")
     ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-top-k", type=int, default=None, metavar="K",
+                    help="run the teacher once, caching its top-K log-probs (OUT/teacher_logits), and train every "
+                         "candidate from that cache (sparse KL) instead of a teacher forward per step")
+    ap.add_argument("--teacher-logits-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     return ap
 
 
@@ -90,7 +94,8 @@ def _run(args) -> int:
                               warmup_steps=args.warmup_steps, val_rows=args.val_rows, val_batches=args.val_batches,
                               rank_by=args.rank_by, compute_dtype=args.compute_dtype, calib_samples=args.calib_samples,
                               calib_seq_len=args.calib_seq_len, depth_samples=args.depth_samples,
-                              depth_metric=args.depth_metric, seed=args.seed)
+                              depth_metric=args.depth_metric, seed=args.seed, teacher_top_k=args.teacher_top_k,
+                              teacher_logits_dtype=args.teacher_logits_dtype)
     settings.check()
     run_search(model, target, out=args.out, train_text=resolve_path(args.data), calib_text=resolve_path(args.calib),
                tolerance=args.tolerance, settings=settings, grids=grids, max_candidates=args.max_candidates)

@@ -59,6 +59,10 @@ class SearchSettings:
     depth_samples: int = 2
     depth_metric: str = "bi"
     seed: int = 0
+    # The teacher's top-k log-probs written once (train/teacher_cache) and read by every candidate instead of a
+    # teacher forward per candidate per step; None: the online teacher. Candidates then train on the sparse KL.
+    teacher_top_k: int | None = None
+    teacher_logits_dtype: str = "float16"
 
     def check(self) -> None:
         from minitron_jax.compress.importance import DEPTH_METRICS
@@ -73,6 +77,8 @@ class SearchSettings:
             self.eval_steps = tuple(self.eval_steps) + (self.steps,)
         if self.rank_by not in RANK_BY:
             raise NASError(f"--rank-by must be one of {RANK_BY}, got {self.rank_by!r}")
+        if self.teacher_top_k is not None and (isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
+            raise NASError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
         if self.depth_metric not in DEPTH_METRICS:
             raise NASError(f"--depth-metric must be one of {DEPTH_METRICS}, got {self.depth_metric!r}")
         for name in ("seq_len", "batch_size", "val_rows", "val_batches", "calib_samples", "calib_seq_len",
@@ -229,6 +235,12 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     sizes = [mesh_sizes.get("data", 1), mesh_sizes.get("fsdp", -1), mesh_sizes.get("tensor", 1)]
     mesh_obj = make_mesh(*sizes, devices=None if -1 in sizes else jax.devices()[: math.prod(sizes)])
     train_ds, val_ds = inputs.build_datasets(rc, m.tokenizer)
+    teacher_config = m.config
+    if settings.teacher_top_k is not None:
+        # The teacher runs once, over the rows every candidate trains and validates on, instead of once per
+        # candidate per step; the cache is resumable and refuses to be reused with other data or another teacher.
+        rc, train_ds, val_ds = _cached_teacher(rc, settings, out, m, train_ds, val_ds, console)
+        teacher_config = None  # no teacher in the candidates' steps, no teacher params on the devices
     val_batches = inputs.validation_batches(rc, val_ds)
     if not val_batches:
         raise NASError("the search needs held-out validation documents (--val-rows)")
@@ -241,8 +253,8 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
         importance = Importance.calibrate(m.config, m.params, m.tokenizer, text, calib, progress=progress)
     importance_s = importance.timings["calibration_pass_s"]
 
-    teacher_params = place_teacher(rc, mesh_obj, m.config, m.params)
-    cache = StepCache(rc, mesh_obj, m.config)
+    teacher_params = place_teacher(rc, mesh_obj, m.config, m.params) if teacher_config else {}
+    cache = StepCache(rc, mesh_obj, teacher_config)
     results: list[dict[str, Any]] = []
     best: tuple[float, str] | None = None
     # Results are comparable only under the same settings and the same validation data: the token-cache format
@@ -269,7 +281,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
         steps = cache.get(cfg)
         # The same batches in the same order for every candidate: each run starts a fresh iterator.
         try:
-            run = loop.start(rc, mesh_obj, cfg, m.config, teacher_params, train_ds, val_batches,
+            run = loop.start(rc, mesh_obj, cfg, teacher_config, teacher_params, train_ds, val_batches,
                              student_params=params, steps=steps)
         except loop.NonFiniteLossError as e:
             raise NASError(f"{cand.name}: {e}") from None
@@ -305,6 +317,20 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
                   f"{st['top1_settled_at']} (Kendall tau vs final: "
                   + ", ".join(f"{p['step']}: {p['tau_vs_final']:.2f}" for p in st["per_step"]) + ")")
     return report
+
+
+def _cached_teacher(rc, settings: SearchSettings, out: Path, m, train_ds, val_ds, console):
+    """(run config reading the teacher cache, train and validation datasets carrying it), the cache written to
+    ``out/teacher_logits`` first if it is not complete there."""
+    from minitron_jax.train import teacher_cache
+
+    cache_dir = out / "teacher_logits"
+    with console.status(f"teacher top-{settings.teacher_top_k} log-probs → {cache_dir} ..."):
+        summary = teacher_cache.write_teacher_cache(rc, cache_dir, top_k=settings.teacher_top_k,
+                                                    dtype=settings.teacher_logits_dtype, log=console.print)
+    rc = rc.replace(teacher=dataclasses.replace(rc.teacher, logits_cache=str(cache_dir)))
+    train_ds, val_ds = teacher_cache.attach(rc, m.config, m.tokenizer, train_ds, val_ds, log=console.print)
+    return rc, train_ds, val_ds
 
 
 def _report(results, settings: SearchSettings, target, tolerance, n_enumerated, base: LlamaConfig, out: Path,
