@@ -326,8 +326,8 @@ def _cached_teacher(rc, settings: SearchSettings, out: Path, m, train_ds, val_ds
 
     cache_dir = out / "teacher_logits"
     with console.status(f"teacher top-{settings.teacher_top_k} log-probs → {cache_dir} ..."):
-        summary = teacher_cache.write_teacher_cache(rc, cache_dir, top_k=settings.teacher_top_k,
-                                                    dtype=settings.teacher_logits_dtype, log=console.print)
+        teacher_cache.write_teacher_cache(rc, cache_dir, top_k=settings.teacher_top_k,
+                                          dtype=settings.teacher_logits_dtype, log=console.print)
     rc = rc.replace(teacher=dataclasses.replace(rc.teacher, logits_cache=str(cache_dir)))
     train_ds, val_ds = teacher_cache.attach(rc, m.config, m.tokenizer, train_ds, val_ds, log=console.print)
     return rc, train_ds, val_ds
