@@ -442,3 +442,25 @@ def test_dry_run_plans_no_teacher_and_the_cached_arrays_in_the_batch(tiny, cache
         assert off["teacher"] == 0 < on["teacher"]
         assert off["batch"] - on["batch"] == extra
     assert "teacher   not loaded: top-8 log-probs (float32)" in format_plan(cached)
+
+
+def test_two_processes_write_disjoint_shards_that_make_one_cache(tiny, cache_k8, tmp_path, monkeypatch):
+    """Process p of P writes the shards i ≡ p (mod P): process 0 (index, its half) then process 1 (the rest) give
+    the same cache as one process."""
+    out, _ = cache_k8
+    rc = make_rc(tiny, tmp_path / "unused")
+    two = tmp_path / "two"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    summaries = []
+    for p in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        summaries.append(write_teacher_cache(rc, two, top_k=8, dtype="float32", rows_per_shard=5, batch_rows=4,
+                                             log=lambda _: 0))
+    total = summaries[0]["shards"]
+    assert summaries[0]["shards_written"] == (total + 1) // 2 and summaries[1]["shards_written"] == total // 2
+    assert not summaries[0]["complete"] and summaries[1]["complete"]
+    assert not (two / "summary.json").read_text().count('"complete": true')  # process 0 wrote it, before process 1
+    for split in ("train", "validation"):
+        a, b = TeacherCache(two).split(split), TeacherCache(out).split(split)
+        for key, value in a.rows(np.arange(len(a))).items():
+            np.testing.assert_array_equal(value, b.rows(np.arange(len(b)))[key])
