@@ -357,7 +357,8 @@ def plan_shards(split: str, rows: int, rows_per_shard: int) -> list[dict[str, An
             for i, lo in enumerate(range(0, rows, rows_per_shard))]
 
 
-def top_k_fn(config, *, top_k: int, dtype, chunk_size: int, ids: np.dtype, logprobs: np.dtype):
+def top_k_fn(config, *, top_k: int, dtype, chunk_size: int, ids: np.dtype, logprobs: np.dtype,
+             attention: str = "einsum"):
     """Jitted ``(params, tokens, segment_ids, positions) -> (ids, logprobs, rest)`` ``[B, T, K]``/``[B, T]``: the
     teacher's forward in ``dtype``, then its logits one chunk of tokens at a time (``lax.map``: never
     ``[B·T, V]``), each chunk's log-softmax, top-k and the log of the mass outside the top-k (a logsumexp over the
@@ -379,7 +380,8 @@ def top_k_fn(config, *, top_k: int, dtype, chunk_size: int, ids: np.dtype, logpr
 
     @jax.jit
     def fn(params, tokens, segment_ids, positions):
-        h, _, _ = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, dtype=dtype)
+        h, _, _ = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, dtype=dtype,
+                                attention=attention)
         head = lm_head(config, params).astype(dtype)
         B, T, D = h.shape
         n = B * T
@@ -498,7 +500,8 @@ def _write_shards(out, index, datasets, teacher, rc, top_k, lp_dtype, id_dtype, 
     dtype = dtype_of(rc.teacher.dtype)
     device = jax.local_devices()[0]
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), teacher.params), device)
-    fn = top_k_fn(teacher.config, top_k=top_k, dtype=dtype, chunk_size=chunk_size, ids=id_dtype, logprobs=lp_dtype)
+    fn = top_k_fn(teacher.config, top_k=top_k, dtype=dtype, chunk_size=chunk_size, ids=id_dtype, logprobs=lp_dtype,
+                  attention=rc.train.attention)  # blockwise for long rows, as the run would
     T = index["seq_len"]
     for n_done, (_, name, s) in enumerate(todo, 1):
         t0 = time.perf_counter()
