@@ -295,3 +295,45 @@ def test_foreign_run_dir_is_refused(tiny_cfg, tmp_path, capsys):
     afile.write_text("x")
     assert main(["--config", str(tiny_cfg), f"run_dir={afile}", "--stop-after", "data"]) == 2
     assert afile.read_text() == "x"
+
+
+def test_no_model_outlives_its_stage(tiny_cfg, tmp_path, monkeypatch):
+    """Every model a stage loads (and every jax array it makes) is gone once the stage returns: the pipeline keeps
+    no teacher across stages, so one stage's models never sit under the next stage's (the demo's peak host memory,
+    docs/pipeline.md "Host memory"). Each stage also records the process's host memory."""
+    import weakref
+
+    import jax
+
+    import minitron_jax.convert as convert
+    from minitron_jax.pipeline import Pipeline, load_pipeline_config
+
+    loaded: list[tuple[str, weakref.ref]] = []
+    real_load = convert.load_model
+
+    def load_model(path, *args, **kwargs):
+        m = real_load(path, *args, **kwargs)
+        loaded.extend((str(path), weakref.ref(leaf)) for leaf in jax.tree.leaves(m.params))
+        return m
+
+    monkeypatch.setattr(convert, "load_model", load_model)
+    alive_after: dict[str, list[str]] = {}
+
+    class Checked(Pipeline):
+        def stage(self, name, key_parts, fn, on_redo=None):
+            try:
+                return super().stage(name, key_parts, fn, on_redo)
+            finally:  # also after the --stop-after stage, which raises StopAfter
+                alive_after[name] = sorted({p for p, ref in loaded if ref() is not None})
+                alive_after[name] += [f"jax array {a.shape}" for a in jax.live_arrays()]
+
+    # In-process, so under conftest's 8 fake devices: the distillation's batch splits over all eight.
+    pc = load_pipeline_config(tiny_cfg, [f"run_dir={tmp_path / 'run'}", "distill.batch_size=8"])
+    p = Checked(pc, stop_after="distill.width")
+    p.run()
+    assert list(alive_after) == ["data", "teacher", "importance", "prune.width", "prune.depth", "distill.width"]
+    assert len({path for path, _ in loaded}) >= 2  # the teacher and the pruned student were loaded
+    assert alive_after == {name: [] for name in alive_after}
+    if Path("/proc/self/status").is_file():
+        for name, rec in p.records.items():
+            assert 0 < rec.memory["rss_gb"] <= rec.memory["peak_rss_gb"], name

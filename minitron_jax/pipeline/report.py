@@ -63,7 +63,10 @@ def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active,
                      "mmlu_shots": pc.eval.mmlu_shots, "mmlu_limit": pc.eval.mmlu_limit},
             "distill": {"steps": pc.distill.steps, "batch_size": pc.distill.batch_size,
                         "seq_len": pc.distill.seq_len},
-            "stages": {n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped}
+            # memory: the process's peak RSS so far and its RSS after the stage released what it freed (None
+            # off Linux); a skipped stage carries the reading of the run that did it.
+            "stages": {n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped,
+                           "memory": r.memory}
                        for n, r in records.items()},
             "wall_seconds_this_invocation": time.perf_counter() - t_start,
             "wall_seconds_all_stages": sum(r.seconds for r in records.values())}

@@ -60,7 +60,6 @@ class Pipeline:
         self.console = console or (Console() if sys.stdout.isatty() else Console(width=150))
         self.stop_after = stop_after
         self.store = StageStore(self.run_dir, self.console, stop_after)
-        self._teacher_cache: dict[str, Any] = {}
         self.t_start = time.perf_counter()
 
     # -------------------------------------------------------------------------------------------------------------
@@ -197,14 +196,13 @@ class Pipeline:
         return d
 
     def _load(self, path: str):
-        """A model loaded once per process (the teacher is read by several stages)."""
+        """A model for one stage. Nothing keeps it after the stage: the teacher is read again by each stage that
+        needs it (~1 s from its HF directory) rather than held through the distillations and evaluations, where its
+        0.54 GB host copy would sit on top of the trainer's own (docs/pipeline.md, "Host memory")."""
         from minitron_jax.convert import load_model
 
-        if path not in self._teacher_cache:
-            with self.console.status(f"loading {path} ..."):
-                self._teacher_cache.clear()
-                self._teacher_cache[path] = load_model(path)
-        return self._teacher_cache[path]
+        with self.console.status(f"loading {path} ..."):
+            return load_model(path)
 
     # -------------------------------------------------------------------------------------------------------------
     # Stages
@@ -262,7 +260,6 @@ class Pipeline:
             path = str(self.run_dir / "teacher")
             with self.console.status(f"writing the teacher as an HF directory to {path} ..."):
                 save_hf(path, m.config, m.params, tokenizer=m.tokenizer, overwrite=True, sources=[src])
-            self._teacher_cache[path] = m
         if m.tokenizer is None:
             raise PipelineConfigError(f"the teacher at {src} carries no tokenizer")
         self.console.print(f"teacher {m.config.describe()} ({count_params(m.config):,} params) from {fmt}")
@@ -365,7 +362,6 @@ class Pipeline:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key + "\n")
-        self._teacher_cache.clear()  # the trainer loads its own copies
         latest = None
         if (run_dir / "checkpoints").is_dir():
             ck = Checkpointer(run_dir / "checkpoints", rc.checkpoint)

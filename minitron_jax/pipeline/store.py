@@ -45,6 +45,7 @@ class StageRecord:
     seconds: float
     skipped: bool
     cpu_seconds: float = 0.0
+    memory: dict[str, float] | None = None  # host memory after the stage (see _release_after_stage)
 
 
 class StopAfter(Exception):
@@ -74,7 +75,7 @@ class StageStore:
                 self.console.print(f"[green]✓[/green] [bold]{name}[/bold] done earlier "
                                    f"({done.get('seconds', 0):.0f}s), skipped")
                 rec = StageRecord(name, key, done["result"], float(done.get("seconds", 0.0)), True,
-                                  float(done.get("cpu_seconds", 0.0)))
+                                  float(done.get("cpu_seconds", 0.0)), done.get("memory"))
                 self.records[name] = rec
                 self._maybe_stop(name)
                 return rec
@@ -86,11 +87,15 @@ class StageStore:
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
+        memory = _release_after_stage()
         # CPU seconds (all threads) next to wall seconds: on a shared machine the wall time says little.
         write_json_atomic(marker, {"stage": name, "key": key, "result": result, "seconds": seconds,
-                                   "cpu_seconds": time.process_time() - c0, "finished": time.time()})
-        self.console.print(f"[green]✓[/green] [bold]{name}[/bold] finished in {seconds:.1f}s")
-        rec = StageRecord(name, key, result, seconds, False, time.process_time() - c0)
+                                   "cpu_seconds": cpu_seconds, "finished": time.time(), "memory": memory})
+        self.console.print(f"[green]✓[/green] [bold]{name}[/bold] finished in {seconds:.1f}s"
+                           + (f" (process peak RSS so far {memory['peak_rss_gb']:.2f} GB, "
+                              f"{memory['rss_gb']:.2f} GB after the stage)" if memory else ""))
+        rec = StageRecord(name, key, result, seconds, False, cpu_seconds, memory)
         self.records[name] = rec
         self._maybe_stop(name)
         return rec
@@ -98,3 +103,20 @@ class StageStore:
     def _maybe_stop(self, name: str) -> None:
         if self.stop_after is not None and name == self.stop_after:
             raise StopAfter(name)
+
+
+def _release_after_stage() -> dict[str, float] | None:
+    """Give back what the finished stage freed, and read the process's host memory.
+
+    A stage's models, optimizer state and compiled executables are unreachable once it returns (the pipeline keeps
+    no model across stages), but glibc keeps the freed pages and jax keeps the compiled executables: the next stage
+    would start gigabytes higher (measured: 2.8 GB resident after the first distillation, 0.7 GB after this).
+    ``peak_rss_gb`` is the process's peak so far (VmHWM, never reset: resetting it would also reset the peak that
+    ``/usr/bin/time`` reports), so the stage that raised it is the one that made the run's peak."""
+    from minitron_jax import hostmem
+
+    hostmem.release(clear_jax_caches=True)
+    rss, peak = hostmem.rss_bytes(), hostmem.peak_rss_bytes()
+    if rss is None or peak is None:
+        return None
+    return {"peak_rss_gb": round(peak / 1e9, 3), "rss_gb": round(rss / 1e9, 3)}

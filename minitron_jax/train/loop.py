@@ -36,6 +36,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from minitron_jax import hostmem
 from minitron_jax.config import LlamaConfig
 from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.sharding import make_mesh
@@ -243,6 +244,9 @@ def setup(rc: RunConfig, *, prune_student: StudentPruner | None = None,
         r = start(rc, mesh, student_cfg, teacher_cfg, teacher_params, train_ds, val_batches,
                   student_params=models.student_params, resume_step=latest, checkpointer=ckpt, log=log)
         models.student_params = None
+        # Loading, placing and initializing left ~0.5 GB of freed host copies in glibc's heaps (XLA:CPU buffers
+        # are malloc memory): give them back before the first step's temporaries come on top (docs/pipeline.md).
+        hostmem.release()
         r.models = models
         # Only now, with the models loaded and compatible, the data built and the checkpoint restored, has
         # everything that can refuse this run passed: a refused run leaves the run dir's files as they were.
