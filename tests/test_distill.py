@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import _CORPUS, persistent_compile_cache, poison_hf, tiny_tokenizer
+from utils import _CORPUS, persistent_compile_cache, poison_hf, tiny_distill_files, tiny_tokenizer
 
 from minitron_jax.config import LlamaConfig
 from minitron_jax.convert.hf import save_hf
@@ -49,21 +49,13 @@ def compile_cache(tmp_path_factory):
 def tiny(tmp_path_factory):
     """Tokenizer, teacher and student HF dirs, a text corpus and a chat corpus."""
     root = tmp_path_factory.mktemp("distill")
-    tok = tiny_tokenizer(300)
-    vocab = len(tok)
-    teacher_cfg = LlamaConfig(vocab_size=vocab, **TEACHER)
-    student_cfg = LlamaConfig(vocab_size=vocab, **STUDENT)
-    save_hf(root / "teacher", teacher_cfg, _np(init_params(teacher_cfg, jax.random.key(0), std=0.3)), tokenizer=tok)
-    save_hf(root / "student", student_cfg, _np(init_params(student_cfg, jax.random.key(1))), tokenizer=tok)
-    with open(root / "corpus.jsonl", "w") as f:
-        for i in range(60):
-            f.write(json.dumps({"text": " ".join(_CORPUS[j % 5] for j in range(i, i + 3))}) + "\n")
+    out = tiny_distill_files(root, TEACHER, STUDENT)
     with open(root / "chat.jsonl", "w") as f:
         for i in range(24):
             messages = [{"role": "user", "content": _CORPUS[i % 5]},
                         {"role": "assistant", "content": _CORPUS[(i + 1) % 5]}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    return {"root": root, "tokenizer": tok, "teacher_cfg": teacher_cfg, "student_cfg": student_cfg}
+    return out
 
 
 def make_rc(tiny, run_dir, *extra):

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from utils import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def F():
-    spec = importlib.util.spec_from_file_location("findings", REPO / "tools" / "findings.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("findings")
 
 
 def _row(model, window_nll, ppl_pruned=300.0):

@@ -4,22 +4,19 @@ three files the device tool brings back."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from utils import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def R():
-    spec = importlib.util.spec_from_file_location("gpu_report", REPO / "tools" / "gpu_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("gpu_report")
 
 
 def _step(tok_s, mfu):

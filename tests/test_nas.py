@@ -177,20 +177,28 @@ def test_ranking_stability_flip_at_the_end_and_stable_from_start():
 # ----------------------------------------------------------------------------------------------------------------------
 # A tiny search end to end
 # ----------------------------------------------------------------------------------------------------------------------
-def test_tiny_search_end_to_end(tmp_path):
+def _tiny_search_files(tmp_path, seed: int):
+    """A tiny teacher HF dir and train/calib texts in ``tmp_path``; returns the teacher's config."""
     from utils import save_tiny_hf, tiny_tokenizer
 
-    from minitron_jax.compress.nas import SearchSettings, run_search
     from minitron_jax.convert import load_model
 
     save_tiny_hf(tmp_path / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
     words = "the quick brown fox jumps over lazy dog pruning removes heads neurons teacher student".split()
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for name, n in (("train", 40), ("calib", 10)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             for _ in range(n):
                 f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n")
-    base = load_model(tmp_path / "teacher", with_tokenizer=False).config
+    return load_model(tmp_path / "teacher", with_tokenizer=False).config
+
+
+def test_tiny_search_end_to_end(tmp_path):
+
+    from minitron_jax.compress.nas import SearchSettings, run_search
+    from minitron_jax.convert import load_model
+
+    base = _tiny_search_files(tmp_path, seed=0)
     target = 100_000
     cands = enumerate_candidates(base, target, 0.05)
     settings = SearchSettings(steps=4, eval_steps=(2, 4), seq_len=32, batch_size=2, peak_lr=1e-3, min_lr=1e-4,
@@ -223,19 +231,10 @@ def test_search_from_a_cached_teacher_matches_the_online_teacher(tmp_path):
     """``teacher_top_k``: the teacher runs once into OUT/teacher_logits and every candidate trains from it. With
     K = the whole vocabulary in float32 the sparse KL is the full KL, so the candidates' curves equal the online
     search's; a rerun reuses the cache (no second teacher pass) and the finished candidates."""
-    from utils import save_tiny_hf, tiny_tokenizer
 
     from minitron_jax.compress.nas import SearchSettings, run_search
-    from minitron_jax.convert import load_model
 
-    save_tiny_hf(tmp_path / "teacher", tokenizer=tiny_tokenizer(), max_position_embeddings=512)
-    words = "the quick brown fox jumps over lazy dog pruning removes heads neurons teacher student".split()
-    rng = random.Random(1)
-    for name, n in (("train", 40), ("calib", 10)):
-        with open(tmp_path / f"{name}.jsonl", "w") as f:
-            for _ in range(n):
-                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n")
-    base = load_model(tmp_path / "teacher", with_tokenizer=False).config
+    base = _tiny_search_files(tmp_path, seed=1)
     target = 100_000
     cands = select_spread(enumerate_candidates(base, target, 0.05), 2)
     common = dict(steps=3, eval_steps=(3,), seq_len=32, batch_size=2, peak_lr=1e-3, min_lr=1e-4, warmup_steps=1,

@@ -17,11 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import _CORPUS, persistent_compile_cache, tiny_tokenizer
+from utils import _CORPUS, persistent_compile_cache, tiny_distill_files
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.convert.hf import save_hf
-from minitron_jax.model import forward, init_params
+from minitron_jax.model import forward
 from minitron_jax.train import losses, sparse_loss
 from minitron_jax.train.config import RunConfigError, load_config
 from minitron_jax.train.teacher_cache import TeacherCache, TeacherCacheError, write_teacher_cache
@@ -174,20 +172,11 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_cache")
-    tok = tiny_tokenizer(300)
-    vocab = len(tok)
-    teacher_cfg = LlamaConfig(vocab_size=vocab, **TEACHER)
-    student_cfg = LlamaConfig(vocab_size=vocab, **STUDENT)
-    save_hf(root / "teacher", teacher_cfg, _np(init_params(teacher_cfg, jax.random.key(0), std=0.3)), tokenizer=tok)
-    save_hf(root / "teacher2", teacher_cfg, _np(init_params(teacher_cfg, jax.random.key(5), std=0.3)), tokenizer=tok)
-    save_hf(root / "student", student_cfg, _np(init_params(student_cfg, jax.random.key(1))), tokenizer=tok)
-    with open(root / "corpus.jsonl", "w") as f:
-        for i in range(60):
-            f.write(json.dumps({"text": " ".join(_CORPUS[j % 5] for j in range(i, i + 3))}) + "\n")
+    out = tiny_distill_files(root, TEACHER, STUDENT, teacher_seeds={"teacher2": 5})
     with open(root / "other.jsonl", "w") as f:
         for i in range(60):
             f.write(json.dumps({"text": " ".join(_CORPUS[j % 5] for j in range(i, i + 4))}) + "\n")
-    return {"root": root, "tokenizer": tok, "teacher_cfg": teacher_cfg, "student_cfg": student_cfg, "vocab": vocab}
+    return out
 
 
 def make_rc(tiny, run_dir, *extra):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,37 @@ def finish_one_layer_llama_gguf(writer, *, vocab: int, hidden: int, kv_dim: int,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def tiny_distill_files(root: Path, teacher: dict, student: dict, *, teacher_seeds: dict | None = None) -> dict:
+    """A tiny tokenizer, teacher and student HF dirs (``root/teacher``, ``root/student``, plus ``{name: seed}``
+    extra teachers) and ``root/corpus.jsonl`` (60 short documents): what the trainer's tests distill with."""
+    import jax
+
+    from minitron_jax.config import LlamaConfig
+    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.model import init_params
+
+    tok = tiny_tokenizer(300)
+    vocab = len(tok)
+    teacher_cfg = LlamaConfig(vocab_size=vocab, **teacher)
+    student_cfg = LlamaConfig(vocab_size=vocab, **student)
+    writable = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731
+    for name, seed in {"teacher": 0, **(teacher_seeds or {})}.items():
+        save_hf(root / name, teacher_cfg, writable(init_params(teacher_cfg, jax.random.key(seed), std=0.3)),
+                tokenizer=tok)
+    save_hf(root / "student", student_cfg, writable(init_params(student_cfg, jax.random.key(1))), tokenizer=tok)
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": " ".join(_CORPUS[j % 5] for j in range(i, i + 3))}) + "\n")
+    return {"root": root, "tokenizer": tok, "teacher_cfg": teacher_cfg, "student_cfg": student_cfg, "vocab": vocab}
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
