@@ -189,8 +189,8 @@ def main(argv=None) -> int:
                      cache_seconds=caches[k]["seconds"], speedup=online_step / r["median_step_seconds"],
                      within_spread=(spread is not None and abs(r["vs_ref"]["mean"]) <= spread))
     within = [r["top_k"] for r in rows if r.get("within_spread")]
-    report = {"steps": args.steps, "seeds": args.seeds, "train_docs": args.train_docs, "dtype": args.dtype, "teacher_perplexity":
-              teacher_eval["perplexity"], "seed_spread_nll": spread, "rows": rows,
+    report = {"steps": args.steps, "seeds": args.seeds, "train_docs": args.train_docs, "dtype": args.dtype,
+              "teacher_perplexity": teacher_eval["perplexity"], "seed_spread_nll": spread, "rows": rows,
               "smallest_k_within_spread": min(within) if within else None}
     if args.json:
         print(json.dumps(report, indent=2))
