@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from utils import save_tiny_hf, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,3 +338,29 @@ def test_no_model_outlives_its_stage(tiny_cfg, tmp_path, monkeypatch):
     if Path("/proc/self/status").is_file():
         for name, rec in p.records.items():
             assert 0 < rec.memory["rss_gb"] <= rec.memory["peak_rss_gb"], name
+
+
+def test_teacher_runs_once_for_all_students(tiny_run, tmp_path):
+    """``distill.teacher_top_k``: one ``teacher_logits`` stage writes the teacher's top-K once and both students
+    train from it. With K = the whole vocabulary in float32 the sparse KL is the full forward KL, so the students
+    end where the online teacher's did; only the cache, the distillations and their evaluations are redone."""
+    cfg, run_dir, _ = tiny_run
+    copy = tmp_path / "cached_run"
+    shutil.copytree(run_dir, copy)
+    vocab = json.loads((cfg.parent / "teacher" / "config.json").read_text())["vocab_size"]
+    proc = run_pipeline("--config", str(cfg), f"run_dir={copy}", f"distill.teacher_top_k={vocab}",
+                        "distill.teacher_logits_dtype=float32")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    redone = {"teacher_logits", "distill.width", "distill.depth", "eval.width.distilled", "eval.depth.distilled"}
+    assert _stage_lines(proc.stdout, "finished") == redone
+    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - redone
+    index = json.loads((copy / "teacher_logits" / "index.json").read_text())
+    assert index["top_k"] == vocab
+    for s in ("width", "depth"):
+        config = yaml.safe_load((copy / "distill" / s / "config.yaml").read_text())
+        assert config["teacher"]["logits_cache"] == str(copy / "teacher_logits")
+    online, cached = _rows(run_dir), _rows(copy)
+    for s in ("width", "depth"):
+        np.testing.assert_allclose(cached[s]["window_nll"], online[s]["window_nll"], rtol=2e-4)
+    bad = run_pipeline("--config", str(cfg), f"run_dir={copy}", "distill.teacher_top_k=0")
+    assert bad.returncode == 2 and "distill.teacher_top_k must be a positive integer" in bad.stderr

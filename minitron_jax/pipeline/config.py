@@ -121,6 +121,12 @@ class DistillSection:
     seed: int = 0
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # K: the teacher runs ONCE over the training (and validation) rows, its top-K log-probs cached in
+    # <run_dir>/teacher_logits (stage "teacher_logits"), and every student trains from the cache (sparse forward
+    # KL) instead of its own teacher forward per step. Pays off when the students together read more rows than
+    # the data holds (docs/distillation.md); null: each student runs the teacher online.
+    teacher_top_k: int | None = None
+    teacher_logits_dtype: str = "float16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +205,10 @@ def validate(pc: PipelineConfig) -> None:
         need(getattr(d, name) >= 1, f"distill.{name} must be >= 1, got {getattr(d, name)}")
     need(d.seq_len >= 2, f"distill.seq_len must be >= 2, got {d.seq_len}")
     need(d.eval_every >= 0 and d.val_rows >= 1, "distill.eval_every must be >= 0 and distill.val_rows >= 1")
+    need(d.teacher_top_k is None or (not isinstance(d.teacher_top_k, bool) and d.teacher_top_k >= 1),
+         f"distill.teacher_top_k must be a positive integer or null, got {d.teacher_top_k!r}")
+    need(d.teacher_logits_dtype in ("float16", "bfloat16", "float32"),
+         f"distill.teacher_logits_dtype must be float16, bfloat16 or float32, got {d.teacher_logits_dtype!r}")
     c = pc.teacher_correction
     need(c.steps >= 1, f"teacher_correction.steps must be >= 1, got {c.steps}")
     e = pc.eval

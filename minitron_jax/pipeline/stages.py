@@ -12,6 +12,8 @@ stage               writes                          does
                                                     depth scans the students need, shared by every student
 ``prune.<s>``       ``prune/<s>/``                  student ``s``: the teacher sliced by the shared importance (or a
                                                     random init of the same shape, for the ablation)
+``teacher_logits``  ``teacher_logits/``             optional (``distill.teacher_top_k``): the teacher's top-K
+                                                    log-probs over the distillation rows, once for all students
 ``distill.<s>``     ``distill/<s>/``                the trainer (:mod:`minitron_jax.train`) run: Orbax checkpoints,
                                                     exact resume, the student exported to ``distill/<s>/hf``
 ``eval.<m>``        ``eval/<m>.json``               held-out perplexity (``evaluate.perplexity`` rules) and MMLU
@@ -24,6 +26,7 @@ keys of the stages it reads, so a changed setting redoes exactly the stages it a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -118,11 +121,27 @@ class Pipeline:
             for s, spec in pc.students.items():
                 pruned[s] = self.stage(f"prune.{s}", ["prune", imp_rec.key, nondefault(spec)],
                                        lambda s=s: self._prune(s, active.result["path"], imp_rec.result))
+            logits = None
+            if pc.distill.teacher_top_k is not None:
+                first = next(iter(pc.students))
+                rc = distill_run_config(pc, first, self.run_dir / "distill" / first, active.result["path"],
+                                        pruned[first].result["path"], data.result["train"])
+                # What the cached rows and values depend on: the teacher, the text, and how the text is packed.
+                parts = ["teacher_logits", active.key, data.key, pc.distill.teacher_top_k,
+                         pc.distill.teacher_logits_dtype, rc.teacher.dtype, rc.train.attention,
+                         {k: v for k, v in dataclasses.asdict(rc.data).items() if k not in ("sources", "cache_dir")}]
+                logits_dir = self.run_dir / "teacher_logits"
+                logits = self.stage("teacher_logits", parts, lambda rc=rc: self._teacher_logits(rc, logits_dir),
+                                    on_redo=lambda: shutil.rmtree(logits_dir, ignore_errors=True))
             for s in pc.students:
                 run_dir = self.run_dir / "distill" / s
                 rc = distill_run_config(pc, s, run_dir, active.result["path"], pruned[s].result["path"],
                                         data.result["train"])
+                if logits is not None:
+                    rc = rc.replace(teacher=dataclasses.replace(rc.teacher, logits_cache=logits.result["path"]))
                 parts = ["distill", pruned[s].key, active.key, data.key, self._run_key(rc)]
+                if logits is not None:
+                    parts.append(logits.key)
                 key = stage_key(parts)
                 distilled[s] = self.stage(
                     f"distill.{s}", parts, lambda s=s, rc=rc, k=key: self._distill(s, rc, k),
@@ -339,6 +358,20 @@ class Pipeline:
         return {"path": str(out / "hf"), "params": n, "arch": _arch(config), "init": spec_cfg.init,
                 "kept": kept, "seconds": time.perf_counter() - t0}
 
+    def _teacher_logits(self, rc, out: Path) -> dict[str, Any]:
+        """The teacher's top-K log-probs over the distillation rows, once for every student (train/teacher_cache:
+        resumable shard by shard, fingerprinted against the teacher and the data)."""
+        from minitron_jax.train.teacher_cache import write_teacher_cache
+
+        d = self.pc.distill
+        with self.console.status(f"teacher top-{d.teacher_top_k} log-probs → {out} ..."):
+            summary = write_teacher_cache(rc, out, top_k=d.teacher_top_k, dtype=d.teacher_logits_dtype,
+                                          log=self.console.print)
+        self.console.print(f"teacher logits: top-{d.teacher_top_k} {d.teacher_logits_dtype}, "
+                           f"{summary['array_bytes_per_token']} bytes/token, {summary['tokens']:,} tokens")
+        return {"path": str(out), "top_k": d.teacher_top_k, "dtype": d.teacher_logits_dtype,
+                "bytes_per_token": summary["array_bytes_per_token"], "tokens": summary["tokens"]}
+
     def _distill(self, student: str, rc, key: str) -> dict[str, Any]:
         res = self._train(rc, key)
         cfg = self._read_config(res["path"])
@@ -436,7 +469,9 @@ class Pipeline:
 def stage_names(pc: PipelineConfig) -> list[str]:
     """The stages of a run, in order."""
     names = ["data", "teacher"] + (["correction"] if pc.teacher_correction.enabled else []) + ["importance"]
-    names += [f"prune.{s}" for s in pc.students] + [f"distill.{s}" for s in pc.students]
+    names += [f"prune.{s}" for s in pc.students]
+    names += ["teacher_logits"] if pc.distill.teacher_top_k is not None else []
+    names += [f"distill.{s}" for s in pc.students]
     names += ["eval.teacher"] + (["eval.teacher_corrected"] if pc.teacher_correction.enabled else [])
     for s in pc.students:
         names += [f"eval.{s}.pruned", f"eval.{s}.distilled"]
