@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from minitron_jax.model import dot_lhs_transposed
 from minitron_jax.train.losses import check_kd_options, cross_entropy, kd_loss, mix_kd_ce, weighted_sum
 
 __all__ = [
@@ -271,7 +272,8 @@ def fused_head_loss(
             d_z = cast(d_z)
             d_h = jnp.dot(d_z, head_t, preferred_element_type=jnp.float32).astype(h.dtype)
             # dW as one fp32 running sum over chunks whatever the storage/compute dtypes: rounded once, at the end.
-            d_head = d_head + jnp.dot(cast(h).T, d_z, preferred_element_type=jnp.float32)
+            # (dot_lhs_transposed: XLA:CPU's slow path for a dot contracting the rows of both operands is avoided.)
+            d_head = d_head + dot_lhs_transposed(cast(h), d_z, preferred_element_type=jnp.float32)
             return (jax.tree.map(jnp.add, sums, (loss, aux)), d_head), d_h
 
         init = (zero_sums, jnp.zeros(head.shape, jnp.float32))
