@@ -175,8 +175,11 @@ def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
         assert after[s]["mmlu"] == before[s]["mmlu"]
 
 
-def test_changed_setting_redoes_only_what_it_affects(tiny_run):
-    cfg, run_dir, _ = tiny_run
+def test_changed_setting_redoes_only_what_it_affects(tiny_run, tmp_path):
+    cfg, original, _ = tiny_run
+    # On a copy: the shared run must keep its default-setting stages for the tests after this one.
+    run_dir = tmp_path / "changed_run"
+    shutil.copytree(original, run_dir)
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "eval.max_tokens=128")
     assert proc.returncode == 0, proc.stderr[-4000:]
     evals = {s for s in ALL_STAGES if s.startswith("eval.")}
@@ -326,10 +329,11 @@ def test_no_model_outlives_its_stage(tiny_cfg, tmp_path, monkeypatch):
                 return super().stage(name, key_parts, fn, on_redo)
             finally:  # also after the --stop-after stage, which raises StopAfter
                 alive_after[name] = sorted({p for p, ref in loaded if ref() is not None})
-                alive_after[name] += [f"jax array {a.shape}" for a in jax.live_arrays()]
+                alive_after[name] += [f"jax array {a.shape}" for a in jax.live_arrays() if id(a) not in earlier]
 
     # In-process, so under conftest's 8 fake devices: the distillation's batch splits over all eight.
     pc = load_pipeline_config(tiny_cfg, [f"run_dir={tmp_path / 'run'}", "distill.batch_size=8"])
+    earlier = {id(a) for a in jax.live_arrays()}  # other tests' arrays (module globals) in a whole-suite run
     p = Checked(pc, stop_after="distill.width")
     p.run()
     assert list(alive_after) == ["data", "teacher", "importance", "prune.width", "prune.depth", "distill.width"]
