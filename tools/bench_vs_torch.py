@@ -135,15 +135,14 @@ def cached_step(args, rc, mesh, teacher_cfg, teacher, student_cfg, student, batc
     return {"kd_step_cached_s": median_seconds(step, args.steps), "kd_loss_cached_last": box["loss"]}
 
 
-def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens) -> dict:
+def torch_models(teacher_cfg, teacher_params, student_cfg):
+    """(teacher in eval mode with our weights, randomly initialized student in train mode) as transformers
+    models in fp32; seeded, so every tool that times torch gets the same student."""
     import torch
-    import torch.nn.functional as F
     import transformers
 
     from minitron_jax.convert.hf import save_hf
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(Path(tmp) / "teacher", teacher_cfg, teacher_params)
@@ -151,6 +150,17 @@ def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens) -> dict:
     hf_cfg = teacher.config.to_dict()
     hf_cfg.update(num_hidden_layers=student_cfg.num_layers, intermediate_size=student_cfg.intermediate_size)
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).to(torch.float32).train()
+    return teacher, student
+
+
+def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher, student = torch_models(teacher_cfg, teacher_params, student_cfg)
     tt = torch.as_tensor(tokens, dtype=torch.long)
     out = {"threads": torch.get_num_threads(), "attn": getattr(teacher.config, "_attn_implementation", None)}
 

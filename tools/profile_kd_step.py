@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vs_torch import cpu_name, median_seconds, run_config  # noqa: E402
+from bench_vs_torch import cpu_name, median_seconds, run_config, torch_models  # noqa: E402
 
 
 def log(*a):
@@ -144,25 +144,14 @@ def ours(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) -> N
 
 
 def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) -> None:
-    import tempfile
-
     import torch
     import torch.nn.functional as F
-    import transformers
-
-    from minitron_jax.convert.hf import save_hf
 
     def t(name, fn):
         res[name] = round(median_seconds(fn, args.steps, args.warmup) * 1000, 1)
         log(f"  torch {name}: {res[name]} ms")
 
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(Path(tmp) / "teacher", teacher_cfg, teacher_params)
-        teacher = transformers.LlamaForCausalLM.from_pretrained(Path(tmp) / "teacher", dtype=torch.float32).eval()
-    hf_cfg = teacher.config.to_dict()
-    hf_cfg.update(num_hidden_layers=student_cfg.num_layers, intermediate_size=student_cfg.intermediate_size)
-    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).to(torch.float32).train()
+    teacher, student = torch_models(teacher_cfg, teacher_params, student_cfg)
     tt = torch.as_tensor(tokens, dtype=torch.long)
     res["threads"] = torch.get_num_threads()
 
