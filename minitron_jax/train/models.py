@@ -7,8 +7,10 @@ distill              ``student.path``, or the        ``teacher.path``        the
                      teacher pruned by
                      ``student.prune``
 teacher_correction   the teacher itself (CE)        none                    the teacher's
-sft                  ``student.path`` (CE on        none                    the student's
-                     assistant tokens)
+sft                  ``student.path`` (CE on        none; for KD-SFT        the student's
+                     assistant tokens; with a       ``teacher.path`` (same
+                     teacher, the loss section's    tokenizer)
+                     KD on those tokens)
 ==================== ============================== ======================= ==============================
 
 A resumed run does not load (or re-prune) the trained model: its config comes from the run directory and its
@@ -121,11 +123,20 @@ def load_run_models(rc: RunConfig, resume_from: Path | None, log: Callable[[str]
     if rc.mode == "sft":
         if resume_from is not None:
             config, _ = read_run_models(resume_from)
-            return RunModels(config, None, None, None, load_tokenizer(resume_from / STUDENT_DIR))
-        student = _load(rc.student.path, "student")
-        if student.tokenizer is None:
-            raise RunConfigError(f"sft needs the student's tokenizer (chat template); {rc.student.path} has none")
-        return RunModels(student.config, student.params, None, None, student.tokenizer)
+            params, tokenizer = None, load_tokenizer(resume_from / STUDENT_DIR)
+        else:
+            student = _load(rc.student.path, "student")
+            if student.tokenizer is None:
+                raise RunConfigError(f"sft needs the student's tokenizer (chat template); {rc.student.path} has none")
+            config, params, tokenizer = student.config, student.params, student.tokenizer
+        if not rc.uses_teacher:
+            return RunModels(config, params, None, None, tokenizer)
+        # KD-SFT: the teacher's distribution on the same assistant tokens (the chat rows' loss_mask), so the same
+        # vocabulary and tokenization as the student's are required; the rows are rendered with the student's
+        # chat template.
+        teacher = load_teacher(rc)
+        check_compatible(teacher.config, config, teacher.tokenizer, tokenizer)
+        return RunModels(config, params, teacher.config, teacher.params, tokenizer)
 
     if resume_from is not None and rc.mode == "teacher_correction":
         config, _ = read_run_models(resume_from)
