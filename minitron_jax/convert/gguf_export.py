@@ -1,0 +1,547 @@
+"""(config, params, tokenizer) → a llama.cpp GGUF file (``llama`` architecture), F32 / F16 / BF16 or block-quantized.
+
+    summary = save_gguf("student.Q8_0.gguf", config, params, tokenizer=tok, quant="q8_0",
+                        metadata={"name": "SmolLM2 pruned", "license": "apache-2.0"})
+
+The inverse of :mod:`minitron_jax.convert.gguf` (which reads such a file back), written the way llama.cpp's own
+``convert_hf_to_gguf.py`` + ``llama-quantize`` write a Llama:
+
+- **Tensors**: HF-layout arrays from :func:`~minitron_jax.convert.hf.iter_hf_tensors`, renamed with the importer's
+  own name table (``gguf.GLOBAL_NAMES`` / ``gguf.LAYER_NAMES``, inverted), q/k rows re-permuted into llama.cpp's
+  adjacent-pair RoPE order (:func:`~minitron_jax.convert.gguf.permute_qk`: q per query head, k per KV head).
+- **Types**: 1-D tensors (the norms) stay F32, as llama.cpp requires for its norm kernels and as both tools do.
+  For the 4/5-bit types the token embedding and output matrix are kept at Q8_0: they are the tensors quantization
+  hurts most (llama-quantize keeps the output at Q6_K, or Q8_0 when rows are not a multiple of 256 — SmolLM2's
+  576 — and the embedded SmolLM2 Q4_1 file has ``token_embd`` at Q8_0). gguf-py has numpy quantizers only for
+  the 32-element block types, so K-quants are not offered (quantize an F16 export with ``llama-quantize``).
+- **Metadata**: every ``llama.*`` hyperparameter our importer and llama.cpp read, ``key_length``/``value_length``
+  when head_dim ≠ hidden/heads (pruned students), Llama-3.1 RoPE scaling as a ``rope_freqs.weight`` tensor (what
+  llama.cpp reads; the importer recovers the ``rope_scaling`` dict from it), linear scaling as metadata.
+- **Tokenizer**: the full byte-level BPE vocabulary built from the transformers fast tokenizer the way
+  ``convert_hf_to_gguf``'s ``get_vocab_base`` does (tokens, token types, merges, special ids, add-BOS/EOS flags,
+  chat template). ``tokenizer.ggml.pre`` names llama.cpp's pre-tokenizer regex: taken from ``metadata`` when given
+  (:func:`gguf_source_metadata` reads it from a source GGUF), else recognized from the tokenizer's pre-tokenizer.
+
+The file is written to a temporary sibling and renamed into place, under the destination's lock; nothing is
+written when a check fails (NaN/inf params, a quant type whose block does not divide a tensor's rows, an
+unsupported tokenizer), and a failure while writing leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minitron_jax.config import LlamaConfig
+from minitron_jax.convert.gguf import GLOBAL_NAMES, LAYER_NAMES, permute_qk
+from minitron_jax.convert.gguf_config import llama3_rope_freqs
+from minitron_jax.convert.gguf_header import GGUF_MAGIC
+from minitron_jax.convert.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors
+from minitron_jax.exitcodes import BadInputError, BusyError, NonFiniteError
+from minitron_jax.fsutil import check_destination, lock_path_for, refusals_named
+from minitron_jax.model import Params
+
+# --quant name → (GGML tensor type of the 2-D weights, general.file_type). Only types gguf-py can quantize in numpy.
+QUANT_TYPES: dict[str, tuple[str, int]] = {
+    "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
+    "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+}
+# Below 8 bits, the embedding and output matrix stay at this type (see the module docstring).
+EMBEDDING_TYPE_BELOW_8_BITS = "Q8_0"
+_LOW_BIT = frozenset({"q4_0", "q4_1", "q5_0", "q5_1"})
+_EMBEDDING_NAMES = frozenset({"token_embd.weight", "output.weight"})
+
+# HF name → llama.cpp name: the importer's tables inverted, so both directions share one map.
+_HF_TO_GGUF_GLOBAL = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
+_HF_TO_GGUF_LAYER = {hf: gg for gg, hf in LAYER_NAMES.items()}
+_QK = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k"}
+
+# llama.cpp's token types (llama_token_type / gguf.TokenType).
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+
+# Metadata a caller may not set: it is derived from the config, tensors and tokenizer, and a caller's value would
+# describe a different file. (``tokenizer.ggml.pre`` is the one tokenizer key a caller may give.)
+_DERIVED_GENERAL = frozenset({"general.architecture", "general.file_type", "general.quantization_version",
+                              "general.parameter_count", "general.alignment"})
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for an HF Llama parameter name."""
+    if hf_name in _HF_TO_GGUF_GLOBAL:
+        return _HF_TO_GGUF_GLOBAL[hf_name]
+    parts = hf_name.split(".", 3)  # model.layers.{i}.rest
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_TO_GGUF_LAYER:
+        return f"blk.{parts[2]}.{_HF_TO_GGUF_LAYER[parts[3]]}"
+    raise BadInputError(f"tensor {hf_name} has no llama.cpp 'llama' counterpart (biases are not supported)")
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
+    """The GGML type a tensor is stored as under ``quant`` (see the module docstring for the rules)."""
+    if len(shape) == 1:
+        return "F32"
+    if quant in _LOW_BIT and name in _EMBEDDING_NAMES:
+        return EMBEDDING_TYPE_BELOW_8_BITS
+    return QUANT_TYPES[quant][0]
+
+
+def _plan(config: LlamaConfig, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """(hf name, gguf name, HF shape, GGML type) for every weight, refusing a block size that does not divide a row
+    — before anything is computed or written."""
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if config.attention_bias or config.mlp_bias:
+        raise BadInputError("GGUF export of a Llama with attention/MLP biases is not supported (llama.cpp's "
+                            "'llama' layout and our GGUF reader have no bias tensors)")
+    plan = []
+    for hf_name, _key, _layer, shape in hf_tensor_specs(config):
+        name = gguf_name(hf_name)
+        ttype = tensor_type(name, shape, quant)
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]][0]
+        if shape[-1] % block:
+            raise BadInputError(f"--quant {quant}: tensor {name} has shape {list(shape)} (rows of {shape[-1]}), "
+                                f"not a multiple of the {ttype} block of {block}; choose f32/f16/bf16 or a width "
+                                "divisible by 32")
+        plan.append((hf_name, name, tuple(shape), ttype))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf's ``does_token_look_special``: added tokens spelled like control tokens are control."""
+    return token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>")) \
+        or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def llama_cpp_pre(pre_tokenizer: dict | None) -> str | None:
+    """The ``tokenizer.ggml.pre`` whose regex llama.cpp applies for a tokenizer.json ``pre_tokenizer``, or None
+    when it is none we recognize. Recognized: GPT-2's (ByteLevel with its own regex), SmolLM's (single digits,
+    then GPT-2's) and the Split regexes :mod:`~minitron_jax.convert.gguf_tokenizer` knows (Llama 3, Qwen2, Tekken)."""
+    if not isinstance(pre_tokenizer, dict):
+        return None
+    kind = pre_tokenizer.get("type")
+    if kind == "ByteLevel" and pre_tokenizer.get("use_regex", True):
+        return "gpt-2"
+    if kind != "Sequence":
+        return None
+    steps = pre_tokenizer.get("pretokenizers") or []
+    if len(steps) != 2 or steps[1].get("type") != "ByteLevel":
+        return None
+    first, byte_regex = steps[0], steps[1].get("use_regex", True)
+    if first.get("type") == "Digits" and first.get("individual_digits") and byte_regex:
+        return "smollm"  # llama.cpp's SMOLLM pre-type: \p{N} split, then GPT-2's regex
+    if first.get("type") == "Split" and not byte_regex:
+        pattern = (first.get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2", "tekken"):  # the names llama.cpp's converter writes for these regexes
+            if PRE_TOKENIZER_SPLITS.get(name) == pattern:
+                return name
+    return None
+
+
+def tokenizer_metadata(tokenizer: Any, config: LlamaConfig, pre: str | None = None) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata for a byte-level BPE transformers fast tokenizer, as ``convert_hf_to_gguf``
+    builds it for a ``gpt2`` vocabulary: every id below the embedding's rows gets a token (``[PAD{i}]``, type
+    unused, where the tokenizer has none), added tokens are control when special (or spelled like one) else
+    user-defined. Raises BadInputError for a tokenizer llama.cpp's ``gpt2`` model cannot represent."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise BadInputError(f"GGUF export needs a transformers fast tokenizer (tokenizer.json), got "
+                            f"{type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or \
+        "ByteLevel" in json.dumps(spec.get("decoder"))
+    if model.get("type") != "BPE" or not byte_level:
+        raise BadInputError(f"GGUF export supports byte-level BPE tokenizers (llama.cpp 'gpt2': Llama 3, SmolLM2, "
+                            f"...); this one is {model.get('type')} without a ByteLevel step")
+    if pre is None:
+        pre = llama_cpp_pre(spec.get("pre_tokenizer"))
+        if pre is None:
+            raise BadInputError("cannot tell which llama.cpp pre-tokenizer matches this tokenizer's pre_tokenizer "
+                                f"{json.dumps(spec.get('pre_tokenizer'))[:120]}; pass "
+                                "metadata={'tokenizer.ggml.pre': NAME}")
+
+    vocab = tokenizer.get_vocab()
+    n = config.vocab_size
+    if max(vocab.values()) >= n:
+        raise BadInputError(f"the tokenizer has token id {max(vocab.values())} but the model's embedding has only "
+                            f"{n} rows")
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_UNUSED)
+        elif i in added:
+            special = added[i].special or _looks_special(token)
+            tokens.append(token if special else token.replace("\u2581", " "))
+            types.append(TOKEN_CONTROL if special else TOKEN_USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(TOKEN_NORMAL)
+
+    merges = model.get("merges") or []
+    # tokenizer.json's newer format is [left, right] pairs; GGUF stores "left right" with a space inside a part
+    # written as U+0120, as gguf-py's SpecialVocab does.
+    merges = [m if isinstance(m, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in m) for m in merges]
+
+    extra = config.extra_dict
+    ids: dict[str, int] = {}
+    for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unk_token_id"),
+                       ("pad", "pad_token_id")):
+        value = getattr(tokenizer, attr, None)
+        if value is None:
+            value = extra.get(attr)
+        if isinstance(value, list):  # HF allows several EOS ids; llama.cpp stores one
+            value = value[0] if value else None
+        if value is not None:
+            ids[kind] = int(value)
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    add_bos = "bos" in ids and len(full) > len(plain) and full[0] == ids["bos"]
+    add_eos = "eos" in ids and len(full) > len(plain) and full[-1] == ids["eos"]
+    out: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+        **{f"tokenizer.ggml.{'padding' if k == 'pad' else 'unknown' if k == 'unk' else k}_token_id": v
+           for k, v in ids.items()},
+        "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.ggml.add_eos_token": add_eos,
+        "tokenizer.ggml.add_space_prefix": False,  # byte-level BPE spells the space itself
+    }
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: gguf-py writes "default" plus tokenizer.chat_template.NAME
+        template = [{"name": k, "template": v} for k, v in template.items()]
+    if template:
+        out["tokenizer.chat_template"] = template
+    return out
+
+
+def _write_tokenizer(writer, meta: dict[str, Any]) -> None:
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    if meta["tokenizer.ggml.merges"]:
+        writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("unknown_token_id", writer.add_unk_token_id), ("padding_token_id", writer.add_pad_token_id)):
+        if f"tokenizer.ggml.{key}" in meta:
+            add(meta[f"tokenizer.ggml.{key}"])
+    writer.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
+    writer.add_add_eos_token(meta["tokenizer.ggml.add_eos_token"])
+    writer.add_add_space_prefix(meta["tokenizer.ggml.add_space_prefix"])
+    if "tokenizer.chat_template" in meta:
+        writer.add_chat_template(meta["tokenizer.chat_template"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# general.* metadata
+
+
+def _general_entries(metadata: dict | None) -> tuple[list[tuple[str, Any]], str | None]:
+    """(``general.*`` key, value) pairs from the caller's ``metadata``, and its ``tokenizer.ggml.pre`` if any.
+
+    Keys may be written with or without the ``general.`` prefix; ``base_models`` (a list of dicts with name,
+    organization, version, repo_url...) expands to gguf's ``general.base_model.N.*`` keys."""
+    entries: list[tuple[str, Any]] = []
+    pre = None
+    for key, value in (metadata or {}).items():
+        if value is None:
+            continue
+        if key == "tokenizer.ggml.pre":
+            if not isinstance(value, str) or not value:
+                raise BadInputError(f"metadata tokenizer.ggml.pre must be a non-empty string, got {value!r}")
+            pre = value
+            continue
+        if key in ("base_models", "general.base_models"):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(b, dict) for b in value):
+                raise BadInputError(f"metadata {key} must be a list of dicts (name, organization, repo_url...)")
+            entries.append(("general.base_model.count", len(value)))
+            for i, base in enumerate(value):
+                entries.extend((f"general.base_model.{i}.{k}", v) for k, v in base.items() if v is not None)
+            continue
+        full = key if key.startswith("general.") else f"general.{key}"
+        if "." in key and not key.startswith("general."):
+            raise BadInputError(f"metadata key {key!r} is not general.*: llama.*/tokenizer.* metadata is derived "
+                                "from the model and its tokenizer")
+        if full in _DERIVED_GENERAL:
+            raise BadInputError(f"metadata key {full!r} is derived from the export itself and cannot be given")
+        entries.append((full, value))
+    return entries, pre
+
+
+def _add_value(writer, key: str, value: Any) -> None:
+    from gguf import GGUFValueType
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, (int, np.integer)):
+        # gguf-py's own counts (base_model.count...) are uint32; other integers get the widest type of their sign.
+        vtype = GGUFValueType.UINT32 if key.endswith(".count") else \
+            GGUFValueType.UINT64 if value >= 0 else GGUFValueType.INT64
+        writer.add_key_value(key, int(value), vtype)
+    elif isinstance(value, (float, np.floating)):
+        writer.add_float32(key, float(value))
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        writer.add_array(key, list(value))
+    else:
+        raise BadInputError(f"metadata {key}: {type(value).__name__} {value!r:.60} is not a GGUF value "
+                            "(str, int, float, bool or a list of str)")
+
+
+def gguf_source_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a source GGUF worth carrying into an export of the same model (or a model derived from
+    it): its ``general.*`` description (name, organization, license, languages...) and ``tokenizer.ggml.pre``,
+    which a tokenizer rebuilt from the GGUF cannot always show (SmolLM2's ``smollm``). Keys the export derives
+    itself (file type, size label...) are left out."""
+    from minitron_jax.convert.gguf import read_gguf
+
+    meta = read_gguf(path).metadata
+    out = {k: v for k, v in meta.items()
+           if k.startswith("general.") and k not in _DERIVED_GENERAL and k != "general.size_label"
+           and not k.startswith("general.base_model.")}
+    if isinstance(meta.get("tokenizer.ggml.pre"), str):
+        out["tokenizer.ggml.pre"] = meta["tokenizer.ggml.pre"]
+    bases = _indexed(meta, "general.base_model.")
+    if bases:
+        out["base_models"] = bases
+    return out
+
+
+def _indexed(meta: dict, prefix: str) -> list[dict]:
+    count = meta.get(prefix + "count")
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return []
+    return [{k[len(f"{prefix}{i}."):]: v for k, v in meta.items() if k.startswith(f"{prefix}{i}.")}
+            for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The destination: checked, locked, written to a temporary sibling
+
+
+def check_gguf_destination(path: str | os.PathLike, *, overwrite: bool = False, sources: Sequence = ()) -> Path:
+    """Refuse a ``.gguf`` destination writing to which would destroy something; returns the absolute path.
+
+    As :func:`minitron_jax.fsutil.check_destination` for sources (a destination that is or lies inside a source);
+    an existing file only with ``overwrite``, and only when it is itself a GGUF (``--overwrite`` never replaces a
+    file of another kind, nor a directory)."""
+    dst = Path(path).absolute()
+    if not (dst.exists() or dst.is_symlink()):
+        return check_destination(dst, overwrite=False, sources=sources)
+    with contextlib.suppress(FileExistsError):  # the source checks run first and raise BadInputError
+        check_destination(dst, overwrite=False, sources=sources)
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not dst.is_file():
+        raise BadInputError(f"{dst} exists and is not a file; refusing to replace it with a GGUF")
+    with open(dst, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise BadInputError(f"{dst} exists and is not a GGUF file; refusing to replace it — remove it yourself "
+                                "or choose another path")
+    return dst
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """The destination's advisory lock (the same ``.NAME.lock`` sibling :mod:`minitron_jax.fsutil` uses for
+    directories): a second writer of the same file gets BusyError at once."""
+    lock_file = lock_path_for(path)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BusyError(f"{path} is being written by another process; try again when it finishes") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                fd = -1  # a file system without locks: write unlocked rather than never
+                break
+            raise
+        # The previous holder unlinks the file before closing it: make sure we locked the file now at that name.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _quantized(arr: np.ndarray, ttype: str, name: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if ttype == "F32":
+        return arr
+    if ttype == "F16":
+        out = arr.astype(np.float16)
+        if not np.isfinite(out).all():
+            raise NonFiniteError(f"tensor {name} has values beyond float16's range (max |w| = "
+                                 f"{float(np.abs(arr).max()):.4g}); export as bf16 or f32")
+        return out
+    return quantize(arr, GGMLQuantizationType[ttype])
+
+
+def _size_label(n_params: int) -> str:
+    from gguf.utility import size_label
+
+    return size_label(n_params, 0, 0, 0)
+
+
+def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, tokenizer: Any, quant: str = "f16",
+              metadata: dict | None = None, overwrite: bool = False, sources: Sequence = ()) -> dict[str, Any]:
+    """Write a llama.cpp GGUF of the model and return a summary: ``path``, ``quant``, ``bytes`` (file size),
+    ``params``, ``tensor_types`` (GGML type → count), ``seconds``.
+
+    ``quant``: a key of :data:`QUANT_TYPES`. ``metadata``: ``general.*`` description (keys with or without the
+    prefix: name, basename, organization, license, languages, base_models=[{name, organization, repo_url}]...) and
+    optionally ``tokenizer.ggml.pre``. ``sources``: the inputs, which the destination must not be or lie inside.
+    Raises BadInputError (a bad quant/shape/tokenizer/destination), FileExistsError, NonFiniteError (NaN/inf
+    params, or values beyond float16 for f16) before anything is written."""
+    from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
+    from gguf.constants import GGML_QUANT_VERSION
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from minitron_jax.model import count_params
+
+    t0 = time.perf_counter()
+    if quant not in QUANT_TYPES:
+        raise BadInputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
+    if tokenizer is None:
+        raise BadInputError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file); the "
+                            "source carries none")
+    path = check_gguf_destination(path, overwrite=overwrite, sources=sources)
+    plan = _plan(config, quant)
+    general, pre = _general_entries(metadata)
+    tok_meta = tokenizer_metadata(tokenizer, config, pre)
+    bad = first_nonfinite(params)  # a NaN/inf model loads fine in llama.cpp and generates garbage
+    if bad is not None:
+        raise NonFiniteError(f"not exporting to {path}: tensor {bad} holds NaN/inf values")
+
+    rs = config.rope_scaling
+    rope_freqs = None
+    if rs is not None and rs.rope_type == "llama3":
+        rope_freqs = llama3_rope_freqs(config.rope_theta, config.head_dim, rs.factor, rs.low_freq_factor,
+                                       rs.high_freq_factor, rs.original_max_position_embeddings)
+    elif rs is not None and rs.rope_type != "linear":
+        raise BadInputError(f"RoPE scaling {rs.rope_type!r} has no GGUF export (llama3 and linear do)")
+
+    n_params = count_params(config)
+    names = {key for key, _ in general}
+    writer = GGUFWriter(None, "llama")
+    if "general.name" not in names:
+        writer.add_name(path.stem)
+    if "general.type" not in names:
+        writer.add_type("model")
+    for key, value in general:
+        _add_value(writer, key, value)
+    if "general.size_label" not in names:
+        writer.add_size_label(_size_label(n_params))
+    writer.add_uint64("general.parameter_count", n_params)
+    writer.add_file_type(QUANT_TYPES[quant][1])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.num_heads * config.head_dim != config.hidden_size:
+        # llama.cpp otherwise assumes head_dim = hidden / heads (and a pruned student's 480 / 9 is not even whole).
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if rs is not None and rs.rope_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rs.factor)
+    _write_tokenizer(writer, tok_meta)
+
+    types: Counter[str] = Counter()
+    for _hf, name, shape, ttype in plan:
+        qtype = GGMLQuantizationType[ttype]
+        nbytes = int(np.prod(quant_shape_to_byte_shape(shape, qtype)))
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        types[ttype] += 1
+    if rope_freqs is not None:
+        writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
+        types["F32"] += 1
+
+    heads = {"q": config.num_heads, "k": config.num_kv_heads}
+    with _file_lock(path):
+        check_gguf_destination(path, overwrite=overwrite, sources=sources)  # again: another writer may have finished
+        with refusals_named(path):
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with refusals_named(path):
+                writer.write_header_to_file(tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                # One tensor at a time (the header already holds every size), so peak memory stays near one tensor.
+                for (hf_name, arr), (plan_hf, name, _shape, ttype) in zip(iter_hf_tensors(config, params), plan):
+                    assert hf_name == plan_hf, (hf_name, plan_hf)
+                    which = _QK.get(hf_name.split(".", 3)[-1]) if hf_name.startswith("model.layers.") else None
+                    if which is not None:
+                        arr = permute_qk(np.asarray(arr), heads[which])
+                    writer.write_tensor_data(_quantized(arr, ttype, name))
+                if rope_freqs is not None:
+                    writer.write_tensor_data(rope_freqs)
+                for fout in writer.fout:
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                writer.close()
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp leaves 0600; the file should follow the umask
+                os.replace(tmp, path)
+        except BaseException:
+            writer.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    return {"path": str(path), "quant": quant, "bytes": path.stat().st_size, "params": n_params,
+            "tensor_types": dict(sorted(types.items())), "seconds": time.perf_counter() - t0}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
