@@ -15,8 +15,9 @@ students.width.prune.hidden=512 run_dir=/tmp/run``::
       # also: init: random (same shape, random weights), loss: ce (next-token CE instead of KD)
     distill: {steps: 60, seq_len: 128, batch_size: 4, optim: {peak_lr: 3.0e-4}, trainer: {any RunConfig sections}}
     eval: {seq_len: 256, max_tokens: 4096, mmlu_limit: 32, mmlu_shots: 0}
+    sft: {enabled: true, steps: 20, loss: ce, data: asset:chat, eval_records: 32, students: [width]}
 
-The optimizer of ``distill`` and ``teacher_correction`` is an ``optim:`` section (the trainer's
+The optimizer of ``distill``, ``teacher_correction`` and ``sft`` is an ``optim:`` section (the trainer's
 :class:`~minitron_jax.train.config.OptimSection`); its keys may also be written flat in the section
 (``distill: {peak_lr: 3.0e-4, warmup_steps: 4}``, as the files in configs/ do, and ``distill.peak_lr=1e-4`` on the
 command line). The correction shares the distillation's optimizer settings except its own schedule (``peak_lr``,
@@ -129,6 +130,38 @@ class DistillSection:
     teacher_logits_dtype: str = "float16"
 
 
+SFT_LOSSES = ("ce", "kd")
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSection:
+    """Optional chat fine-tuning of the distilled students (stage ``sft.<s>``), loss on assistant tokens only.
+
+    ``data``: chat jsonl in any layout of :mod:`minitron_jax.data.chat` (default: the embedded ``chat`` asset,
+    whose records carry a fixed train/eval split; a file without one has ``heldout_records`` prompts held out by a
+    seeded hash). ``loss``: ``ce`` (cross-entropy on the answers) or ``kd`` (forward KL to the pipeline's teacher
+    on the same tokens). ``eval_records``: how many held-out records the chat evaluation scores (assistant-token
+    NLL, exact match), before (the distilled student) and after. ``students``: which students (default all)."""
+
+    enabled: bool = False
+    steps: int = 20
+    loss: str = "ce"
+    data: str = "asset:chat"
+    heldout_records: int = 64  # held out of a file without a `split` field
+    eval_records: int = 32
+    students: list[str] | None = None
+    seq_len: int = 128
+    batch_size: int = 4
+    optim: OptimSection = dataclasses.field(
+        default_factory=lambda: OptimSection(peak_lr=1e-4, min_lr=1e-5, warmup_steps=2))
+    val_rows: int = 0  # validation rows split off the training records (0: none; the chat eval is the measure)
+    checkpoint_every: int = 10
+    max_new_tokens: int = 8  # exact match: greedy tokens generated per answer
+    eval_batch_size: int = 8
+    seed: int = 0
+    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out perplexity (``max_tokens`` tokens in ``seq_len`` windows) and MMLU (``mmlu_limit`` questions, 0
@@ -155,7 +188,16 @@ class PipelineConfig:
     students: dict[str, StudentSpec] = dataclasses.field(default_factory=dict)
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    sft: SftSection = dataclasses.field(default_factory=SftSection)
     export_dtype: str = "float32"
+
+    @property
+    def sft_students(self) -> list[str]:
+        """The students fine-tuned by the sft stage (none when it is off), in the order of ``students``."""
+        if not self.sft.enabled:
+            return []
+        wanted = self.students if self.sft.students is None else set(self.sft.students)
+        return [s for s in self.students if s in wanted]
 
     def __post_init__(self):
         validate(self)
@@ -218,11 +260,24 @@ def validate(pc: PipelineConfig) -> None:
     need(e.mmlu_limit >= 0 and e.mmlu_shots >= 0, "eval.mmlu_limit and eval.mmlu_shots must be >= 0")
     need(e.dtype in COMPUTE_DTYPES, f"eval.dtype must be one of {COMPUTE_DTYPES}")
     need(pc.export_dtype in STORAGE_DTYPES, "export_dtype must be float32, bfloat16 or float16")
+    f = pc.sft
+    need(f.loss in SFT_LOSSES, f"sft.loss must be one of {SFT_LOSSES}, got {f.loss!r}")
+    for name in ("steps", "batch_size", "checkpoint_every", "eval_records", "max_new_tokens", "eval_batch_size"):
+        need(getattr(f, name) >= 1, f"sft.{name} must be >= 1, got {getattr(f, name)}")
+    need(f.seq_len >= 2, f"sft.seq_len must be >= 2, got {f.seq_len}")
+    need(f.heldout_records >= 1 and f.val_rows >= 0, "sft.heldout_records must be >= 1 and sft.val_rows >= 0")
+    unknown = sorted(set(f.students or ()) - set(pc.students))
+    need(not unknown, f"sft.students names {', '.join(unknown)}, not a student of this run "
+         f"({', '.join(pc.students)})")
+    need(f.students is None or len(f.students) > 0, "sft.students is empty: leave it out for all, or set "
+         "sft.enabled=false")
     # The trainer checks its own sections: build every run config once now, so a bad one fails before any work.
     for s in pc.students:
         distill_run_config(pc, s, Path("/nonexistent"), "teacher", "student", "train.jsonl")
     if c.enabled:
         correction_run_config(pc, Path("/nonexistent"), "teacher", "train.jsonl")
+    for s in pc.sft_students:
+        sft_run_config(pc, s, Path("/nonexistent"), "teacher", "student", "chat.jsonl")
 
 
 def prune_spec(pc: PipelineConfig, student: StudentSpec):
@@ -253,7 +308,7 @@ def nest_optim_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     their ``optim`` section, and the correction's optimizer completed from the distillation's (all but the
     schedule). Values of the wrong shape are left where they are, for the builder to name."""
     data = dict(data)
-    for section in ("distill", "teacher_correction"):
+    for section in ("distill", "teacher_correction", "sft"):
         body = data.get(section)
         if not isinstance(body, Mapping):
             continue
@@ -352,7 +407,32 @@ def correction_run_config(pc: PipelineConfig, run_dir: Path, teacher_path: str, 
         raise PipelineConfigError(f"teacher_correction: {e}") from None
 
 
+def sft_run_config(pc: PipelineConfig, student: str, run_dir: Path, teacher_path: str, student_path: str,
+                   chat_train: str):
+    """The trainer's RunConfig of one distilled student's chat fine-tuning (``mode: sft``; with ``sft.loss: kd``
+    the teacher is set, and the trainer's KD loss runs on the assistant tokens)."""
+    from minitron_jax.train.config import RunConfigError, from_dict
+
+    f, d = pc.sft, pc.distill
+    data = _common_run_dict(pc, run_dir, chat_train, f.steps)
+    data["data"] = {"sources": [str(chat_train)], "seq_len": f.seq_len, "batch_size": f.batch_size,
+                    "val_rows": f.val_rows, "val_batches": d.val_batches, "seed": f.seed}
+    data["train"].update(eval_every=0, seed=f.seed)
+    data["checkpoint"]["every"] = f.checkpoint_every
+    data.update(mode="sft", student={"path": str(student_path)}, optim=_section(f.optim),
+                teacher={"path": str(teacher_path) if f.loss == "kd" else None, "dtype": d.teacher_dtype},
+                loss={"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0})
+    # The students' trainer settings (remat, attention, ...) apply here too, less the loss and model sections
+    # that belong to the distillation; sft.trainer comes last.
+    trainer = {k: v for k, v in d.trainer.items() if k not in ("loss", "student", "teacher", "data")}
+    try:
+        return from_dict(_deep_merge(_deep_merge(data, trainer), f.trainer))
+    except RunConfigError as e:
+        raise PipelineConfigError(f"sft (student {student}): {e}") from None
+
+
 __all__ = ["PipelineConfigError", "PipelineConfig", "TextsConfig", "CorrectionConfig", "ImportanceConfig",
-           "StudentSpec", "DistillSection", "EvalSection", "STUDENT_INITS", "STUDENT_LOSSES", "validate",
+           "StudentSpec", "DistillSection", "EvalSection", "SftSection", "SFT_LOSSES", "STUDENT_INITS",
+           "STUDENT_LOSSES", "validate",
            "prune_spec", "config_from_dict", "load_pipeline_config", "nest_optim_keys", "distill_run_config",
-           "correction_run_config"]
+           "correction_run_config", "sft_run_config"]

@@ -3,6 +3,10 @@ plot (``results.{md,json,png}`` in the run directory).
 
 *Gap closed* is the share of the held-out loss lost to pruning (NLL of the pruned student minus the reference
 teacher's) that distillation recovered; the reference is the corrected teacher when teacher correction ran.
+
+With the sft stage, each fine-tuned student ``s`` gets a row ``s+sft`` after its own, and the table gains *chat NLL*
+(mean NLL per assistant token) and *chat EM* (exact match of greedy answers) on the held-out chat records, shown
+as before → after fine-tuning in the ``+sft`` rows (``evaluate.chat``).
 """
 
 from __future__ import annotations
@@ -17,18 +21,31 @@ import numpy as np
 from minitron_jax.fsutil import write_json_atomic
 
 __all__ = ["build_report", "write_report", "results_table", "results_markdown", "plot_results", "arch_str",
-           "TABLE_HEADER"]
+           "TABLE_HEADER", "CHAT_HEADER"]
 
 
 # ======================================================================================================================
 # The report
 # ======================================================================================================================
+def _chat(chats: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """A model's chat-evaluation summary (NLL, exact match) for the rows, or Nones when it was not evaluated."""
+    rec = chats.get(label)
+    if rec is None:
+        return {"chat_nll": None, "chat_em": None}
+    r = rec.result
+    return {"chat_nll": r["nll"], "chat_em": r["exact_match"], "chat_em_n": r["exact_n"]}
+
+
 def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active, pruned: Mapping[str, Any],
-                 distilled: Mapping[str, Any], evals: Mapping[str, Any], t_start: float) -> dict[str, Any]:
+                 distilled: Mapping[str, Any], evals: Mapping[str, Any], t_start: float, *,
+                 tuned: Mapping[str, Any] | None = None, chats: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report dict of a finished run from its stage records (``StageRecord``s; ``active`` is the teacher the
-    students were pruned from: the corrected one when correction ran); ``t_start``: when this invocation began."""
+    students were pruned from: the corrected one when correction ran); ``t_start``: when this invocation began.
+    ``tuned``: the ``sft.<s>`` records, ``chats``: the ``chat.<m>`` records (when the sft stage ran); each
+    fine-tuned student gets a row ``<s>+sft`` after its own, with its chat NLL / exact match before → after."""
     from minitron_jax.train.observe import read_metrics
 
+    tuned, chats = tuned or {}, chats or {}
     teacher_ppl = evals["teacher"].result["perplexity"]
     ref_label = "teacher_corrected" if pc.teacher_correction.enabled else "teacher"
     ref_nll = evals[ref_label].result["nll"]
@@ -40,7 +57,8 @@ def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active,
                      "ppl_pruned": None, "ppl": ev["perplexity"], "gap_closed": None,
                      "mmlu": (ev["mmlu"] or {}).get("accuracy"), "mmlu_n": (ev["mmlu"] or {}).get("n"),
                      "tokens": rec.result.get("tokens", 0), "seconds": rec.seconds, "init": None,
-                     "loss": None, "export": rec.result["path"], "window_nll": ev.get("window_nll")})
+                     "loss": None, "export": rec.result["path"], "window_nll": ev.get("window_nll"),
+                     **_chat(chats, label)})
     curves = {}
     for s, spec in pc.students.items():
         before, after = evals[f"{s}.pruned"].result, evals[f"{s}.distilled"].result
@@ -54,15 +72,26 @@ def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active,
                      "tokens": d["tokens"], "seconds": pruned[s].seconds + distilled[s].seconds,
                      "train_seconds": d["train_seconds"], "init": spec.init, "loss": spec.loss,
                      "export": d["path"], "window_nll": after.get("window_nll"),
-                     "window_nll_pruned": before.get("window_nll")})
+                     "window_nll_pruned": before.get("window_nll"), **_chat(chats, f"{s}.distilled")})
         curves[s] = {"train": [(r["step"], r["loss"], r.get("ce")) for r in read_metrics(d["run_dir"], "train")],
                      "val": [(r["step"], r["ce"], r.get("kl")) for r in read_metrics(d["run_dir"], "val")]}
+        if s in tuned:
+            t, ev = tuned[s].result, evals[f"{s}.sft"].result
+            before_chat = _chat(chats, f"{s}.distilled")
+            rows.append({"model": f"{s}+sft", "arch": t["arch"], "params": t["params"], "ppl_pruned": None,
+                         "ppl": ev["perplexity"], "ppl_before_sft": after["perplexity"], "gap_closed": None,
+                         "mmlu": (ev["mmlu"] or {}).get("accuracy"), "mmlu_n": (ev["mmlu"] or {}).get("n"),
+                         "tokens": t["tokens"], "loss_tokens": t["loss_tokens"], "seconds": tuned[s].seconds,
+                         "train_seconds": t["train_seconds"], "init": None, "loss": None, "sft_loss": t["loss"],
+                         "export": t["path"], "window_nll": ev.get("window_nll"), **_chat(chats, f"{s}.sft"),
+                         "chat_nll_before": before_chat["chat_nll"], "chat_em_before": before_chat["chat_em"]})
     return {"name": pc.name, "run_dir": str(run_dir), "teacher_perplexity": teacher_ppl,
             "reference": ref_label, "rows": rows, "curves": curves,
             "eval": {"heldout_tokens": evals["teacher"].result["tokens"], "seq_len": pc.eval.seq_len,
                      "mmlu_shots": pc.eval.mmlu_shots, "mmlu_limit": pc.eval.mmlu_limit},
             "distill": {"steps": pc.distill.steps, "batch_size": pc.distill.batch_size,
                         "seq_len": pc.distill.seq_len},
+            "sft": _sft_summary(pc, records, chats),
             # memory: the process's peak RSS so far and its RSS after the stage released what it freed (None
             # off Linux); a skipped stage carries the reading of the run that did it.
             "stages": {n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped,
@@ -70,6 +99,17 @@ def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active,
                        for n, r in records.items()},
             "wall_seconds_this_invocation": time.perf_counter() - t_start,
             "wall_seconds_all_stages": sum(r.seconds for r in records.values())}
+
+
+def _sft_summary(pc, records: Mapping[str, Any], chats: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fine-tuning settings and data of the run, and every chat evaluation's details (per record)."""
+    if not chats:
+        return None
+    f = pc.sft
+    data = records["sft_data"].result
+    return {"steps": f.steps, "loss": f.loss, "batch_size": f.batch_size, "seq_len": f.seq_len,
+            "data": data["source"], "records": data["records"], "eval_records": f.eval_records,
+            "max_new_tokens": f.max_new_tokens, "chat_eval": {label: rec.result for label, rec in chats.items()}}
 
 
 def write_report(report: dict[str, Any], run_dir: Path, console) -> None:
@@ -101,31 +141,57 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _before_after(before, after, spec: str) -> str:
+    return _fmt(after, spec) if before is None else f"{before:{spec}} → {_fmt(after, spec)}"
+
+
+def _has_chat(report: dict[str, Any]) -> bool:
+    return any(r.get("chat_nll") is not None for r in report["rows"])
+
+
 def _table_rows(report: dict[str, Any]) -> list[list[str]]:
     out = []
+    chat = _has_chat(report)
     for r in report["rows"]:
         mmlu = _fmt(r["mmlu"], ".3f")
         if r.get("mmlu_pruned") is not None:
             mmlu = f"{r['mmlu_pruned']:.3f} → {mmlu}"
+        ppl = f"{r['ppl']:.2f}"
+        if r.get("ppl_before_sft") is not None:  # what fine-tuning cost (or gained) on held-out text
+            ppl = f"{r['ppl_before_sft']:.2f} → {ppl}"
         out.append([r["model"] + ("" if r["init"] in (None, "pruned") else f" ({r['init']} init)")
                     + ("" if r["loss"] in (None, "kd") else f" [{r['loss']}]"),
                     arch_str(r["arch"]), _fmt_params(r["params"]), _fmt(r["ppl_pruned"], ".2f"),
-                    f"{r['ppl']:.2f}", _fmt(None if r["gap_closed"] is None else 100 * r["gap_closed"], ".0f") +
-                    ("%" if r["gap_closed"] is not None else ""), mmlu,
-                    f"{r['tokens']:,}" if r["tokens"] else "–", f"{r['seconds']:.0f}s"])
+                    ppl, _fmt(None if r["gap_closed"] is None else 100 * r["gap_closed"], ".0f") +
+                    ("%" if r["gap_closed"] is not None else ""), mmlu]
+                   + ([_before_after(r.get("chat_nll_before"), r.get("chat_nll"), ".3f"),
+                       _before_after(r.get("chat_em_before"), r.get("chat_em"), ".3f")] if chat else [])
+                   + [f"{r['tokens']:,}" if r["tokens"] else "–", f"{r['seconds']:.0f}s"])
     return out
 
 
 TABLE_HEADER = ["model", "architecture", "params", "ppl pruned", "ppl final", "gap closed", "MMLU", "train tokens",
                 "wall time"]
+CHAT_HEADER = ["chat NLL", "chat EM"]  # after MMLU, when the sft stage ran
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    if not _has_chat(report):
+        return TABLE_HEADER
+    i = TABLE_HEADER.index("MMLU") + 1
+    return TABLE_HEADER[:i] + CHAT_HEADER + TABLE_HEADER[i:]
 
 
 def results_table(report: dict[str, Any]):
     from rich.table import Table
 
-    t = Table(title=f"{report['name']}: held-out perplexity ({report['eval']['heldout_tokens']:,} tokens) and MMLU "
-                    f"({report['eval']['mmlu_shots']}-shot, first {report['eval']['mmlu_limit']})")
-    for h in TABLE_HEADER:
+    title = (f"{report['name']}: held-out perplexity ({report['eval']['heldout_tokens']:,} tokens) and MMLU "
+             f"({report['eval']['mmlu_shots']}-shot, first {report['eval']['mmlu_limit']})")
+    if report.get("sft"):
+        title += (f"; chat: assistant-token NLL and exact match on {report['sft']['eval_records']} held-out records "
+                  f"(before → after {report['sft']['steps']} SFT steps, loss {report['sft']['loss']})")
+    t = Table(title=title)
+    for h in _header(report):
         t.add_column(h, justify="left" if h in ("model", "architecture") else "right")
     for row in _table_rows(report):
         t.add_row(*row)
@@ -140,9 +206,17 @@ def results_markdown(report: dict[str, Any]) -> str:
              f"{report['distill']['seq_len']} tokens. *Gap closed*: the share of the loss lost to pruning "
              f"(held-out NLL of the pruned student minus the {report['reference']}'s) recovered by distillation. "
              "*Wall time*: pruning + distillation (students) or conversion/correction (teacher), compilation "
-             "included.", "",
-             "| " + " | ".join(TABLE_HEADER) + " |",
-             "|" + "|".join("---" if h in ("model", "architecture") else "---:" for h in TABLE_HEADER) + "|"]
+             "included.", ""]
+    sft = report.get("sft")
+    if sft:
+        lines += [f"Chat fine-tuning (`<student>+sft` rows): {sft['steps']} steps × {sft['batch_size']} "
+                      f"conversations of ≤ {sft['seq_len']} tokens from {sft['data']} (loss `{sft['loss']}` on the "
+                      f"assistant tokens only); *chat NLL*: mean NLL per assistant token and *chat EM*: exact match of "
+                      f"greedy answers, on {sft['eval_records']} held-out chat records never trained on (before → "
+                      "after SFT); *ppl final* of a `+sft` row: before → after SFT.", ""]
+    header = _header(report)
+    lines += ["| " + " | ".join(header) + " |",
+              "|" + "|".join("---" if h in ("model", "architecture") else "---:" for h in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(report)]
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,16 @@ stage               writes                          does
                                                     log-probs over the distillation rows, once for all students
 ``distill.<s>``     ``distill/<s>/``                the trainer (:mod:`minitron_jax.train`) run: Orbax checkpoints,
                                                     exact resume, the student exported to ``distill/<s>/hf``
+``sft_data``        ``sft_data/``                   optional (``sft.enabled``): the chat records split into
+                                                    training and held-out evaluation records (disjoint by prompt)
+``sft.<s>``         ``sft/<s>/``                    the distilled student fine-tuned on the chat records, loss on
+                                                    assistant tokens only (CE, or KD from the teacher); a trainer
+                                                    run like distill's: checkpoints, resume, ``sft/<s>/hf``
 ``eval.<m>``        ``eval/<m>.json``               held-out perplexity (``evaluate.perplexity`` rules) and MMLU
+                                                    (also for ``<s>.sft``: what fine-tuning cost on plain text)
+``chat.<m>``        ``stages/chat.<m>.json``        held-out chat records (``evaluate.chat``): assistant-token
+                                                    NLL and exact match, for the teacher and each fine-tuned
+                                                    student before (``<s>.distilled``) and after (``<s>.sft``)
 ``report``          ``results.{md,json,png}``       the comparison table (printed with rich) and the plot
 ==================  ==============================  ===========================================================
 
@@ -43,6 +52,7 @@ from minitron_jax.pipeline.config import (
     correction_run_config,
     distill_run_config,
     prune_spec,
+    sft_run_config,
 )
 from minitron_jax.pipeline.report import build_report, write_report
 from minitron_jax.pipeline.store import StageRecord, StageStore, StopAfter, file_id, nondefault, stage_key
@@ -146,6 +156,7 @@ class Pipeline:
                 distilled[s] = self.stage(
                     f"distill.{s}", parts, lambda s=s, rc=rc, k=key: self._distill(s, rc, k),
                     on_redo=lambda run_dir=run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+            chat_data, tuned = self._sft_stages(teacher, active, distilled)
             evals = {}
             models = [("teacher", teacher, "teacher", True)]
             if pc.teacher_correction.enabled:
@@ -153,15 +164,56 @@ class Pipeline:
             for s in pc.students:
                 models.append((f"{s}.pruned", pruned[s], s, pc.eval.mmlu_before))
                 models.append((f"{s}.distilled", distilled[s], s, True))
+                if s in tuned:
+                    models.append((f"{s}.sft", tuned[s], s, True))
             for label, rec, _, mmlu in models:
                 evals[label] = self.stage(f"eval.{label}",
                                           ["eval", rec.key, data.key, nondefault(pc.eval), mmlu, "per-window"],
                                           lambda rec=rec, mmlu=mmlu: self._evaluate(rec.result["path"],
                                                                                    data.result["heldout"], mmlu))
+            chats = self._chat_stages(chat_data, teacher, distilled, tuned)
         except StopAfter as stop:
             self.console.print(f"stopped after stage {stop.args[0]} (--stop-after)")
             return {}
-        return self._report(teacher, active, pruned, distilled, evals)
+        return self._report(teacher, active, pruned, distilled, evals, tuned, chats)
+
+    def _sft_stages(self, teacher, active, distilled) -> tuple[StageRecord | None, dict[str, StageRecord]]:
+        """``sft_data`` and ``sft.<s>`` for each fine-tuned student (none when ``sft.enabled`` is false)."""
+        pc = self.pc
+        if not pc.sft_students:
+            return None, {}
+        f = pc.sft
+        chat_data = self.stage("sft_data", ["sft_data", f.data, file_id(self._resolve(f.data)),
+                                            f.heldout_records, f.seed, teacher.key],
+                               lambda: self._sft_data(teacher.result["path"]))
+        tuned = {}
+        for s in pc.sft_students:
+            run_dir = self.run_dir / "sft" / s
+            rc = sft_run_config(pc, s, run_dir, active.result["path"], distilled[s].result["path"],
+                                chat_data.result["train"])
+            # _run_key drops the teacher's path, so the loss choice (teacher or none) and, for kd, the teacher's
+            # key are added here.
+            parts = ["sft", distilled[s].key, chat_data.key, f.loss, self._run_key(rc)]
+            if f.loss == "kd":
+                parts.append(active.key)
+            key = stage_key(parts)
+            tuned[s] = self.stage(f"sft.{s}", parts, lambda rc=rc, k=key: self._sft(rc, k),
+                                  on_redo=lambda run_dir=run_dir: shutil.rmtree(run_dir, ignore_errors=True))
+        return chat_data, tuned
+
+    def _chat_stages(self, chat_data, teacher, distilled, tuned) -> dict[str, StageRecord]:
+        """``chat.<m>``: the held-out chat evaluation of the teacher and of each fine-tuned student before and
+        after fine-tuning."""
+        if chat_data is None:
+            return {}
+        f = self.pc.sft
+        models = [("teacher", teacher)]
+        for s in tuned:
+            models += [(f"{s}.distilled", distilled[s]), (f"{s}.sft", tuned[s])]
+        settings = [f.eval_records, f.seq_len, f.max_new_tokens, f.eval_batch_size, self.pc.eval.dtype]
+        return {label: self.stage(f"chat.{label}", ["chat", rec.key, chat_data.key, settings],
+                                  lambda rec=rec: self._chat_eval(rec.result["path"], chat_data.result["eval"]))
+                for label, rec in models}
 
     def _preflight(self) -> None:
         """Refuse sizes the teacher cannot be pruned to before any work (reads the teacher's config only)."""
@@ -379,6 +431,67 @@ class Pipeline:
 
         return {**res, "params": count_params(cfg), "arch": _arch(cfg), "loss": self.pc.students[student].loss}
 
+    def _sft_data(self, teacher_path: str) -> dict[str, Any]:
+        """The chat records split into training and held-out evaluation records (``data.chat.split_records``:
+        a split the records carry, else ``sft.heldout_records`` prompts held out by hash), written in the
+        ``messages`` layout; the two sides are checked disjoint by prompt."""
+        from minitron_jax.convert import load_tokenizer
+        from minitron_jax.data.chat import prompt_key, read_chat_records, split_records
+        from minitron_jax.fsutil import atomic_directory
+
+        f = self.pc.sft
+        # The chat template comes from the teacher's tokenizer, which every student shares: refuse a teacher
+        # without one here, before any fine-tuning.
+        if getattr(load_tokenizer(teacher_path), "chat_template", None) is None:
+            raise PipelineConfigError(f"sft: the teacher's tokenizer ({teacher_path}) has no chat template, so chat "
+                                      "records cannot be rendered; set sft.enabled=false")
+        src = self._resolve(f.data)
+        try:
+            train, held = split_records(read_chat_records(src), f.heldout_records, seed=f.seed)
+        except ValueError as e:  # ChatRecordError names the file and line
+            raise PipelineConfigError(f"sft.data: {e}") from None
+        if not train or not held:
+            raise PipelineConfigError(f"sft.data {src}: {len(train)} training and {len(held)} held-out records; "
+                                      "both must be non-empty")
+        if {prompt_key(r) for r in train} & {prompt_key(r) for r in held}:  # split_records' promise, re-checked
+            raise PipelineConfigError(f"sft.data {src}: a held-out prompt is also a training prompt")
+        out = self.run_dir / "sft_data"
+        with atomic_directory(out, overwrite=True) as tmp:
+            for name, records in (("train", train), ("eval", held)):
+                with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r.to_dict(), ensure_ascii=True) + "\n")
+        scored = sum(r.ideal is not None for r in held[:f.eval_records])
+        self.console.print(f"chat records: {len(train)} train, {len(held)} held out (disjoint by prompt; the first "
+                           f"{min(f.eval_records, len(held))} evaluated, {scored} with a reference answer)")
+        return {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl"), "source": src,
+                "records": {"train": len(train), "eval": len(held)}}
+
+    def _sft(self, rc, key: str) -> dict[str, Any]:
+        res = self._train(rc, key)
+        cfg = self._read_config(res["path"])
+        from minitron_jax.model import count_params
+
+        return {**res, "params": count_params(cfg), "arch": _arch(cfg), "loss": self.pc.sft.loss}
+
+    def _chat_eval(self, model_path: str, eval_path: str) -> dict[str, Any]:
+        from minitron_jax.data.chat import read_chat_records
+        from minitron_jax.evaluate.chat import chat_eval
+        from minitron_jax.evaluate.perplexity import DTYPES
+        from minitron_jax.generate import default_eos
+
+        f = self.pc.sft
+        m = self._load(model_path)
+        records = read_chat_records(eval_path)[:f.eval_records]
+        with PhaseProgress(self.console) as progress:
+            out = chat_eval(m.config, m.params, m.tokenizer, records, seq_len=f.seq_len,
+                            eos_token_id=default_eos(m) or None, batch_size=f.eval_batch_size,
+                            max_new_tokens=f.max_new_tokens, dtype=DTYPES[self.pc.eval.dtype], progress=progress)
+        em = out["exact_match"]
+        self.console.print(f"chat: assistant-token NLL {out['nll']:.3f} ({out['tokens']} tokens, {out['records']} "
+                           "records)" + (f", exact match {em:.3f} on {out['exact_n']}" if em is not None else ""))
+        return out
+
     def _train(self, rc, key: str) -> dict[str, Any]:
         """Run (or resume) one trainer run; its export is the stage output.
 
@@ -459,9 +572,9 @@ class Pipeline:
     # -------------------------------------------------------------------------------------------------------------
     # Report
     # -------------------------------------------------------------------------------------------------------------
-    def _report(self, teacher, active, pruned, distilled, evals) -> dict[str, Any]:
+    def _report(self, teacher, active, pruned, distilled, evals, tuned, chats) -> dict[str, Any]:
         report = build_report(self.pc, self.run_dir, self.records, teacher, active, pruned, distilled, evals,
-                              self.t_start)
+                              self.t_start, tuned=tuned, chats=chats)
         write_report(report, self.run_dir, self.console)
         return report
 
@@ -472,9 +585,13 @@ def stage_names(pc: PipelineConfig) -> list[str]:
     names += [f"prune.{s}" for s in pc.students]
     names += ["teacher_logits"] if pc.distill.teacher_top_k is not None else []
     names += [f"distill.{s}" for s in pc.students]
+    tuned = pc.sft_students
+    names += (["sft_data"] if tuned else []) + [f"sft.{s}" for s in tuned]
     names += ["eval.teacher"] + (["eval.teacher_corrected"] if pc.teacher_correction.enabled else [])
     for s in pc.students:
-        names += [f"eval.{s}.pruned", f"eval.{s}.distilled"]
+        names += [f"eval.{s}.pruned", f"eval.{s}.distilled"] + ([f"eval.{s}.sft"] if s in tuned else [])
+    if tuned:
+        names += ["chat.teacher"] + [f"chat.{s}.{when}" for s in tuned for when in ("distilled", "sft")]
     return names
 
 
