@@ -1,6 +1,7 @@
 """Convert a model between formats: any source ``load_model`` reads (a ``.gguf`` file, an HF directory, a
-minitron_jax Orbax checkpoint) to an HF directory or an Orbax checkpoint. Writes are atomic: the destination
-appears whole or not at all. The command is ``python -m minitron_jax.convert`` (:mod:`minitron_jax.cli.convert`)."""
+minitron_jax Orbax checkpoint) to an HF directory, an Orbax checkpoint or a llama.cpp GGUF file
+(:mod:`~minitron_jax.convert.gguf_export`). Writes are atomic: the destination appears whole or not at all. The
+command is ``python -m minitron_jax.convert`` (:mod:`minitron_jax.cli.convert`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ import numpy as np
 
 from minitron_jax.convert import detect_format, load_model, read_source_config
 from minitron_jax.convert.hf import hf_tensor_specs
+from minitron_jax.exitcodes import BadInputError
 from minitron_jax.fsutil import check_destination
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-TARGETS = ("hf", "orbax")
+TARGETS = ("hf", "orbax", "gguf")
+
+
+def infer_target(dst: str | Path, to: str | None) -> str:
+    """The destination format: ``to`` when given, else ``gguf`` for a ``.gguf`` path and ``hf`` otherwise."""
+    if to is not None:
+        return to
+    return "gguf" if Path(dst).suffix.lower() == ".gguf" else "hf"
 
 
 def _progress(description: str, total: int):
@@ -28,11 +37,14 @@ def _progress(description: str, total: int):
     return progress, (lambda _name: progress.advance(task))
 
 
-def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | None = None,
-            overwrite: bool = False, max_shard_bytes: int | None = None, quiet: bool = False) -> dict:
+def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = None,
+            overwrite: bool = False, max_shard_bytes: int | None = None, quiet: bool = False,
+            quant: str | None = None) -> dict:
     """Convert SRC to DST and return a summary dict (params, dtype, bytes, seconds, formats).
 
-    ``to``: ``hf`` or ``orbax``; ``dtype``: a key of :data:`DTYPES` to cast to (None keeps the source's);
+    ``to``: ``hf``, ``orbax`` or ``gguf`` (None: ``gguf`` for a ``.gguf`` DST, else ``hf``); ``dtype``: a key of
+    :data:`DTYPES` to cast to (None keeps the source's; not for gguf, whose storage ``quant`` decides);
+    ``quant``: GGUF tensor type, a key of ``gguf_export.QUANT_TYPES`` (default f16; only for gguf);
     ``max_shard_bytes``: HF safetensors shard size (default ``hf.DEFAULT_SHARD_BYTES``); ``quiet``: no progress
     bars (they go to the terminal through rich)."""
     import jax
@@ -43,8 +55,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | No
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    to = infer_target(dst, to)
     if to not in TARGETS:
-        raise ValueError(f"--to must be hf or orbax, got {to!r}")
+        raise BadInputError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if to == "gguf":
+        return _convert_gguf(src, dst, dtype=dtype, quant=quant, overwrite=overwrite, quiet=quiet,
+                             max_shard_bytes=max_shard_bytes, t0=t0)
+    if quant is not None:
+        raise BadInputError(f"--quant is for GGUF output only; {dst} is written as {to} (use --dtype, or a .gguf "
+                            "destination / --to gguf)")
     np_dtype = DTYPES[dtype] if dtype else None
     # Before minutes of loading; checked again under the destination's lock when writing.
     check_destination(dst, overwrite=overwrite, sources=[src])
@@ -67,5 +86,35 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "hf", dtype: str | No
         "source": str(src), "source_format": fmt, "destination": str(dst), "destination_format": to,
         "params": count_params(m.config), "dtype": str(leaves[0].dtype),
         "bytes": int(sum(x.nbytes for x in leaves)), "seconds": time.perf_counter() - t0,
+        "config": m.config.describe(), "tokenizer": m.tokenizer is not None,
+    }
+
+
+def _convert_gguf(src: Path, dst: Path, *, dtype: str | None, quant: str | None, overwrite: bool, quiet: bool,
+                  max_shard_bytes: int | None, t0: float) -> dict:
+    """SRC → a llama.cpp GGUF file. A GGUF source's description (name, license...) and llama.cpp pre-tokenizer
+    name are carried over (:func:`gguf_export.gguf_source_metadata`)."""
+    from minitron_jax.convert.gguf_export import QUANT_TYPES, check_gguf_destination, gguf_source_metadata, save_gguf
+
+    quant = "f16" if quant is None else quant
+    if quant not in QUANT_TYPES:
+        raise BadInputError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
+    if dtype is not None:
+        raise BadInputError("--dtype does not apply to GGUF output: --quant chooses how tensors are stored")
+    if max_shard_bytes is not None:
+        raise BadInputError("--max-shard-size is for HF output; a GGUF is written as one file")
+    check_gguf_destination(dst, overwrite=overwrite, sources=[src])  # before minutes of loading
+    fmt = detect_format(src)
+    n_tensors = sum(1 for _ in hf_tensor_specs(read_source_config(src, fmt)))
+    progress, tick = _progress(f"reading {fmt}", n_tensors)
+    with progress if not quiet else contextlib.nullcontext():
+        m = load_model(src, dtype=np.float32, progress=None if quiet else tick)
+    metadata = gguf_source_metadata(src) if fmt == "gguf" else {"name": src.name}
+    summary = save_gguf(dst, m.config, m.params, tokenizer=m.tokenizer, quant=quant, metadata=metadata,
+                        overwrite=overwrite, sources=[src])
+    return {
+        "source": str(src), "source_format": fmt, "destination": str(dst), "destination_format": "gguf",
+        "params": summary["params"], "dtype": quant, "bytes": summary["bytes"],
+        "tensor_types": summary["tensor_types"], "seconds": time.perf_counter() - t0,
         "config": m.config.describe(), "tokenizer": m.tokenizer is not None,
     }
