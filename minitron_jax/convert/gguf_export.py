@@ -408,7 +408,8 @@ def _quantized(arr: np.ndarray, ttype: str, name: str) -> np.ndarray:
     if ttype == "F32":
         return arr
     if ttype == "F16":
-        out = arr.astype(np.float16)
+        with np.errstate(over="ignore"):  # checked just below, with the tensor's name
+            out = arr.astype(np.float16)
         if not np.isfinite(out).all():
             raise NonFiniteError(f"tensor {name} has values beyond float16's range (max |w| = "
                                  f"{float(np.abs(arr).max()):.4g}); export as bf16 or f32")
