@@ -320,16 +320,16 @@ def make_sft_setup(root: Path) -> Path:
     words = "fox dog teacher student heads pruning".split()
     with open(root / "chat.jsonl", "w") as f:
         for i in range(40):
-            q = f"Which word is number {i % 36}?"
+            q = f"Word {i % 36}?"
             a = words[i % len(words)]
             rec = ({"input": q, "ideal": [a, a + "s"]} if i % 2 else
                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "ideal": a})
             f.write(json.dumps(rec) + "\n")
     pc["students"] = {"width": pc["students"]["width"]}
     pc["distill"]["steps"] = 4
-    pc["eval"]["mmlu_limit"] = 2
+    pc["eval"]["mmlu_limit"] = 0  # MMLU is test_pipeline's; here the time goes to the chat evaluation
     pc["sft"] = {"enabled": True, "steps": 4, "loss": "kd", "data": str(root / "chat.jsonl"), "heldout_records": 6,
-                 "eval_records": 4, "seq_len": 32, "batch_size": 2, "checkpoint_every": 2, "warmup_steps": 1,
+                 "eval_records": 4, "seq_len": 40, "batch_size": 2, "checkpoint_every": 2, "warmup_steps": 1,
                  "peak_lr": 1.0e-3, "min_lr": 1.0e-4, "max_new_tokens": 3, "eval_batch_size": 2}
     out = root / "sft.yaml"
     out.write_text(yaml.safe_dump(pc))
@@ -366,7 +366,7 @@ def test_sft_stage_end_to_end(sft_run):
     rows = _rows(run_dir)
     assert list(rows) == ["teacher", "width", "width+sft"]
     tuned = rows["width+sft"]
-    assert tuned["sft_loss"] == "kd" and tuned["tokens"] == 4 * 2 * 32
+    assert tuned["sft_loss"] == "kd" and tuned["tokens"] == 4 * 2 * 40
     assert tuned["ppl_before_sft"] == rows["width"]["ppl"]
     assert (Path(tuned["export"]) / "config.json").is_file() and "/sft/width/" in tuned["export"]
     for r in rows.values():
@@ -416,10 +416,11 @@ def test_interrupted_sft_resumes_from_its_checkpoint(sft_run):
     assert _stage_lines(proc.stdout, "finished") == REDONE_BY_SFT
     assert _stage_lines(proc.stdout, "skipped") == set(SFT_STAGES) - REDONE_BY_SFT
     after = _rows(run_dir)
-    for key in ("ppl", "chat_nll", "chat_em", "mmlu"):
+    for key in ("ppl", "chat_nll", "chat_em"):
         assert after["width+sft"][key] == pytest.approx(before["width+sft"][key], rel=1e-6), key
 
 
+@pytest.mark.slow  # a third pipeline run; the interrupted-run test above already shows which stages sft redoes
 def test_changed_sft_steps_redoes_only_the_fine_tuning(sft_run, tmp_path):
     cfg, original, _ = sft_run
     run_dir = tmp_path / "changed"
@@ -428,4 +429,4 @@ def test_changed_sft_steps_redoes_only_the_fine_tuning(sft_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert _stage_lines(proc.stdout, "finished") == REDONE_BY_SFT
     assert _stage_lines(proc.stdout, "skipped") == set(SFT_STAGES) - REDONE_BY_SFT
-    assert _rows(run_dir)["width+sft"]["tokens"] == 6 * 2 * 32
+    assert _rows(run_dir)["width+sft"]["tokens"] == 6 * 2 * 40
