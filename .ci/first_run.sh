@@ -20,8 +20,10 @@ export MINITRON_JAX_CACHE="$work/cache"   # fetch the assets as a new user does
 start=$(date +%s)
 "$work/venv/bin/python" -m minitron_jax.pipeline --config configs/smollm2_135m_demo.yaml \
   run_dir="$work/run" distill.steps=3 distill.warmup_steps=1 distill.eval_every=3 distill.checkpoint_every=3 distill.val_batches=1 \
-  importance.calib_samples=4 importance.depth_samples=1 eval.max_tokens=512 eval.mmlu_limit=4
+  importance.calib_samples=4 importance.depth_samples=1 eval.max_tokens=512 eval.mmlu_limit=4 \
+  sft.steps=2 sft.warmup_steps=1 sft.checkpoint_every=2 sft.eval_records=4 sft.max_new_tokens=4
 test -s "$work/run/results.json" || { echo "first run: no results.json"; exit 1; }
 test -f "$work/run/students/width/hf/config.json" -o -n "$(find "$work/run" -name config.json -path '*hf*' | head -1)" \
   || { echo "first run: no exported student"; exit 1; }
+test -f "$work/run/sft/width/hf/config.json" || { echo "first run: no chat-fine-tuned student (sft stage)"; exit 1; }
 echo "first run: the README's main command worked in a fresh venv without torch ($(( $(date +%s) - start )) s)"

