@@ -350,3 +350,15 @@ def test_nonfinite_params_and_failures_write_nothing(tmp_path, monkeypatch):
         save_gguf(tmp_path / "big.gguf", config, big, tokenizer=tok, quant="f16")
     assert _left_in(tmp_path) == ["keep.gguf"]
     assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir()), os.listdir(tmp_path)
+
+
+def test_linear_rope_scaling_and_new_directory(tmp_path):
+    """Linear RoPE scaling travels as llama.rope.scaling.* metadata (our reader rebuilds the config from it); a
+    destination in a directory that does not exist yet is created."""
+    config, params, tok, _ = _tiny(tmp_path, rope_scaling=RopeScaling("linear", 2.0), tie_word_embeddings=True)
+    out = tmp_path / "new" / "dir" / "lin.gguf"
+    summary = save_gguf(out, config, params, tokenizer=tok, quant="bf16")
+    assert summary["tensor_types"] == {"BF16": 15, "F32": 5}  # embedding + 7 per layer; norms stay F32
+    back = load_model(out, with_tokenizer=False)
+    assert back.config.rope_scaling == config.rope_scaling and back.config.tie_word_embeddings
+    assert _fields(out, {"llama.rope.scaling.type"})["llama.rope.scaling.type"] == "linear"

@@ -506,6 +506,8 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
         types["F32"] += 1
 
     heads = {"q": config.num_heads, "k": config.num_kv_heads}
+    with refusals_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path):
         check_gguf_destination(path, overwrite=overwrite, sources=sources)  # again: another writer may have finished
         with refusals_named(path):
