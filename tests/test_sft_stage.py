@@ -268,6 +268,14 @@ def test_chat_eval_nll_and_exact_match_by_hand(tiny_pair):
     params = jax.tree.map(jnp.asarray, m.params)
     eos = tok.eos_token_id
     prompts = ["The quick fox?", "Pruning removes heads?", "Perplexity is the exponential?"]
+    width = 96
+    # One plain forward pass of a right-padded row (one compiled shape): a causal model's log-probs at positions
+    # before the padding are those of the unpadded sequence.
+    logprobs = jax.jit(lambda t: jax.nn.log_softmax(forward(m.config, params, t), axis=-1))
+
+    def run(ids: list[int]) -> np.ndarray:
+        assert len(ids) <= width
+        return np.asarray(logprobs(jnp.asarray([ids + [0] * (width - len(ids))])), np.float64)[0, :len(ids)]
 
     def greedy(prompt: str, n: int = 4) -> str:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -275,7 +283,7 @@ def test_chat_eval_nll_and_exact_match_by_hand(tiny_pair):
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         new = []
         for _ in range(n):
-            nxt = int(np.argmax(np.asarray(forward(m.config, params, jnp.asarray([ids + new])))[0, -1]))
+            nxt = int(np.argmax(run(ids + new)[-1]))
             new.append(nxt)
             if nxt == eos:
                 break
@@ -292,11 +300,11 @@ def test_chat_eval_nll_and_exact_match_by_hand(tiny_pair):
     assert [r.get("answer") for r in res["per_record"]] == [answers[0], answers[1], None]
     assert res["exact_match"] == 0.5 and (res["exact_n"], res["exact_hits"]) == (2, 1)
 
-    # NLL: each conversation alone at its own length, log-softmax, summed over the assistant tokens.
+    # NLL: each conversation alone (no batch, no bucketing), log-softmax, summed over the assistant tokens.
     total = count = 0.0
     for r, row in zip(records, res["per_record"]):
         ids, mask = data.assistant_token_mask(tok, list(r.messages))
-        lp = np.asarray(jax.nn.log_softmax(forward(m.config, params, jnp.asarray([ids]))[0], axis=-1), np.float64)
+        lp = run(ids.tolist())
         nll = -np.array([lp[t, ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1]])
         assert row["tokens"] == len(nll) and row["nll"] == pytest.approx(nll.mean(), rel=1e-4)
         total, count = total + nll.sum(), count + len(nll)
