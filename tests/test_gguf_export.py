@@ -187,9 +187,6 @@ def test_llama_cpp_tokenizes_like_the_source(llama_cpp, exports, source, smollm2
         assert ours.tokenize(chat, parse_special=True) == source.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.xfail(strict=True, reason="our GGUF reader builds SmolLM2's 'smollm' pre-tokenizer without its "
-                   "single-digit split (gguf_tokenizer.PRE_TOKENIZER_SPLITS), so whitespace before a digit merges "
-                   "differently from llama.cpp and HF")
 def test_llama_cpp_and_ours_agree_on_whitespace_before_digits(llama_cpp, exports, source):
     text = "Washington.\n\n\n\n7362 ships"
     with llama_cpp.load(exports["f32"][0], n_ctx=64) as lm:

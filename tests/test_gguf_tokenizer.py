@@ -89,12 +89,33 @@ def _byte_level_fields() -> dict:
             "bos": 0, "eos": 1}
 
 
+# HF's SmolLM2 tokenizer.json pre-tokenizer (also StarCoder's): every digit its own pre-token, then GPT-2's regex.
+_DIGITS_THEN_BYTE_LEVEL = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
 def _reference(path: Path):
-    """transformers' tokenizer built from the same GGUF (its GGUF route imports torch)."""
+    """transformers' tokenizer built from the same GGUF (its GGUF route imports torch). transformers' GGUF converter
+    has no entry for the ``smollm`` pre-tokenizer and falls back to a plain ByteLevel, which llama.cpp and HF's own
+    SmolLM2 tokenizer.json do not use; so for such files the reference gets tokenizer.json's pre-tokenizer."""
     pytest.importorskip("torch")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    pre = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    if pre is not None and pre.contents() == "smollm":
+        reference.backend_tokenizer.pre_tokenizer = _pre_tokenizer_from_json(_DIGITS_THEN_BYTE_LEVEL)
+    return reference
+
+
+def _pre_tokenizer_from_json(spec: dict):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.BPE())
+    state = json.loads(tok.to_str())
+    state["pre_tokenizer"] = spec
+    return Tokenizer.from_str(json.dumps(state)).pre_tokenizer
 
 
 def _assert_same(ours, reference, texts=PROBES):
@@ -156,6 +177,102 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_assets):
     chat = [{"role": "user", "content": "Hi"}]
     assert ours.apply_chat_template(chat, tokenize=False) == reference.apply_chat_template(chat, tokenize=False)
     assert (ours.unk_token, ours.pad_token) == (reference.unk_token, reference.pad_token)
+
+
+# Where pre-tokenizers disagree about digits: runs of digits, and runs of whitespace (spaces, tabs, newlines, CRLF)
+# right before a digit — the digit split decides which pre-token that whitespace joins.
+DIGIT_TEXTS = [
+    "Washington.\n\n\n\n7362 ships", "12345", "Hello world! 123", "a  1 22  333\n\n 4444\t55555 ",
+    "3.14159 and 1,000,000", "x\n\n\n1", "year 2024:   42\n  7", "1 2\t3\r\n4", "１２３ ٣٤ ² ½ Ⅻ",
+    "  \t 9\n \n 10", "v1.2.3-rc4 (2019-07-31T23:59:59Z)", "0x1F 0b1010 1e-5 -42", "№1 — 2nd, 3rd   4th",
+    "table:\n  1\t2\t3\n  40\t50\t60\n\n\n\n\n700", " 8", "  8", "\n8", "9 ",
+]
+
+
+def test_smollm2_matches_llama_cpp_on_digits_and_whitespace(smollm2_assets, tmp_path):
+    """llama.cpp, the runtime our GGUFs are for, is the reference: our tokenizer (in memory, and as the saved
+    tokenizer.json) gives its ids on digit- and whitespace-heavy text and on held-out documents."""
+    from llama_cpp_runtime import UNAVAILABLE, load_runtime
+    from transformers import AutoTokenizer
+
+    from minitron_jax.convert.gguf import save_tokenizer
+    from minitron_jax.data.assets import load_texts
+
+    runtime = load_runtime()
+    if runtime is None:
+        pytest.skip(f"llama.cpp runtime unavailable: {UNAVAILABLE}")
+    path = smollm2_assets["smollm2_gguf"]
+    ours = load_gguf_tokenizer(path)
+    save_tokenizer(path, tmp_path)
+    saved = AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = DIGIT_TEXTS + load_texts("wikipedia", 100) + load_texts("owt", 100)
+    with runtime.load(path, n_ctx=64) as lm:
+        for text in texts:
+            want = lm.tokenize(text)
+            assert ours(text, add_special_tokens=False)["input_ids"] == want, text
+            assert saved(text, add_special_tokens=False)["input_ids"] == want, text
+            assert ours.decode(want) == text  # byte-level BPE is lossless
+
+
+def _digit_vocab_fields(pre: str) -> dict:
+    """A byte-level vocabulary trained without a digit split on digit-heavy text, so it holds multi-digit tokens
+    ("12", "345"...) that only the pre-tokenizer can keep out of a digit run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS + ["12345 2024 12345\n\n12345 1938 2024"] * 20, trainer)
+    tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": [3] + [1] * (len(tokens) - 1),
+            "merges": merges, "bos": 0, "eos": 0}
+
+
+@pytest.mark.parametrize("pre", ["smollm", "starcoder"])
+def test_digit_split_pre_tokenizers_give_one_token_per_digit(pre):
+    """No llama.cpp needed: with SmolLM2's pre-tokenizer (llama.cpp's ``\\p{N}`` split, HF's
+    ``Digits(individual_digits=True)``) every digit is its own token, even where the vocabulary could merge them."""
+    plain = build_tokenizer(_digit_vocab_fields("gpt-2"))  # GPT-2's regex: digit runs stay whole
+    assert len(plain.encode("12345").ids) < 5, "the vocabulary must hold multi-digit tokens for this test to bite"
+    tok = build_tokenizer(_digit_vocab_fields(pre))
+    for text, digits in (("12345", "12345"), ("year 2024", "2024"), ("x\n\n12", "12")):
+        pieces = [tok.decode([i]) for i in tok.encode(text).ids]
+        assert [p for p in pieces if any(c.isdigit() for c in p)] == list(digits), (text, pieces)
+        assert tok.decode(tok.encode(text).ids) == text
+    # The whitespace before a digit run is one pre-token of its own, not split around the digit.
+    assert [tok.decode([i]) for i in tok.encode("a\n\n\n7").ids][-1] == "7"
+
+
+def test_stale_cached_tokenizer_is_rebuilt(tmp_path, monkeypatch):
+    """A tokenizer the code before the digit split cached for a GGUF (key "tok2:...", plain ByteLevel) is not
+    reused: the cache key carries the builder's version, and bumping it builds a fresh directory."""
+    import hashlib
+
+    import minitron_jax.convert.gguf_tokenizer as builder
+    from minitron_jax.convert import gguf_tokenizer_dir, load_tokenizer
+    from minitron_jax.convert.gguf import save_tokenizer
+
+    monkeypatch.setenv("MINITRON_JAX_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "digits.gguf"
+    _write_tokenizer_gguf(path, _digit_vocab_fields("smollm"))
+    stat = path.stat()
+    old_key = hashlib.sha1(f"tok2:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stale = tmp_path / "cache" / "gguf_tokenizers" / old_key
+    stale.mkdir(parents=True)
+    save_tokenizer(path, stale)
+    state = json.loads((stale / "tokenizer.json").read_text())
+    state["pre_tokenizer"] = _DIGITS_THEN_BYTE_LEVEL["pretokenizers"][1]  # what the old code built for "smollm"
+    (stale / "tokenizer.json").write_text(json.dumps(state))
+    assert len(load_tokenizer(stale)("12345")["input_ids"]) < 5
+
+    fresh = gguf_tokenizer_dir(path)
+    assert fresh != stale
+    assert len(load_tokenizer(fresh)("12345")["input_ids"]) == 5
+    assert gguf_tokenizer_dir(path) == fresh  # and it is reused while the builder is unchanged
+    monkeypatch.setattr(builder, "TOKENIZER_BUILD_VERSION", builder.TOKENIZER_BUILD_VERSION + 1)
+    assert gguf_tokenizer_dir(path) not in (fresh, stale)
 
 
 _NO_TORCH = """

@@ -90,11 +90,15 @@ def read_source_config(path: str | Path, fmt: str | None = None) -> LlamaConfig:
 def gguf_tokenizer_dir(path: Path) -> Path:
     """Tokenizer files built from a GGUF's metadata, cached beside our other assets (keyed by file identity)."""
     from minitron_jax.convert.gguf import save_tokenizer
+    from minitron_jax.convert.gguf_tokenizer import TOKENIZER_BUILD_VERSION
     from minitron_jax.data.assets import cache_dir
 
     stat = path.stat()
-    # "tok2": tokenizers built by our own GGUF reader (earlier caches came from transformers' converter).
-    key = hashlib.sha1(f"tok2:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # The builder's version is in the key so that a tokenizer saved by older code (which may split text
+    # differently, e.g. SmolLM2 before the digit split) is rebuilt, never reused. "tok2" was the last unversioned
+    # key (our own GGUF reader; earlier caches came from transformers' converter).
+    version = f"tok{TOKENIZER_BUILD_VERSION}"
+    key = hashlib.sha1(f"{version}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "gguf_tokenizers" / key
     if not (out / "tokenizer.json").is_file():
         out.mkdir(parents=True, exist_ok=True)

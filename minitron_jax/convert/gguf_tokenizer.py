@@ -5,7 +5,8 @@ path imports torch (``transformers/integrations/gguf``), and torch is not a runt
 README's first command failed on a machine without it. So we assemble the same ``tokenizers.Tokenizer`` here
 from llama.cpp's metadata keys and only wrap it in transformers' torch-free ``PreTrainedTokenizerFast``. The test
 suite checks that it encodes and decodes exactly like transformers' own conversion (real SmolLM2 and synthetic
-byte-level and sentencepiece vocabularies).
+byte-level and sentencepiece vocabularies) and, for SmolLM2, like llama.cpp itself. (transformers' converter has no
+digit split for ``smollm``; we follow llama.cpp and HF's SmolLM2 tokenizer.json there — see ``DIGIT_SPLIT_PRE``.)
 
 The two vocabularies Llama-family GGUFs carry (``tokenizer.ggml.model``):
 
@@ -46,6 +47,17 @@ PRE_TOKENIZER_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
+# Vocabularies trained with every digit its own pre-token: llama.cpp splits on ``\p{N}`` first, then applies GPT-2's
+# regex (its STARCODER/REFACT/COMMAND_R/SMOLLM/CODESHELL/EXAONE/MINERVA group in llama-vocab.cpp), and HF's
+# tokenizer.json for SmolLM2 (and StarCoder) says the same: ``Sequence[Digits(individual_digits=True), ByteLevel]``.
+# Without the digit split, whitespace before a digit joins the wrong pre-token ("\n\n\n\n7" → "\n\n\n" + "\n" + "7"
+# instead of "\n\n\n\n" + "7"), and a vocabulary with multi-digit tokens would merge digit runs llama.cpp keeps
+# apart.
+DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"})
+# Bumped whenever a change here tokenizes some GGUF differently: the on-disk cache of built tokenizers
+# (``convert.gguf_tokenizer_dir``) keys on it, so a tokenizer saved by older code is never reused.
+# 3: the digit split for DIGIT_SPLIT_PRE (SmolLM2's "smollm" was a plain ByteLevel before).
+TOKENIZER_BUILD_VERSION = 3
 # Llama 3's tokenizer looks a whole pre-token up in the vocabulary before applying merges (``ignore_merges`` in
 # its tokenizer.json, the same switch in llama.cpp for these pre-tokenizers).
 _IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe", "smaug-bpe"})
@@ -134,8 +146,11 @@ def build_tokenizer(fields: dict[str, Any], source: Any = "GGUF"):
                             end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
                             ignore_merges=pre in _IGNORE_MERGES))
         split = PRE_TOKENIZER_SPLITS.get(pre)
-        if split is None:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        if pre in DIGIT_SPLIT_PRE:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif split is None:
+            tok.pre_tokenizer = byte_level
         else:
             tok.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
