@@ -327,3 +327,63 @@ def test_architecture_of_a_config():
                       num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
     assert architecture_of(cfg) == {"layers": 2, "hidden": 32, "ffn": 48, "heads": 4, "kv_heads": 2,
                                     "head_dim": 8, "vocab": 64, "params": count_params(cfg)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cards written by the convert command
+
+
+def _tiny_hf(tmp_path):
+    import jax
+    import numpy as np
+    from utils import tiny_tokenizer
+
+    from minitron_jax.config import LlamaConfig
+    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.model import init_params
+
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                         extra=(("bos_token_id", 0), ("eos_token_id", 0)))
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    src = tmp_path / "src"
+    save_hf(src, config, params, tokenizer=tiny_tokenizer(300))
+    # The source says where it comes from, as a model downloaded from the Hub does.
+    (src / "README.md").write_text("---\nlicense: mit\nbase_model: someorg/tiny-base\nlanguage: [en]\n---\n# tiny\n")
+    return src
+
+
+def test_convert_writes_cards(tmp_path, capsys):
+    """An HF destination always carries a card (inside the atomic write); a GGUF one with --card, beside it, and
+    never over a README.md that is already there. A lossless conversion leaves base_model_relation out; a
+    quantized one says "quantized"."""
+    from minitron_jax.cli.convert import main as convert_main
+
+    src = _tiny_hf(tmp_path)
+    assert convert_main([str(src), str(tmp_path / "hf_out"), "--quiet"]) == 0
+    meta = yaml.safe_load((tmp_path / "hf_out" / "README.md").read_text().split("---")[1])
+    assert meta["license"] == "mit" and meta["base_model"] == "someorg/tiny-base"
+    assert meta["library_name"] == "transformers" and "base_model_relation" not in meta
+
+    out = tmp_path / "g" / "tiny-q8_0.gguf"
+    assert convert_main([str(src), str(out), "--quant", "q8_0", "--card", "--quiet"]) == 0
+    text = (out.parent / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["base_model_relation"] == "quantized" and "gguf" in meta["tags"] and "library_name" not in meta
+    assert "tiny-q8_0.gguf" in text and "made with minitron_jax" not in text  # a conversion made nothing new
+
+    # A README.md already beside the destination: refused before the GGUF is written, the README kept.
+    other = tmp_path / "g" / "second.gguf"
+    assert convert_main([str(src), str(other), "--card", "--quiet"]) == 2
+    assert "README.md already exists" in capsys.readouterr().err
+    assert not other.exists() and (out.parent / "README.md").read_text() == text
+    # --card means nothing for an HF directory (it always gets one): refused, not ignored.
+    assert convert_main([str(src), str(tmp_path / "hf2"), "--card", "--quiet"]) == 2
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_relation_is_checked():
+    with pytest.raises(ValueError, match="base_model_relation"):
+        ModelCard(name="x", base_model_relation="pruned")
+    meta = front_matter(ModelCard(name="x", base_model="a/b", base_model_relation=None))
+    assert meta["base_model"] == "a/b" and "base_model_relation" not in meta

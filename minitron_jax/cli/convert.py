@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
                          "embedding/output stay q8_0); GGUF output only")
     ap.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
                     help="split HF safetensors above this many GB (default 2)")
+    ap.add_argument("--card", action="store_true",
+                    help="GGUF output: also write a README.md model card beside the file (an HF directory always "
+                         "gets one)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
                             f"got {shard:g}")
     summary = convert(args.src, args.dst, to=to, dtype=args.dtype, overwrite=args.overwrite,
                       max_shard_bytes=int(shard * 1024**3) if shard is not None else None, quiet=args.quiet,
-                      quant=args.quant)
+                      quant=args.quant, card=args.card)
     types = summary.get("tensor_types")
     stored = f"{summary['dtype']} ({', '.join(f'{n} {t}' for t, n in types.items())})" if types else summary["dtype"]
     print(f"{summary['source_format']} → {summary['destination_format']}: {summary['destination']}\n"

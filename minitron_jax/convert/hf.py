@@ -334,13 +334,16 @@ def first_nonfinite(tree: Any, name: str = "") -> str | None:
 def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
             tokenizer_dir: str | Path | None = None, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             overwrite: bool = False, generation_config: dict | None = None,
-            progress: Callable[[str], None] | None = None, sources: Sequence[str | Path | None] = ()) -> Path:
+            progress: Callable[[str], None] | None = None, sources: Sequence[str | Path | None] = (),
+            card: Any = None) -> Path:
     """Write an HF ``LlamaForCausalLM`` directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Written into a temporary sibling directory and renamed into place at the end, so a crash never leaves a
     half-written model at ``path``. Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``.
     The tokenizer comes from a transformers tokenizer object or is copied from ``tokenizer_dir``. ``sources`` (the
-    inputs, e.g. the model converted) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``."""
+    inputs, e.g. the model converted) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``.
+    ``card``: a :class:`~minitron_jax.convert.model_card.ModelCard` written as the directory's ``README.md``, inside
+    the same atomic write (a model never appears without its card)."""
     from safetensors.numpy import save_file
 
     if not (isinstance(max_shard_bytes, numbers.Real) and max_shard_bytes > 0):  # <= 0 wrote one file per tensor
@@ -400,6 +403,10 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
             tokenizer.save_pretrained(str(tmp))
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        if card is not None:
+            from minitron_jax.convert.model_card import write_model_card
+
+            write_model_card(tmp, card)
 
     return Path(path)
 

@@ -58,6 +58,9 @@ _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 # "Llama-3.1-8B-Instruct-Q4_K_M", "model-f16".
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d[A-Za-z0-9_]*|F16|BF16|F32)$", re.IGNORECASE)
 
+# The Hub's documented values of base_model_relation (hub-docs model-cards.md), and None for "leave it out".
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune", None)
+
 # Architecture rows, in the order shown, with their labels.
 ARCHITECTURE_ROWS = (("layers", "Layers"), ("hidden", "Hidden size"), ("ffn", "FFN size"),
                      ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head dim"),
@@ -122,12 +125,19 @@ class ModelCard:
     pipeline_tag: str = "text-generation"
     chat_template: bool = True  # the tokenizer has one: the transformers snippet chats instead of completing text
     description: str | None = None
+    # How this model relates to base_model on the Hub. "finetune" for our pruned + distilled students (see the
+    # module docstring); "quantized" for a plain conversion that lowered the precision; None for a conversion that
+    # kept the weights (the Hub has no "same model, other format" value, and infers one from the files).
+    base_model_relation: str | None = "finetune"
 
     def __post_init__(self):
         if not self.name or not str(self.name).strip():
             raise ValueError("a model card needs a name")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.base_model_relation not in BASE_MODEL_RELATIONS:
+            raise ValueError(f"base_model_relation must be one of {BASE_MODEL_RELATIONS}, got "
+                             f"{self.base_model_relation!r}")
         # Sequences as tuples, so a card built from lists is still a value (and the caller's list is not shared).
         object.__setattr__(self, "language", tuple(self.language or ()))
         object.__setattr__(self, "evaluation", tuple(dict(r) for r in self.evaluation or ()))
@@ -148,7 +158,8 @@ def front_matter(card: ModelCard) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if is_repo_id(card.base_model):
         meta["base_model"] = card.base_model
-        meta["base_model_relation"] = "finetune"  # see the module docstring for why not "pruned" / "quantized"
+        if card.base_model_relation:  # see the module docstring for why not "pruned"
+            meta["base_model_relation"] = card.base_model_relation
     if card.format == "hf":
         meta["library_name"] = "transformers"
     if card.license:
@@ -389,8 +400,11 @@ def render_model_card(card: ModelCard) -> str:
         link = f"[{src}](https://huggingface.co/{src})" if is_repo_id(src) else f"`{src}`"
         done = [w for k, w in (("pruning", "pruned"), ("distillation", "distilled"), ("sft", "fine-tuned (SFT)"))
                 if (card.method or {}).get(k)]
-        how = " and ".join(", ".join(done).rsplit(", ", 1)) if done else "compressed"
-        lines += [f"A {how} version of {link}, made with minitron_jax.", ""]
+        if done:  # a plain conversion made nothing new: its description says what it is
+            how = " and ".join(", ".join(done).rsplit(", ", 1))
+            lines += [f"A {how} version of {link}, made with minitron_jax.", ""]
+        else:
+            lines += [f"Base model: {link}.", ""]
     if card.files:
         lines += ["Files: " + ", ".join(f"`{v}` ({k.upper() if k in FORMATS else k})"
                                         for k, v in card.files.items()), ""]
