@@ -11,6 +11,10 @@ loop, the pipeline and the NAS hold the same kind of lock on their run directory
 (:func:`lock_directory`). A second writer gets :class:`~minitron_jax.exitcodes.BusyError` at once instead of
 interleaving with the first. Under the lock, the staging directories a killed writer left behind are removed (or the
 previous directory restored, when the kill fell between the two renames of an overwrite).
+
+Single files (a ``.gguf``) get the same three pieces: :func:`check_file_destination` (sources, ``overwrite``, and
+only a file the caller recognizes as its own kind is replaced), :func:`lock_file` (the same ``.<name>.lock``
+sibling) and :func:`atomic_file` (a temporary sibling, fsynced and renamed over ``path`` on success).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from minitron_jax.exitcodes import BadInputError, BusyError, SystemRefusedError, describe_os_error, finite_or_none
@@ -57,14 +61,8 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_destination(path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse a destination that writing to would destroy something: raises, or returns the absolute path.
-
-    Refused: a destination that is, contains or lies inside a source (symlinks resolved); an existing one without
-    ``overwrite``; with ``overwrite``, an existing one that is not a directory, or is a non-empty directory without
-    our marker. Cheap, so commands call it before minutes of loading; :func:`atomic_directory` calls it again under
-    the lock."""
-    dst = Path(path).absolute()
+def _check_sources(dst: Path, sources: Iterable[str | Path | None]) -> None:
+    """BadInputError when ``dst`` is, contains or lies inside one of ``sources``."""
     for src in sources:
         if src is None:
             continue
@@ -75,6 +73,17 @@ def check_destination(path: str | Path, *, overwrite: bool = False, sources: Ite
                 how = "is" if d == s else "lies inside" if _within(d, s) else "contains"
                 raise BadInputError(f"the destination {dst} {how} the source {src}; refusing to write there "
                                     "(choose a destination outside the source)")
+
+
+def check_destination(path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse a destination that writing to would destroy something: raises, or returns the absolute path.
+
+    Refused: a destination that is, contains or lies inside a source (symlinks resolved); an existing one without
+    ``overwrite``; with ``overwrite``, an existing one that is not a directory, or is a non-empty directory without
+    our marker. Cheap, so commands call it before minutes of loading; :func:`atomic_directory` calls it again under
+    the lock."""
+    dst = Path(path).absolute()
+    _check_sources(dst, sources)
     if not (dst.exists() or dst.is_symlink()):
         return dst
     if not overwrite:
@@ -85,6 +94,29 @@ def check_destination(path: str | Path, *, overwrite: bool = False, sources: Ite
     if not any((dst / name).is_file() for name in _OWNED_BY) and any(dst.iterdir()):
         raise BadInputError(f"{dst} exists and was not written by minitron_jax; refusing to replace it — remove it "
                             "yourself or choose another path")
+    return dst
+
+
+def check_file_destination(path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path | None] = (),
+                           is_ours: Callable[[Path], bool] | None = None, what: str = "a file of this kind") -> Path:
+    """:func:`check_destination` for a single file: raises, or returns the absolute path.
+
+    Refused: a destination that is, contains or lies inside a source (symlinks resolved); an existing one without
+    ``overwrite``; with ``overwrite``, an existing one that is not a regular file (a directory is never replaced by
+    a file), or one ``is_ours`` rejects. A file carries no marker of ours, so ``is_ours`` is how the caller proves
+    the file is of the kind it writes (a GGUF's magic bytes): ``--overwrite`` then never replaces a user's notes
+    that happen to sit at that name. ``what`` names that kind in the messages ("a GGUF file")."""
+    dst = Path(path).absolute()
+    _check_sources(dst, sources)
+    if not (dst.exists() or dst.is_symlink()):
+        return dst
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not dst.is_file():
+        raise BadInputError(f"{dst} exists and is not a file; refusing to replace it with {what}")
+    if is_ours is not None and not is_ours(dst):
+        raise BadInputError(f"{dst} exists and is not {what}; refusing to replace it — remove it yourself or "
+                            "choose another path")
     return dst
 
 
@@ -219,6 +251,71 @@ def lock_directory(path: str | Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.unlink(lock_file)
             os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_file(path: str | Path) -> Iterator[Path]:
+    """:func:`lock_directory` for a single file: hold the exclusive lock of file ``path`` (which need not exist yet;
+    its directory is created) for the duration of the block. ``path`` must be a file or absent (BadInputError
+    otherwise); a second writer gets BusyError at once; the lock file is removed on release."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory, not a file; choose a file path")
+    lock = lock_path_for(path)
+    with refusals_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, path)
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):  # unlinked while still held, as in lock_directory
+                os.unlink(lock)
+            os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; best effort (some file systems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path (``.NAME.tmp-XXXXXXXX``, an empty file) to write ``path``'s content to; on
+    success it is fsynced and renamed over ``path``, so readers see the old file or the whole new one, never a
+    half-written one, and a crash right after does not leave an empty file behind the new name. On any exception
+    the temporary file is removed and ``path`` is untouched. Close every handle on the temporary file inside the
+    block (buffered bytes not yet written are not fsynced). The system refusing a write (disk full, read-only...)
+    becomes a SystemRefusedError naming ``path``. Permissions follow the umask (``mkstemp`` would leave 0600).
+
+    No lock and no destination check: pair it with :func:`lock_file` and :func:`check_file_destination`."""
+    path = Path(path).absolute()
+    with refusals_named(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # fsync flushes the file's data whichever descriptor asks
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        err = refused(e, path, staging=tmp)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _leftovers(path: Path) -> tuple[list[Path], list[Path]]:

@@ -368,3 +368,109 @@ def test_save_hf_refuses_non_positive_shard_bytes(model_dir, tmp_path):
         with pytest.raises(BadInputError, match="max_shard_bytes must be a positive"):
             save_hf(tmp_path / "dst", config, params, max_shard_bytes=bad)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Single files (a .gguf): check_file_destination, lock_file, atomic_file
+# ----------------------------------------------------------------------------------------------------------------
+def _starts_with_ours(path: Path) -> bool:
+    return path.read_bytes().startswith(b"OURS")
+
+
+def test_check_file_destination(tmp_path):
+    check = fsutil.check_file_destination
+    dst = tmp_path / "out.bin"
+    assert check(dst) == dst.absolute()  # absent: fine, with or without overwrite
+    dst.write_bytes(b"OURS v1")
+    with pytest.raises(FileExistsError, match="already exists"):
+        check(dst, is_ours=_starts_with_ours)
+    assert check(dst, overwrite=True, is_ours=_starts_with_ours) == dst
+    assert check(dst, overwrite=True) == dst  # no is_ours: any regular file may be replaced
+    notes = tmp_path / "notes.bin"
+    notes.write_text("mine")
+    with pytest.raises(BadInputError, match="is not an OURS file; refusing to replace it"):
+        check(notes, overwrite=True, is_ours=_starts_with_ours, what="an OURS file")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(BadInputError, match="is not a file; refusing to replace it"):
+        check(tmp_path / "adir", overwrite=True)  # a directory is never replaced by a file
+    # Sources: the destination is the source, lies inside it, or is a link to it — refused before anything else.
+    with pytest.raises(BadInputError, match="is the source"):
+        check(dst, overwrite=True, sources=[dst], is_ours=_starts_with_ours)
+    with pytest.raises(BadInputError, match="lies inside the source"):
+        check(tmp_path / "adir" / "x.bin", sources=[None, tmp_path / "adir"])
+    link = tmp_path / "link.bin"
+    link.symlink_to(dst)
+    with pytest.raises(BadInputError, match="the source"):
+        check(link, overwrite=True, sources=[dst])
+    dangling = tmp_path / "dangling.bin"
+    dangling.symlink_to(tmp_path / "missing")
+    with pytest.raises(FileExistsError):
+        check(dangling)
+    assert dst.read_bytes() == b"OURS v1" and notes.read_text() == "mine"
+
+
+def test_lock_file(tmp_path):
+    path = tmp_path / "new" / "dir" / "out.bin"
+    with fsutil.lock_file(path) as locked:
+        assert locked == path.absolute() and path.parent.is_dir()  # the directory is created for the lock file
+        assert fsutil.lock_path_for(path).is_file()
+        with pytest.raises(BusyError, match=f"{path} is being written by another process \\(pid {os.getpid()}\\)"):
+            with fsutil.lock_file(path):
+                pass
+    assert not fsutil.lock_path_for(path).exists()  # removed on release
+    with fsutil.lock_file(path):  # and can be taken again
+        pass
+    with pytest.raises(BadInputError, match="is a directory, not a file"):
+        with fsutil.lock_file(tmp_path / "new"):
+            pass
+
+
+def test_atomic_file_success_replaces_whole(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    old_mask = os.umask(0o022)
+    try:
+        with fsutil.atomic_file(path) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.bin.tmp-") and tmp.is_file()
+            with open(tmp, "wb") as f:
+                f.write(b"new")
+            assert path.read_bytes() == b"old"  # nothing visible until the block ends
+    finally:
+        os.umask(old_mask)
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask, not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_atomic_file_fsyncs_before_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    with fsutil.atomic_file(path) as tmp:
+        tmp.write_bytes(b"data")
+    assert events[:2] == ["fsync", "replace"], events  # the file's data is on disk before its name points at it
+    assert path.read_bytes() == b"data"
+
+
+def test_atomic_file_failure_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with fsutil.atomic_file(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    # A refused write (disk full) becomes one SystemRefusedError naming the destination, not the temporary name.
+    with pytest.raises(SystemRefusedError, match=f"disk full writing {path}") as e:
+        with fsutil.atomic_file(path) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert ".tmp-" not in str(e.value)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    # An error about another file (an input being read) passes through unchanged.
+    with pytest.raises(PermissionError):
+        with fsutil.atomic_file(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "input.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]

@@ -29,15 +29,11 @@ unsupported tokenizer), and a failure while writing leaves no file behind.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
 import os
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +45,8 @@ from minitron_jax.convert.gguf_config import llama3_rope_freqs
 from minitron_jax.convert.gguf_header import GGUF_MAGIC
 from minitron_jax.convert.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors
-from minitron_jax.exitcodes import BadInputError, BusyError, NonFiniteError
-from minitron_jax.fsutil import check_destination, lock_path_for, refusals_named
+from minitron_jax.exitcodes import BadInputError, NonFiniteError
+from minitron_jax.fsutil import atomic_file, check_file_destination, lock_file
 from minitron_jax.model import Params
 
 # --quant name → (GGML tensor type of the 2-D weights, general.file_type). Only types gguf-py can quantize in numpy.
@@ -339,61 +335,18 @@ def _indexed(meta: dict, prefix: str) -> list[dict]:
 # The destination: checked, locked, written to a temporary sibling
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
 def check_gguf_destination(path: str | os.PathLike, *, overwrite: bool = False, sources: Sequence = ()) -> Path:
     """Refuse a ``.gguf`` destination writing to which would destroy something; returns the absolute path.
 
-    As :func:`minitron_jax.fsutil.check_destination` for sources (a destination that is or lies inside a source);
+    :func:`minitron_jax.fsutil.check_file_destination`: a destination that is or lies inside a source is refused;
     an existing file only with ``overwrite``, and only when it is itself a GGUF (``--overwrite`` never replaces a
     file of another kind, nor a directory)."""
-    dst = Path(path).absolute()
-    if not (dst.exists() or dst.is_symlink()):
-        return check_destination(dst, overwrite=False, sources=sources)
-    with contextlib.suppress(FileExistsError):  # the source checks run first and raise BadInputError
-        check_destination(dst, overwrite=False, sources=sources)
-    if not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
-    if not dst.is_file():
-        raise BadInputError(f"{dst} exists and is not a file; refusing to replace it with a GGUF")
-    with open(dst, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise BadInputError(f"{dst} exists and is not a GGUF file; refusing to replace it — remove it yourself "
-                                "or choose another path")
-    return dst
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """The destination's advisory lock (the same ``.NAME.lock`` sibling :mod:`minitron_jax.fsutil` uses for
-    directories): a second writer of the same file gets BusyError at once."""
-    lock_file = lock_path_for(path)
-    while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BusyError(f"{path} is being written by another process; try again when it finishes") from None
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                fd = -1  # a file system without locks: write unlocked rather than never
-                break
-            raise
-        # The previous holder unlinks the file before closing it: make sure we locked the file now at that name.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(lock_file)
-            os.close(fd)
+    return check_file_destination(path, overwrite=overwrite, sources=sources, is_ours=_is_gguf, what="a GGUF file")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,16 +459,12 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
         types["F32"] += 1
 
     heads = {"q": config.num_heads, "k": config.num_kv_heads}
-    with refusals_named(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path):
+    # The lock creates a missing destination directory; the write goes to a temporary sibling that replaces
+    # ``path`` only once whole and fsynced (a failure leaves an existing GGUF as it was, and no temporary file).
+    with lock_file(path):
         check_gguf_destination(path, overwrite=overwrite, sources=sources)  # again: another writer may have finished
-        with refusals_named(path):
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            with refusals_named(path):
+        with atomic_file(path) as tmp:
+            try:
                 writer.write_header_to_file(tmp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
@@ -528,23 +477,7 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
                     writer.write_tensor_data(_quantized(arr, ttype, name))
                 if rope_freqs is not None:
                     writer.write_tensor_data(rope_freqs)
-                for fout in writer.fout:
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                writer.close()
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp leaves 0600; the file should follow the umask
-                os.replace(tmp, path)
-        except BaseException:
-            writer.close()
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+            finally:
+                writer.close()  # flushes its buffers: atomic_file fsyncs what reached the file
     return {"path": str(path), "quant": quant, "bytes": path.stat().st_size, "params": n_params,
             "tensor_types": dict(sorted(types.items())), "seconds": time.perf_counter() - t0}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
