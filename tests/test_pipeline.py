@@ -56,6 +56,7 @@ distill: {{steps: 6, seq_len: 32, batch_size: 2, eval_every: 3, val_rows: 4, val
           warmup_steps: 1, peak_lr: 1.0e-3, min_lr: 1.0e-4}}
 eval: {{seq_len: 32, max_tokens: 256, mmlu_limit: 4, mmlu_shots: 1, mmlu_data: {root / 'mmlu.jsonl'},
        mmlu_batch_size: 2}}
+export: {{gguf: f16}}   # hidden 48 is not a multiple of q8_0's 32-wide blocks
 """)
     return cfg
 
@@ -90,7 +91,7 @@ def _stage_lines(out: str, word: str) -> set[str]:
 
 ALL_STAGES = {"data", "teacher", "importance", "prune.width", "prune.depth", "distill.width", "distill.depth",
               "eval.teacher", "eval.width.pruned", "eval.width.distilled", "eval.depth.pruned",
-              "eval.depth.distilled"}
+              "eval.depth.distilled", "export.width", "export.depth"}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,49 @@ def test_end_to_end_outputs(tiny_run):
     assert m.config.hidden_size == 48
 
 
+def test_export_stage_hands_over_hf_gguf_and_cards(tiny_run):
+    """export/<s>/: the final student's HF directory (same bytes as the trainer's export), a GGUF that our reader
+    loads back to the same weights (f16-rounded), and a card beside each whose evaluation table carries the
+    numbers of results.json; the run's last lines say where they are."""
+    import jax
+
+    from minitron_jax.convert import load_model
+
+    cfg, run_dir, proc = tiny_run
+    report = json.loads((run_dir / "results.json").read_text())
+    rows = _rows(run_dir)
+    for s in ("width", "depth"):
+        e = report["exports"][s]
+        out = run_dir / "export" / s
+        assert e["hf"] == str(out / "hf") and e["gguf"] == str(out / f"tiny-{s}-f16.gguf") and e["quant"] == "f16"
+        assert f"student {s}: transformers/vLLM {e['hf']}" in " ".join(proc.stdout.split())
+        trained = Path(rows[s]["export"])
+        assert (out / "hf" / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
+        hf, gguf = load_model(out / "hf"), load_model(e["gguf"])
+        assert gguf.config.describe() == hf.config.describe()
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(hf.params)[0], jax.tree.leaves(gguf.params)):
+            # Norms stay F32 in a GGUF (llama.cpp's convention); the matrices are stored as f16.
+            a = np.asarray(a, np.float32) if "norm" in jax.tree_util.keystr(path) else \
+                np.asarray(a, np.float16).astype(np.float32)
+            np.testing.assert_array_equal(a, np.asarray(b, np.float32))
+        for card_path, fmt in ((out / "README.md", "gguf"), (out / "hf" / "README.md", "hf")):
+            text = card_path.read_text()
+            meta = yaml.safe_load(text.split("---")[1])
+            assert ("library_name" in meta) == (fmt == "hf") and ("gguf" in meta["tags"]) == (fmt == "gguf")
+            # The card's evaluation rows are the pipeline's own numbers.
+            assert f"| {s}: distilled |" in text and f"{rows[s]['ppl']:.2f}" in text
+            assert f"{rows[s]['ppl_pruned']:.2f}" in text and f"{rows['teacher']['ppl']:.2f}" in text
+    assert "| Hidden size | 64 | **48** |" in (run_dir / "export" / "width" / "README.md").read_text()
+
+
+def test_gguf_quant_that_does_not_fit_a_student_is_refused_before_any_work(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "refused"
+    proc = run_pipeline("--config", str(tiny_cfg), f"run_dir={run_dir}", "export.gguf=q8_0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "export.gguf for student width" in proc.stderr and "not a multiple of the Q8_0 block" in proc.stderr
+    assert not (run_dir / "stages").exists() and not (run_dir / "data").exists()
+
+
 def test_rerun_skips_every_stage(tiny_run):
     cfg, run_dir, _ = tiny_run
     before = _rows(run_dir)
@@ -166,9 +210,10 @@ def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "from its checkpoint at step 4" in proc.stdout
-    assert _stage_lines(proc.stdout, "finished") == {"distill.depth", "eval.depth.pruned", "eval.depth.distilled"}
-    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - {"distill.depth", "eval.depth.pruned",
-                                                                  "eval.depth.distilled"}
+    # export.depth is not redone: its marker and directory are whole, and its key (settings, not results) holds.
+    redone = {"distill.depth", "eval.depth.pruned", "eval.depth.distilled"}
+    assert _stage_lines(proc.stdout, "finished") == redone
+    assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - redone
     after = _rows(run_dir)
     for s in ("teacher", "width", "depth"):
         assert after[s]["ppl"] == pytest.approx(before[s]["ppl"], rel=1e-6), s
@@ -182,7 +227,8 @@ def test_changed_setting_redoes_only_what_it_affects(tiny_run, tmp_path):
     shutil.copytree(original, run_dir)
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "eval.max_tokens=128")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    evals = {s for s in ALL_STAGES if s.startswith("eval.")}
+    # The exports too: their cards show the evaluations.
+    evals = {s for s in ALL_STAGES if s.startswith(("eval.", "export."))}
     assert _stage_lines(proc.stdout, "finished") == evals
     assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - evals
     assert json.loads((run_dir / "results.json").read_text())["eval"]["heldout_tokens"] == 128
@@ -247,7 +293,7 @@ def test_stage_names_and_stop_after(tiny_cfg, tmp_path, capsys):
     pc = load_pipeline_config(tiny_cfg)
     assert stage_names(pc) == ["data", "teacher", "importance", "prune.width", "prune.depth", "distill.width",
                                "distill.depth", "eval.teacher", "eval.width.pruned", "eval.width.distilled",
-                               "eval.depth.pruned", "eval.depth.distilled"]
+                               "eval.depth.pruned", "eval.depth.distilled", "export.width", "export.depth"]
     assert set(stage_names(pc)) == ALL_STAGES
     assert main(["--config", str(tiny_cfg), f"run_dir={tmp_path / 'run'}", "--stop-after", "prune.wide"]) == 2
     assert "not a stage of this run" in capsys.readouterr().err

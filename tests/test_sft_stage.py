@@ -316,7 +316,7 @@ def test_chat_eval_nll_and_exact_match_by_hand(tiny_pair):
 # ----------------------------------------------------------------------------------------------------------------
 SFT_STAGES = ["data", "teacher", "importance", "prune.width", "distill.width", "sft_data", "sft.width",
               "eval.teacher", "eval.width.pruned", "eval.width.distilled", "eval.width.sft",
-              "chat.teacher", "chat.width.distilled", "chat.width.sft"]
+              "chat.teacher", "chat.width.distilled", "chat.width.sft", "export.width"]
 REDONE_BY_SFT = {"sft.width", "eval.width.sft", "chat.width.sft"}
 
 
@@ -389,6 +389,14 @@ def test_sft_stage_end_to_end(sft_run):
     md = (run_dir / "results.md").read_text()
     assert "| chat NLL | chat EM |" in md and "| width+sft |" in md
     assert f"{tuned['chat_nll_before']:.3f} → {tuned['chat_nll']:.3f}" in md
+    # The exported student is the fine-tuned one, and its card shows the chat measurements before and after.
+    export = run_dir / "export" / "width"
+    assert (export / "hf" / "model.safetensors").read_bytes() == \
+        (Path(tuned["export"]) / "model.safetensors").read_bytes()
+    card = (export / "README.md").read_text()
+    assert "| width: distilled + SFT |" in card and "### Supervised fine-tuning" in card
+    assert f"{tuned['chat_nll']:.3f}" in card and f"{tuned['chat_nll_before']:.3f}" in card
+    assert "forward KL to the teacher on assistant tokens" in card
     # Held-out chat records are never trained on (by prompt).
     train = read_chat_records(run_dir / "sft_data" / "train.jsonl")
     held = read_chat_records(run_dir / "sft_data" / "eval.jsonl")
@@ -421,6 +429,7 @@ def test_interrupted_sft_resumes_from_its_checkpoint(sft_run):
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "from its checkpoint at step 2" in proc.stdout
+    # export.width is kept: its marker and directory are whole and its key holds (the resumed model is the same).
     assert _stage_lines(proc.stdout, "finished") == REDONE_BY_SFT
     assert _stage_lines(proc.stdout, "skipped") == set(SFT_STAGES) - REDONE_BY_SFT
     after = _rows(run_dir)
@@ -435,6 +444,8 @@ def test_changed_sft_steps_redoes_only_the_fine_tuning(sft_run, tmp_path):
     shutil.copytree(original, run_dir)
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "sft.steps=6")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert _stage_lines(proc.stdout, "finished") == REDONE_BY_SFT
-    assert _stage_lines(proc.stdout, "skipped") == set(SFT_STAGES) - REDONE_BY_SFT
+    # Another fine-tuned model: its export (HF, GGUF, card) is redone too.
+    redone = REDONE_BY_SFT | {"export.width"}
+    assert _stage_lines(proc.stdout, "finished") == redone
+    assert _stage_lines(proc.stdout, "skipped") == set(SFT_STAGES) - redone
     assert _rows(run_dir)["width+sft"]["tokens"] == 6 * 2 * 40

@@ -92,6 +92,14 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
     return QUANT_TYPES[quant][0]
 
 
+def check_quant(config: LlamaConfig, quant: str) -> None:
+    """Raise BadInputError (naming the tensor) if a model of this config cannot be stored as ``quant``: a caller
+    that will export at the end of a long run (the pipeline) asks before it starts, not after."""
+    if quant not in QUANT_TYPES:
+        raise BadInputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
+    _plan(config, quant)
+
+
 def _plan(config: LlamaConfig, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
     """(hf name, gguf name, HF shape, GGML type) for every weight, refusing a block size that does not divide a row
     — before anything is computed or written."""

@@ -163,6 +163,18 @@ class SftSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """What each student is handed over as (stage ``export.<s>``, :mod:`minitron_jax.pipeline.export`):
+    ``export/<s>/`` with the final student's HF directory, a llama.cpp GGUF of type ``gguf`` (a key of
+    ``convert.gguf_export.QUANT_TYPES``; null: no GGUF) and a README.md model card beside each. ``name``: the
+    model's name in the cards and the GGUF's file name (default ``<run name>-<student>``)."""
+
+    enabled: bool = True
+    gguf: str | None = "q8_0"
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Held-out perplexity (``max_tokens`` tokens in ``seq_len`` windows) and MMLU (``mmlu_limit`` questions, 0
     to skip; on the teacher and the distilled students, and on the pruned ones too with ``mmlu_before``)."""
@@ -189,6 +201,7 @@ class PipelineConfig:
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     sft: SftSection = dataclasses.field(default_factory=SftSection)
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)
     export_dtype: str = "float32"
 
     @property
@@ -260,6 +273,12 @@ def validate(pc: PipelineConfig) -> None:
     need(e.mmlu_limit >= 0 and e.mmlu_shots >= 0, "eval.mmlu_limit and eval.mmlu_shots must be >= 0")
     need(e.dtype in COMPUTE_DTYPES, f"eval.dtype must be one of {COMPUTE_DTYPES}")
     need(pc.export_dtype in STORAGE_DTYPES, "export_dtype must be float32, bfloat16 or float16")
+    from minitron_jax.convert.gguf_export import QUANT_TYPES
+
+    need(pc.export.gguf is None or pc.export.gguf in QUANT_TYPES,
+         f"export.gguf must be one of {', '.join(QUANT_TYPES)} or null, got {pc.export.gguf!r}")
+    need(pc.export.name is None or (bool(pc.export.name) and all(c.isalnum() or c in "._-" for c in pc.export.name)),
+         f"export.name must be letters, digits, '.', '_' or '-' (it names files), got {pc.export.name!r}")
     f = pc.sft
     need(f.loss in SFT_LOSSES, f"sft.loss must be one of {SFT_LOSSES}, got {f.loss!r}")
     for name in ("steps", "batch_size", "checkpoint_every", "eval_records", "max_new_tokens", "eval_batch_size"):

@@ -103,16 +103,18 @@ def _gguf_metadata(source: str, name: str, card_fields: Mapping[str, Any]) -> di
 
 def export_student(out: Path, *, name: str, model_path: str, source: str, teacher_path: str, quant: str | None,
                    method: Mapping[str, Mapping[str, Any]], evaluation: Sequence[Mapping[str, Any]],
-                   eval_setup: Mapping[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+                   eval_setup: Mapping[str, Any], log: Callable[[str], None] = print,
+                   source_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``out`` (see the module docstring) for the model at ``model_path`` (an HF directory). ``source``: the
     teacher as the user gave it (a ``.gguf`` or an HF directory; where license and base model come from);
-    ``teacher_path``: its HF directory (the architecture before). ``quant``: the GGUF's type, None for no GGUF."""
+    ``teacher_path``: its HF directory (the architecture before). ``quant``: the GGUF's type, None for no GGUF.
+    ``source_fields``: ``model_card.source_card_fields(source)`` when the caller already read them."""
     from minitron_jax.convert import load_model, read_source_config
     from minitron_jax.convert.model_card import ModelCard, architecture_of, source_card_fields, write_model_card
     from minitron_jax.fsutil import atomic_directory
 
     t0 = time.perf_counter()
-    fields = source_card_fields(source)
+    fields = dict(source_fields) if source_fields is not None else source_card_fields(source)
     before = architecture_of(read_source_config(teacher_path))
     m = load_model(model_path)
     after = architecture_of(m.config)

@@ -38,11 +38,13 @@ def _chat(chats: Mapping[str, Any], label: str) -> dict[str, Any]:
 
 def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active, pruned: Mapping[str, Any],
                  distilled: Mapping[str, Any], evals: Mapping[str, Any], t_start: float, *,
-                 tuned: Mapping[str, Any] | None = None, chats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 tuned: Mapping[str, Any] | None = None, chats: Mapping[str, Any] | None = None,
+                 exports: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report dict of a finished run from its stage records (``StageRecord``s; ``active`` is the teacher the
     students were pruned from: the corrected one when correction ran); ``t_start``: when this invocation began.
     ``tuned``: the ``sft.<s>`` records, ``chats``: the ``chat.<m>`` records (when the sft stage ran); each
-    fine-tuned student gets a row ``<s>+sft`` after its own, with its chat NLL / exact match before → after."""
+    fine-tuned student gets a row ``<s>+sft`` after its own, with its chat NLL / exact match before → after.
+    ``exports``: the ``export.<s>`` records (what each student was handed over as: HF directory, GGUF, cards)."""
     from minitron_jax.train.observe import read_metrics
 
     tuned, chats = tuned or {}, chats or {}
@@ -92,6 +94,8 @@ def build_report(pc, run_dir: Path, records: Mapping[str, Any], teacher, active,
             "distill": {"steps": pc.distill.steps, "batch_size": pc.distill.batch_size,
                         "seq_len": pc.distill.seq_len},
             "sft": _sft_summary(pc, records, chats),
+            "exports": {s: {k: rec.result.get(k) for k in ("path", "hf", "gguf", "quant", "gguf_bytes", "card")}
+                        for s, rec in (exports or {}).items()},
             # memory: the process's peak RSS so far and its RSS after the stage released what it freed (None
             # off Linux); a skipped stage carries the reading of the run that did it.
             "stages": {n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "skipped": r.skipped,
@@ -124,6 +128,10 @@ def write_report(report: dict[str, Any], run_dir: Path, console) -> None:
     console.print(f"wrote {run_dir / 'results.md'}, results.json and results.png "
                   f"(stages took {report['wall_seconds_all_stages']:.0f}s in all; this invocation "
                   f"{report['wall_seconds_this_invocation']:.0f}s)")
+    for s, e in report.get("exports", {}).items():
+        # Where to take each student from: the last lines of the run, so a user does not have to look for them.
+        console.print(f"student {s}: transformers/vLLM {e['hf']}" + (f", llama.cpp {e['gguf']}" if e["gguf"] else "")
+                      + f", model card {e['card']}", soft_wrap=True)
 
 
 # ======================================================================================================================

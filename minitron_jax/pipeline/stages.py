@@ -26,6 +26,9 @@ stage               writes                          does
 ``chat.<m>``        ``stages/chat.<m>.json``        held-out chat records (``evaluate.chat``): assistant-token
                                                     NLL and exact match, for the teacher and each fine-tuned
                                                     student before (``<s>.distilled``) and after (``<s>.sft``)
+``export.<s>``      ``export/<s>/``                 the student handed over: its final HF directory, a llama.cpp
+                                                    GGUF (``export.gguf``) and a README.md model card beside each
+                                                    (:mod:`minitron_jax.pipeline.export`)
 ``report``          ``results.{md,json,png}``       the comparison table (printed with rich) and the plot
 ==================  ==============================  ===========================================================
 
@@ -172,10 +175,55 @@ class Pipeline:
                                           lambda rec=rec, mmlu=mmlu: self._evaluate(rec.result["path"],
                                                                                    data.result["heldout"], mmlu))
             chats = self._chat_stages(chat_data, teacher, distilled, tuned)
+            exports = self._export_stages(teacher, imp_rec, pruned, distilled, tuned, evals, chats)
         except StopAfter as stop:
             self.console.print(f"stopped after stage {stop.args[0]} (--stop-after)")
             return {}
-        return self._report(teacher, active, pruned, distilled, evals, tuned, chats)
+        return self._report(teacher, active, pruned, distilled, evals, tuned, chats, exports)
+
+    def _export_stages(self, teacher, imp_rec, pruned, distilled, tuned, evals, chats) -> dict[str, StageRecord]:
+        """``export.<s>``: each student's final model (SFT'd, else distilled) as an HF directory and a GGUF, each with
+        a model card that carries what the earlier stages measured (:mod:`minitron_jax.pipeline.export`)."""
+        pc = self.pc
+        if not pc.export.enabled:
+            return {}
+        out = {}
+        for s in pc.students:
+            final = tuned.get(s, distilled[s])
+            labels = ["teacher", f"{s}.pruned", f"{s}.distilled"] + ([f"{s}.sft"] if s in tuned else [])
+            # The card shows these evaluations: a changed one rewrites the card, as a changed model does.
+            parts = ["export", final.key, imp_rec.key, nondefault(pc.export), pc.name,
+                     [evals[m].key for m in labels], [chats[m].key for m in labels if m in chats]]
+            out[s] = self.stage(f"export.{s}", parts,
+                                lambda s=s, final=final, labels=labels: self._export(
+                                    s, final, teacher, imp_rec, pruned[s], distilled[s], tuned.get(s), labels, evals,
+                                    chats))
+        return out
+
+    def _export(self, student, final, teacher, imp_rec, pruned, distilled, tuned, labels, evals, chats
+                ) -> dict[str, Any]:
+        from minitron_jax.pipeline.export import card_evaluation, card_method, export_student
+
+        pc = self.pc
+        source = self._resolve(pc.teacher)
+        names = {"teacher": "teacher (source)", f"{student}.pruned": f"{student}: pruned, before distillation",
+                 f"{student}.distilled": f"{student}: distilled", f"{student}.sft": f"{student}: distilled + SFT"}
+        params = {"teacher": teacher.result["params"], f"{student}.pruned": pruned.result["params"]}
+        rows = [(names[m], evals[m].result, chats[m].result if m in chats else None,
+                 params.get(m, distilled.result["params"])) for m in labels]
+        from minitron_jax.convert.model_card import source_card_fields
+
+        fields = source_card_fields(source)
+        teacher_name = fields.get("base_model") or Path(source).name
+        method = card_method(pc, student, imp_rec.result, teacher.result["arch"], pruned.result, distilled.result,
+                             None if tuned is None else tuned.result, teacher_name)
+        # The held-out documents are the run's data/heldout.jsonl (never trained on); the card names the file so
+        # its eval command reads as what was run.
+        setup = {"text": "heldout.jsonl", "seq_len": pc.eval.seq_len, "tokens": evals["teacher"].result.get("tokens")}
+        return export_student(self.run_dir / "export" / student, name=pc.export.name or f"{pc.name}-{student}",
+                              model_path=final.result["path"], source=source, teacher_path=teacher.result["path"],
+                              quant=pc.export.gguf, method=method, evaluation=card_evaluation(rows),
+                              eval_setup=setup, log=self.console.print, source_fields=fields)
 
     def _sft_stages(self, teacher, active, distilled) -> tuple[StageRecord | None, dict[str, StageRecord]]:
         """``sft_data`` and ``sft.<s>`` for each fine-tuned student (none when ``sft.enabled`` is false)."""
@@ -242,6 +290,15 @@ class Pipeline:
                 check_spec(teacher, ps)
             except ValueError as e:
                 raise PipelineConfigError(f"students.{s}.prune: {e}") from None
+            if self.pc.export.enabled and self.pc.export.gguf is not None:
+                from minitron_jax.convert.gguf_export import check_quant
+
+                # The GGUF is written at the very end: a student whose widths the quant blocks do not divide is
+                # refused now, not after its distillation.
+                try:
+                    check_quant(target_config(teacher, ps), self.pc.export.gguf)
+                except ValueError as e:
+                    raise PipelineConfigError(f"export.gguf for student {s}: {e} (or set export.gguf=f16)") from None
             self.console.print(f"student {s}: {count_params(target_config(teacher, ps)) / 1e6:.2f}M params "
                                f"(teacher {count_params(teacher) / 1e6:.2f}M), init {spec.init}, loss {spec.loss}")
 
@@ -583,9 +640,9 @@ class Pipeline:
     # -------------------------------------------------------------------------------------------------------------
     # Report
     # -------------------------------------------------------------------------------------------------------------
-    def _report(self, teacher, active, pruned, distilled, evals, tuned, chats) -> dict[str, Any]:
+    def _report(self, teacher, active, pruned, distilled, evals, tuned, chats, exports) -> dict[str, Any]:
         report = build_report(self.pc, self.run_dir, self.records, teacher, active, pruned, distilled, evals,
-                              self.t_start, tuned=tuned, chats=chats)
+                              self.t_start, tuned=tuned, chats=chats, exports=exports)
         write_report(report, self.run_dir, self.console)
         return report
 
@@ -603,6 +660,7 @@ def stage_names(pc: PipelineConfig) -> list[str]:
         names += [f"eval.{s}.pruned", f"eval.{s}.distilled"] + ([f"eval.{s}.sft"] if s in tuned else [])
     if tuned:
         names += ["chat.teacher"] + [f"chat.{s}.{when}" for s in tuned for when in ("distilled", "sft")]
+    names += [f"export.{s}" for s in pc.students] if pc.export.enabled else []
     return names
 
 
