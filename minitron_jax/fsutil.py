@@ -231,6 +231,24 @@ def _acquire(lock_file: Path, path: Path) -> int | None:
 
 
 @contextlib.contextmanager
+def _hold_lock(path: Path) -> Iterator[Path]:
+    """Hold ``path``'s lock (its ``.NAME.lock`` sibling; the parent directory is created) for the block; BusyError
+    at once for a second holder. The lock file is unlinked while still held (see _acquire), so no lock files pile
+    up next to the outputs."""
+    lock = lock_path_for(path)
+    with refusals_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, path)
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def lock_directory(path: str | Path) -> Iterator[Path]:
     """Hold the exclusive lock of directory ``path`` (which need not exist yet) for the duration of the block.
 
@@ -239,18 +257,8 @@ def lock_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise BadInputError(f"{path} is a file, not a directory; choose a directory path")
-    lock_file = lock_path_for(path)
-    with refusals_named(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock_file, path)
-    try:
+    with _hold_lock(path):
         yield path
-    finally:
-        if fd is not None:
-            # Unlink while still holding it (see _acquire), so no lock files pile up next to the outputs.
-            with contextlib.suppress(OSError):
-                os.unlink(lock_file)
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -261,17 +269,8 @@ def lock_file(path: str | Path) -> Iterator[Path]:
     path = Path(path).absolute()
     if path.is_dir():
         raise BadInputError(f"{path} is a directory, not a file; choose a file path")
-    lock = lock_path_for(path)
-    with refusals_named(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock, path)
-    try:
+    with _hold_lock(path):
         yield path
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):  # unlinked while still held, as in lock_directory
-                os.unlink(lock)
-            os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:

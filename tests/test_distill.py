@@ -341,6 +341,10 @@ def test_loss_falls_validation_tensorboard_and_export(tiny, tmp_path):
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
 
     assert result.export_path == tmp_path / "run" / "hf"
+    # Its model card says what the run did: distillation, steps, tokens, the loss.
+    card = (result.export_path / "README.md").read_text()
+    assert "### Distillation" in card and "forward_kl on logits (T=1, alpha=1)" in card
+    assert f"- Steps: {rc.train.steps}" in card and "library_name: transformers" in card
     assert main(["--export-from", str(tmp_path / "run" / "checkpoints" / "12"), "--out", str(tmp_path / "hf2"),
                  "--dtype", "float32"]) == 0
     tokens = random_batch(tiny["teacher_cfg"].vocab_size, rows=2)["tokens"]

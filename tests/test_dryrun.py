@@ -14,6 +14,7 @@ The 8B compiles share a persistent XLA cache (the refusal test re-plans the dept
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -163,6 +164,13 @@ def test_recipes_resolve_models_from_configs_only():
         assert rc.train.steps * rc.data.batch_size * rc.data.seq_len == pytest.approx(94e9, rel=2e-3)
     with pytest.raises(models.DryRunError, match="configs/models/Nonexistent-7B.json"):
         models.resolve_model_config("org/Nonexistent-7B", "teacher")
+    # KD-SFT (sft with a teacher) runs the teacher every step, so its plan has one; plain SFT has none.
+    rc = load_config(WIDTH).replace(mode="sft", student=dataclasses.replace(
+        load_config(WIDTH).student, prune=None, path="meta-llama/Llama-3.1-8B"))
+    student, teacher = models.run_models(rc, str(WIDTH))
+    assert count_params(teacher) == pytest.approx(8.03e9, rel=2e-3) and student.num_layers == 32
+    plain = rc.replace(teacher=dataclasses.replace(rc.teacher, path=None))
+    assert models.run_models(plain, str(WIDTH))[1] is None
 
 
 def test_analytic_bytes_follow_the_sharding_rules():

@@ -192,21 +192,26 @@ def test_rerun_skips_every_stage(tiny_run):
     assert {k: v["ppl"] for k, v in after.items()} == {k: v["ppl"] for k, v in before.items()}
 
 
+def interrupt_after_checkpoint(run_dir: Path, markers, trainer_dir: Path, steps: list[int]) -> None:
+    """Leave ``run_dir`` as a kill during the trainer run in ``trainer_dir`` would, just after its checkpoint at
+    ``steps[-2]``: the later checkpoint, the trainer's export, the stage ``markers`` and results.json gone."""
+    for marker in markers:
+        (run_dir / "stages" / f"{marker}.json").unlink()
+    (run_dir / "results.json").unlink()
+    shutil.rmtree(trainer_dir / "hf")
+    ckpts = trainer_dir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == steps
+    shutil.rmtree(ckpts / str(steps[-1]))
+
+
 def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
     """Simulate a kill during the depth student's distillation after its step-4 checkpoint: the step-6 checkpoint,
     the export and every later marker are gone. The rerun skips what was done, resumes the trainer at step 4 and
     ends with the same student (exact resume) and the same table."""
     cfg, run_dir, _ = tiny_run
     before = _rows(run_dir)
-    stages = run_dir / "stages"
-    for marker in ["distill.depth", "eval.depth.pruned", "eval.depth.distilled"]:
-        (stages / f"{marker}.json").unlink()
-    (run_dir / "results.json").unlink()
-    shutil.rmtree(run_dir / "distill" / "depth" / "hf")
-    ckpts = run_dir / "distill" / "depth" / "checkpoints"
-    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 6]
-    shutil.rmtree(ckpts / "6")
-
+    interrupt_after_checkpoint(run_dir, ["distill.depth", "eval.depth.pruned", "eval.depth.distilled"],
+                               run_dir / "distill" / "depth", [4, 6])
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "from its checkpoint at step 4" in proc.stdout

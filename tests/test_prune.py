@@ -318,6 +318,10 @@ def test_cli_end_to_end(cli_model, capsys):
     assert report["options"]["depth_metric"] == "ppl" and report["timings"]["calibration_tokens_per_s"] > 0
     np.testing.assert_array_equal(scores["channels"] >= np.sort(scores["channels"])[-48],
                                   np.isin(np.arange(64), kept["hidden"]))
+    # The output carries a model card: the architecture before → after, and what decided the pruning.
+    card = (out / "README.md").read_text()
+    assert "| Hidden size | 64 | **48** |" in card and "| Layers | 3 | **2** |" in card
+    assert "### Pruning" in card and f"Dropped layers: {kept['dropped_layers'][0]}" in card
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = np.asarray(AutoTokenizer.from_pretrained(out)("the quick brown fox")["input_ids"])[None]
     np.testing.assert_allclose(torch_logits(loaded, tokens), logits(m.config, m.params, tokens), atol=1e-4)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from test_pipeline import _rows, _stage_lines, make_tiny_setup, run_pipeline
+from test_pipeline import _rows, _stage_lines, interrupt_after_checkpoint, make_tiny_setup, run_pipeline
 from utils import save_tiny_hf, tiny_tokenizer
 
 from minitron_jax import data
@@ -418,14 +418,7 @@ def test_interrupted_sft_resumes_from_its_checkpoint(sft_run):
     only the fine-tuning and its evaluations, and ends with the same model (exact resume) and table."""
     cfg, run_dir, _ = sft_run
     before = _rows(run_dir)
-    for name in REDONE_BY_SFT:
-        (run_dir / "stages" / f"{name}.json").unlink()
-    (run_dir / "results.json").unlink()
-    shutil.rmtree(run_dir / "sft" / "width" / "hf")
-    ckpts = run_dir / "sft" / "width" / "checkpoints"
-    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
-    shutil.rmtree(ckpts / "4")
-
+    interrupt_after_checkpoint(run_dir, REDONE_BY_SFT, run_dir / "sft" / "width", [2, 4])
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "from its checkpoint at step 2" in proc.stdout

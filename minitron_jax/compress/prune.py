@@ -324,10 +324,20 @@ def save_pruned(out: str | Path, config: LlamaConfig, params: Params, tokenizer,
     temporary sibling and renamed into place, so ``out`` is either untouched or complete. ``report["importance"]``
     goes to the npz and is removed from ``report``; the rest is the JSON."""
     from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert.model_card import derived_card
     from minitron_jax.fsutil import atomic_directory
 
     scores = report.pop("importance")
+    calib = report.get("calibration") or {}
+    method = {"pruning": {"importance": report.get("options", {}).get("importance"),
+                          "calibration samples": calib.get("windows"), "sequence length": calib.get("seq_len"),
+                          "dropped layers": report.get("kept", {}).get("dropped_layers") or None}}
+    method["pruning"] = {k: v for k, v in method["pruning"].items() if v is not None}
+    source = report.get("model")
+    card = derived_card(Path(out).name, config, source if isinstance(source, str) else None, method,
+                        tokenizer=tokenizer)
     with atomic_directory(Path(out), overwrite=overwrite, sources=sources) as tmp:
-        save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True)  # tmp: atomic_directory's empty staging
+        # tmp: atomic_directory's empty staging
+        save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True, card=card)
         np.savez(tmp / IMPORTANCE_NAME, **{k: np.asarray(v, np.float32) for k, v in scores.items()})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -589,3 +589,23 @@ def source_card_fields(path: str | os.PathLike) -> dict[str, Any]:
     fields["license_link"] = _str_or_none(card.get("license_link"))
     fields["language"] = _languages(card.get("language"))
     return fields
+
+
+def derived_card(name: str, config, source: str | os.PathLike | None, method: Mapping[str, Mapping[str, Any]],
+                 *, tokenizer: Any = None) -> ModelCard:
+    """The card of a model a command made from ``source`` (the distill/prune commands' exports): the source's
+    license and base model and its architecture before, ours after, and ``method``. A source that cannot be read
+    (gone, or not a format we read) leaves those fields empty rather than failing the export it describes."""
+    fields: dict[str, Any] = {}
+    before = None
+    if source is not None and Path(source).exists():
+        from minitron_jax.convert import read_source_config  # lazy: the renderer itself needs no model code
+
+        try:
+            fields = source_card_fields(source)
+            before = architecture_of(read_source_config(source))
+        except (OSError, ValueError):
+            fields, before = {}, None
+    return ModelCard(name=name, **fields, architecture_before=before, architecture_after=architecture_of(config),
+                     method=method, chat_template=bool(getattr(tokenizer, "chat_template", None)) if tokenizer
+                     is not None else True)

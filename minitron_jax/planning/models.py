@@ -73,7 +73,10 @@ def run_models(rc, recipe: str | None, teacher_config: str | None = None, studen
     if rc.mode == "teacher_correction":
         return resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config), None
     if rc.mode == "sft":
-        return resolve_model_config(rc.student.path, "student", recipe, student_config), None
+        student = resolve_model_config(rc.student.path, "student", recipe, student_config)
+        # KD-SFT (a teacher given) runs the teacher forward every step: its weights and activations are planned too.
+        teacher = resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config) if rc.uses_teacher else None
+        return student, teacher
     teacher = resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config)
     if rc.student.prune is not None:
         spec = PruneSpec.from_dict(rc.student.prune)

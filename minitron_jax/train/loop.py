@@ -416,7 +416,19 @@ def _export(rc: RunConfig, run_dir: Path, student_cfg, params) -> Path:
     import jax.numpy as jnp
 
     from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert.model_card import derived_card
 
     out = Path(resolve_path(rc.export.path) if rc.export.path else run_dir / "hf")
+    # The card says what this run did to which model; the source is the teacher it learned from (the model it
+    # fine-tuned, for sft without a teacher).
+    source = rc.teacher.path if rc.mode != "sft" or rc.student.path is None else rc.student.path
+    step = {"distill": "distillation", "teacher_correction": "teacher correction", "sft": "sft"}[rc.mode]
+    loss = (f"{rc.loss.kind} on logits (T={rc.loss.temperature:g}, alpha={rc.loss.alpha:g})" if rc.uses_teacher
+            else "next-token cross-entropy")
+    if rc.mode == "sft":
+        loss += ", assistant tokens only"
+    facts = {"steps": rc.train.steps, "tokens": rc.train.steps * rc.data.batch_size * rc.data.seq_len, "loss": loss}
+    card = derived_card(out.name if out.name != "hf" else run_dir.name, student_cfg,
+                        resolve_path(source) if source else None, {step: facts})
     return save_hf(out, student_cfg, params, tokenizer_dir=run_dir / STUDENT_DIR, dtype=jnp.dtype(rc.export.dtype),
-                   overwrite=True)
+                   overwrite=True, card=card)
