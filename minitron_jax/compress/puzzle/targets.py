@@ -1,0 +1,106 @@
+"""``--target-*`` values → solver constraints over the block variants' costs.
+
+Any combination of targets may be given; each becomes one :class:`~.solver.Constraint` whose achieved value the
+solver reports:
+
+=====================  ====================================================================================
+``params``             total parameter count (a tied lm_head once)
+``memory_gb``          weights + KV cache in GB (1e9 bytes) at ``settings``' context, batch and dtypes
+``flops_per_token``    forward FLOPs per token at ``settings``' context (see :mod:`.costs` for the convention)
+``latency_s``          seconds per forward of the timed shape (``batch × seq_len`` tokens), summed over the blocks'
+                       measured times plus the non-block overhead's
+``throughput``         tokens per second of that same forward: ``timed_tokens / seconds ≥ throughput``, which is
+                       the linear constraint ``seconds ≤ timed_tokens / throughput``
+=====================  ====================================================================================
+
+The latency targets need measured times per variant: from :func:`.costs.time_block_variants` on the host, or
+:func:`.costs.roofline_seconds` of :func:`.costs.compiled_cost` for a described accelerator; ``device`` names
+where they come from in every message and report line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from minitron_jax.blocks import BlockSpec
+from minitron_jax.config import LlamaConfig
+from minitron_jax.dtypes import itemsize
+
+from .costs import cost_matrices
+from .solver import Constraint
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class CostSettings:
+    """The serving point the memory and FLOPs targets are stated at."""
+
+    context: int = 4096
+    batch: int = 1
+    weight_dtype: str = "bfloat16"
+    kv_dtype: str = "bfloat16"
+
+    def block_kwargs(self) -> dict[str, float]:
+        return {"weight_bytes_per_param": itemsize(self.weight_dtype), "context": self.context, "batch": self.batch,
+                "kv_bytes_per_value": itemsize(self.kv_dtype)}
+
+    def describe(self) -> str:
+        return (f"context {self.context}, batch {self.batch}, weights {self.weight_dtype}, "
+                f"KV cache {self.kv_dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    params: float | None = None
+    memory_gb: float | None = None
+    flops_per_token: float | None = None
+    latency_s: float | None = None
+    throughput: float | None = None  # tokens per second
+
+    def given(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+def build_constraints(base_config: LlamaConfig, variants: Sequence[BlockSpec], num_layers: int, targets: Targets,
+                      settings: CostSettings = CostSettings(), *, timings: Mapping[BlockSpec, float] | None = None,
+                      overhead_seconds: float = 0.0, timed_tokens: int | None = None,
+                      device: str = "host") -> list[Constraint]:
+    """One constraint per target given, over ``num_layers`` layers × ``variants``. ``timings`` (seconds per
+    variant, e.g. :func:`.costs.time_block_variants`'s result) and ``timed_tokens`` (the tokens of one timed
+    forward) are needed only by the latency and throughput targets."""
+    if not targets.given():
+        raise ValueError("no target given: set at least one of params, memory_gb, flops_per_token, latency_s, "
+                         "throughput")
+    mats, over = cost_matrices(base_config, variants, num_layers, **settings.block_kwargs())
+    out = []
+    if targets.params is not None:
+        out.append(Constraint("target-params", mats["params"], float(targets.params), over["params"],
+                              unit="M", unit_scale=1e6))
+    if targets.memory_gb is not None:
+        out.append(Constraint("target-memory", mats["memory_bytes"], targets.memory_gb * GB, over["memory_bytes"],
+                              unit="GB", unit_scale=GB))
+    if targets.flops_per_token is not None:
+        out.append(Constraint("target-flops", mats["flops_per_token"], float(targets.flops_per_token),
+                              over["flops_per_token"], unit="GFLOP/token", unit_scale=1e9))
+    if targets.latency_s is not None or targets.throughput is not None:
+        if timings is None:
+            raise ValueError("the latency and throughput targets need timings of every variant "
+                             "(costs.time_block_variants or costs.compiled_cost + roofline_seconds)")
+        missing = [v.describe() for v in variants if v not in timings]
+        if missing:
+            raise ValueError(f"no timing for variant(s) {', '.join(missing)}")
+        seconds = np.tile(np.array([float(timings[v]) for v in variants]), (num_layers, 1))
+        if targets.latency_s is not None:
+            out.append(Constraint("target-latency", seconds, float(targets.latency_s), float(overhead_seconds),
+                                  unit=f"s ({device})"))
+        if targets.throughput is not None:
+            if not timed_tokens or targets.throughput <= 0:
+                raise ValueError("the throughput target needs a positive rate and timed_tokens (batch × seq_len "
+                                 "of the timed forward)")
+            out.append(Constraint("target-throughput", seconds, timed_tokens / float(targets.throughput),
+                                  float(overhead_seconds), unit=f"tok/s ({device})", inverse=float(timed_tokens)))
+    return out
