@@ -398,7 +398,8 @@ def test_no_model_outlives_its_stage(tiny_cfg, tmp_path, monkeypatch):
 def test_teacher_runs_once_for_all_students(tiny_run, tmp_path):
     """``distill.teacher_top_k``: one ``teacher_logits`` stage writes the teacher's top-K once and both students
     train from it. With K = the whole vocabulary in float32 the sparse KL is the full forward KL, so the students
-    end where the online teacher's did; only the cache, the distillations and their evaluations are redone."""
+    end where the online teacher's did; only the cache, the distillations, their evaluations and exports are
+    redone."""
     cfg, run_dir, _ = tiny_run
     copy = tmp_path / "cached_run"
     shutil.copytree(run_dir, copy)
@@ -406,7 +407,8 @@ def test_teacher_runs_once_for_all_students(tiny_run, tmp_path):
     proc = run_pipeline("--config", str(cfg), f"run_dir={copy}", f"distill.teacher_top_k={vocab}",
                         "distill.teacher_logits_dtype=float32")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    redone = {"teacher_logits", "distill.width", "distill.depth", "eval.width.distilled", "eval.depth.distilled"}
+    redone = {"teacher_logits", "distill.width", "distill.depth", "eval.width.distilled", "eval.depth.distilled",
+              "export.width", "export.depth"}
     assert _stage_lines(proc.stdout, "finished") == redone
     assert _stage_lines(proc.stdout, "skipped") == ALL_STAGES - redone
     index = json.loads((copy / "teacher_logits" / "index.json").read_text())
