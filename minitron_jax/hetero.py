@@ -1,0 +1,432 @@
+"""A heterogeneous (Puzzle-style) Llama: every layer its own :class:`~minitron_jax.blocks.BlockSpec`.
+
+The model is :mod:`minitron_jax.model` with the one stack of identical layers replaced by *segments* — runs of equal
+blocks (:func:`minitron_jax.blocks.segments`) — each stacked on a leading ``layer`` axis and run with one
+``jax.lax.scan``. A segment's params use the names and axis layout of ``model.py``'s ``layers`` dict (by kind), so
+a uniform model's ``params["layers"]`` *is* its single segment (:func:`from_uniform` / :func:`to_uniform`), and a
+GQA + MLP segment runs through ``model.decoder_layer`` itself: a heterogeneous model whose blocks equal a uniform
+model's computes exactly the same numbers.
+
+Per kind, a segment holds (``n`` = the segment's layers, K = its KV heads, G = num_heads // K, F = its width):
+
+=============  =====================================================================================================
+gqa            attn_norm [n,D], q [n,D,K,G,Hd], k/v [n,D,K,Hd], o [n,K,G,Hd,D] (+ model.py's biases if the base has
+               them)
+linear attn    attn_norm [n,D], attn_linear [n,D,D]: ``h + rms_norm(h) @ W`` (DeciLM's ``replace_with_linear`` keeps
+               the input layernorm; its linear has no bias)
+mlp            mlp_norm [n,D], gate/up [n,D,F], down [n,F,D] (+ biases)
+linear ffn     mlp_norm [n,D], ffn_linear [n,D,D]
+none           no keys: the sub-block is removed (no norm, no residual update, no compute)
+=============  =====================================================================================================
+
+The ``[D, D]`` linear matrices are named ``("layer", "embed", "embed")``: both sides are the residual stream, so
+pruning the hidden size slices both, and ``sharding.logical_spec`` gives a mesh axis to the first of the two only.
+
+Variants are initialised from a parent (uniform) layer by :func:`init_block` and assembled with
+:func:`stack_layers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import model
+from minitron_jax.blocks import BlockSpec, check_blocks, segments, uniform_blocks
+from minitron_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+
+LINEAR_AXES = ("layer", "embed", "embed")
+_GQA_KEYS = ("attn_norm", "q", "k", "v", "o")
+_MLP_KEYS = ("mlp_norm", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeteroConfig:
+    """A base :class:`LlamaConfig` plus one :class:`BlockSpec` per layer.
+
+    The base supplies everything shared by all layers (vocabulary, hidden size, query heads, head dim, RoPE, norm
+    eps, tied head, biases). Its ``num_layers``, ``num_kv_heads`` and ``intermediate_size`` are **ignored**: the
+    depth is ``len(blocks)`` and every layer's KV heads and FFN width come from its own block. Frozen and hashable,
+    so it can be a static argument to ``jax.jit``."""
+
+    base: LlamaConfig
+    blocks: tuple[BlockSpec, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if not self.blocks:
+            raise ValueError("a heterogeneous model needs at least one block")
+        for i, b in enumerate(self.blocks):
+            if not isinstance(b, BlockSpec):
+                raise ValueError(f"blocks[{i}] is a {type(b).__name__}, not a BlockSpec")
+        check_blocks(self.base, self.blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def segments(self) -> list[tuple[int, int, BlockSpec]]:
+        return segments(self.blocks)
+
+    def describe(self) -> str:
+        b = self.base
+        runs = ", ".join(spec.describe() + (f" x{stop - start}" if stop - start > 1 else "")
+                         for start, stop, spec in self.segments())
+        return (f"L={self.num_layers} D={b.hidden_size} H={b.num_heads} Hd={b.head_dim} V={b.vocab_size}"
+                f"{' tied' if b.tie_word_embeddings else ''} [{runs}]")
+
+
+def block_config(base: LlamaConfig, spec: BlockSpec, num_layers: int = 1) -> LlamaConfig:
+    """The uniform :class:`LlamaConfig` of ``num_layers`` GQA + MLP layers of ``spec`` (ValueError for other
+    kinds): what a gqa/mlp segment is, as a plain model."""
+    if spec.attention.kind != "gqa" or spec.ffn.kind != "mlp":
+        raise ValueError(f"block {spec.describe()} is not a plain Llama layer (gqa/mlp)")
+    return base.replace(num_layers=num_layers, num_kv_heads=spec.attention.kv_heads,
+                        intermediate_size=spec.ffn.width)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Named axes, shapes, counts, init
+# ------------------------------------------------------------------------------------------------------------------
+def block_axes(spec: BlockSpec, *, attention_bias: bool = False, mlp_bias: bool = False
+               ) -> dict[str, tuple[str, ...]]:
+    """Logical axes of one block's params (with the leading ``layer`` axis of a segment); the bias flags are the
+    base config's."""
+    axes: dict[str, tuple[str, ...]] = {}
+    a, f = spec.attention.kind, spec.ffn.kind
+    if a == "gqa":
+        axes.update({k: model.LAYER_AXES[k] for k in _GQA_KEYS})
+        if attention_bias:
+            axes.update(model.ATTN_BIAS_AXES)
+    elif a == "linear":
+        axes.update(attn_norm=model.LAYER_AXES["attn_norm"], attn_linear=LINEAR_AXES)
+    if f == "mlp":
+        axes.update({k: model.LAYER_AXES[k] for k in _MLP_KEYS})
+        if mlp_bias:
+            axes.update(model.MLP_BIAS_AXES)
+    elif f == "linear":
+        axes.update(mlp_norm=model.LAYER_AXES["mlp_norm"], ffn_linear=LINEAR_AXES)
+    return axes
+
+
+def _base_block_axes(base: LlamaConfig, spec: BlockSpec) -> dict[str, tuple[str, ...]]:
+    return block_axes(spec, attention_bias=base.attention_bias, mlp_bias=base.mlp_bias)
+
+
+def param_axes(hcfg: HeteroConfig) -> Params:
+    """Logical axis names of every parameter, shaped like the params (``segments`` is a list, one dict each)."""
+    top = {k: v for k, v in model.TOP_AXES.items() if not (k == "lm_head" and hcfg.base.tie_word_embeddings)}
+    return {**top, "segments": [_base_block_axes(hcfg.base, spec) for _, _, spec in hcfg.segments()]}
+
+
+def segment_axis_sizes(base: LlamaConfig, spec: BlockSpec, length: int) -> dict[str, int]:
+    """Size of every logical axis inside one segment of ``length`` layers of ``spec``. Axes a block does not
+    have (``kv_heads`` of a linear attention, ``mlp`` of a removed FFN) are simply absent."""
+    sizes = {"layer": length, "embed": base.hidden_size, "head_dim": base.head_dim, "vocab": base.vocab_size}
+    if spec.attention.kind == "gqa":
+        sizes.update(kv_heads=spec.attention.kv_heads, q_per_kv=base.num_heads // spec.attention.kv_heads)
+    if spec.ffn.kind == "mlp":
+        sizes["mlp"] = spec.ffn.width
+    return sizes
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def param_shapes(hcfg: HeteroConfig) -> Params:
+    b = hcfg.base
+    top = model.param_shapes(b)
+    del top["layers"]
+    segs = []
+    for start, stop, spec in hcfg.segments():
+        sizes = segment_axis_sizes(b, spec, stop - start)
+        segs.append({k: tuple(sizes[a] for a in axes) for k, axes in _base_block_axes(b, spec).items()})
+    return {**top, "segments": segs}
+
+
+def abstract_params(hcfg: HeteroConfig, dtype=jnp.float32) -> Params:
+    """``jax.ShapeDtypeStruct`` per parameter."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(hcfg), is_leaf=_is_shape)
+
+
+def count_params(hcfg: HeteroConfig) -> int:
+    """Parameter count (a tied lm_head counts once, as in ``model.count_params``)."""
+    return int(sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(hcfg), is_leaf=_is_shape)))
+
+
+def init_params(hcfg: HeteroConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random params as ``model.init_params`` makes them: normal(std) for matrices (the linear replacements
+    included), ones for norms, zeros for biases. (To start variants from a trained parent use :func:`init_block`.)"""
+    flat, treedef = jax.tree.flatten_with_path(param_shapes(hcfg), is_leaf=_is_shape)
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, dtype))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def check_params(hcfg: HeteroConfig, params: Params) -> None:
+    """ValueError naming every parameter whose presence or shape disagrees with ``hcfg``."""
+    expected = param_shapes(hcfg)
+    problems = []
+
+    def walk(exp, got, prefix):
+        if isinstance(exp, list):
+            if not isinstance(got, (list, tuple)) or len(got) != len(exp):
+                problems.append(f"{prefix}: expected a list of {len(exp)} segments, got "
+                                f"{len(got) if isinstance(got, (list, tuple)) else type(got).__name__}")
+                return
+            for i, (e, g) in enumerate(zip(exp, got)):
+                walk(e, g, f"{prefix}[{i}]")
+            return
+        if not isinstance(got, Mapping):
+            problems.append(f"{prefix or 'params'}: expected a dict, got {type(got).__name__}")
+            return
+        for name in sorted(set(exp) | set(got)):
+            path = f"{prefix}.{name}" if prefix else name
+            if name not in got:
+                problems.append(f"{path}: missing")
+            elif name not in exp:
+                problems.append(f"{path}: unexpected for this config")
+            elif isinstance(exp[name], (dict, list)):
+                walk(exp[name], got[name], path)
+            elif tuple(got[name].shape) != tuple(exp[name]):
+                problems.append(f"{path}: shape {tuple(got[name].shape)}, config expects {tuple(exp[name])}")
+
+    walk(expected, params, "")
+    if problems:
+        raise ValueError(f"params do not match config ({hcfg.describe()}):\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Uniform <-> heterogeneous
+# ------------------------------------------------------------------------------------------------------------------
+def from_uniform(config: LlamaConfig, params: Params) -> tuple[HeteroConfig, Params]:
+    """A uniform model as a heterogeneous one: one segment, which is ``params["layers"]`` itself (not copied)."""
+    hcfg = HeteroConfig(config, uniform_blocks(config))
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["segments"] = [params["layers"]]
+    return hcfg, out
+
+
+def to_uniform(hcfg: HeteroConfig, params: Params) -> tuple[LlamaConfig, Params]:
+    """The inverse of :func:`from_uniform`; ValueError unless every block is the same gqa/mlp block."""
+    kinds = {b.describe() for b in hcfg.blocks}
+    if len(kinds) != 1:
+        raise ValueError(f"not a uniform model: its layers are {sorted(kinds)}")
+    config = block_config(hcfg.base, hcfg.blocks[0], hcfg.num_layers)
+    out = {k: v for k, v in params.items() if k != "segments"}
+    out["layers"] = params["segments"][0]
+    return config, out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Variants from a parent layer
+# ------------------------------------------------------------------------------------------------------------------
+def merge_kv_heads(parent: Params, kv_heads: int) -> Params:
+    """A parent GQA layer's attention params (no leading layer axis) with its K KV heads merged into ``kv_heads``.
+
+    Consecutive groups of r = K / kv_heads KV heads become one, whose k and v projections (and biases) are the
+    mean of theirs; RoPE is linear and the same for every head, so the merged keys are the mean of the parent's
+    keys. Every query head is kept: query head ``g`` of parent group ``k`` becomes head ``(k % r) * G + g`` of merged
+    group ``k // r`` — a reshape, so the flat order of query heads (and of ``o``'s rows) is unchanged."""
+    D, K, Hd = parent["k"].shape
+    if kv_heads > K or K % kv_heads:
+        raise ValueError(f"{K} KV heads cannot be merged into {kv_heads} (a divisor of {K} is needed)")
+    r, G = K // kv_heads, parent["q"].shape[2]
+    out = {"attn_norm": parent["attn_norm"],
+           "q": parent["q"].reshape(D, kv_heads, r * G, Hd),
+           "k": parent["k"].reshape(D, kv_heads, r, Hd).mean(axis=2),
+           "v": parent["v"].reshape(D, kv_heads, r, Hd).mean(axis=2),
+           "o": parent["o"].reshape(kv_heads, r * G, Hd, parent["o"].shape[-1])}
+    if "q_bias" in parent:
+        out.update(q_bias=parent["q_bias"].reshape(kv_heads, r * G, Hd),
+                   k_bias=parent["k_bias"].reshape(kv_heads, r, Hd).mean(axis=1),
+                   v_bias=parent["v_bias"].reshape(kv_heads, r, Hd).mean(axis=1),
+                   o_bias=parent["o_bias"])
+    return out
+
+
+def init_block(base_config: LlamaConfig, parent_layer_params: Params, spec: BlockSpec, *,
+               ffn_keep: Sequence[int] | np.ndarray | None = None) -> Params:
+    """One layer's params (no leading axis) of block ``spec``, initialised from a parent uniform layer.
+
+    - gqa with K' KV heads: :func:`merge_kv_heads` (K' must divide the parent's K); K' = K is the parent itself.
+    - mlp of width F' ≤ F: the parent's FFN channels ``ffn_keep`` (F' distinct indices; default the first F', which
+      is the most important ones once the channels are sorted by importance).
+    - linear (attention or FFN): the parent's norm and a **zero** [D, D] matrix, i.e. exactly the identity — the
+      same function as removing the sub-block — from which blockwise distillation trains it. This is the least
+      that needs no data; a least-squares fit of the parent sub-block's output on calibration activations would
+      start closer and is left to the code that has the activations.
+    - none: no params.
+    """
+    dtype = parent_layer_params["attn_norm"].dtype
+    D = base_config.hidden_size
+    out: Params = {}
+    att = spec.attention
+    if att.kind == "gqa":
+        out.update(merge_kv_heads(parent_layer_params, att.kv_heads))
+    elif att.kind == "linear":
+        out.update(attn_norm=parent_layer_params["attn_norm"], attn_linear=jnp.zeros((D, D), dtype))
+    ffn = spec.ffn
+    if ffn.kind == "mlp":
+        F = parent_layer_params["gate"].shape[1]
+        keep = np.arange(ffn.width) if ffn_keep is None else np.asarray(ffn_keep, dtype=np.int64)
+        if keep.shape != (ffn.width,) or len(np.unique(keep)) != ffn.width or keep.min() < 0 or keep.max() >= F:
+            raise ValueError(f"ffn_keep must be {ffn.width} distinct indices in [0, {F}), got shape {keep.shape}")
+        if ffn_keep is None and ffn.width == F:
+            out.update({k: parent_layer_params[k] for k in _MLP_KEYS})
+        else:
+            out.update(mlp_norm=parent_layer_params["mlp_norm"], gate=parent_layer_params["gate"][:, keep],
+                       up=parent_layer_params["up"][:, keep], down=parent_layer_params["down"][keep, :])
+        if base_config.mlp_bias:
+            out.update(gate_bias=parent_layer_params["gate_bias"][keep],
+                       up_bias=parent_layer_params["up_bias"][keep], down_bias=parent_layer_params["down_bias"])
+    elif ffn.kind == "linear":
+        out.update(mlp_norm=parent_layer_params["mlp_norm"], ffn_linear=jnp.zeros((D, D), dtype))
+    return out
+
+
+def stack_layers(layers: Sequence[Params], blocks: Sequence[BlockSpec]) -> list[Params]:
+    """Per-layer params (one dict per layer, no leading axis) → ``params["segments"]`` for ``blocks``."""
+    if len(layers) != len(blocks):
+        raise ValueError(f"{len(layers)} layers of params for {len(blocks)} blocks")
+    out = []
+    for start, stop, spec in segments(blocks):
+        keys = set(block_axes(spec))  # biases, if the base has them, come along with the rest
+        for i in range(start, stop):
+            missing = keys - set(layers[i])
+            if missing:
+                raise ValueError(f"layer {i} ({spec.describe()}) lacks {sorted(missing)}")
+        out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:stop]))
+    return out
+
+
+def unstack_layers(hcfg: HeteroConfig, params: Params) -> list[Params]:
+    """The inverse of :func:`stack_layers`: one dict of params per layer, without the leading axis."""
+    out = []
+    for (start, stop, _), seg in zip(hcfg.segments(), params["segments"]):
+        out.extend(jax.tree.map(lambda x, i=i: x[i], seg) for i in range(stop - start))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------------------------
+def _dense(x, w, spec, dtype):
+    # The forward of model.decoder_layer's matmuls (its custom-VJP wrapper only changes how the weight gradient is
+    # laid out on CPU), so these sub-blocks compute the same numbers as the ones inside decoder_layer.
+    return jnp.einsum(spec, x, w.astype(dtype))
+
+
+def gqa_half(base: LlamaConfig, p: Params, h, cos, sin, mask, *, dtype, attention: str = "einsum"):
+    """``h + attention(rms_norm(h))``: the attention half of ``model.decoder_layer``, with this layer's KV heads."""
+    x = model.rms_norm(h, p["attn_norm"], base.rms_norm_eps)
+    q = _dense(x, p["q"], "btd,dkgh->btkgh", dtype)
+    k = _dense(x, p["k"], "btd,dkh->btkh", dtype)
+    v = _dense(x, p["v"], "btd,dkh->btkh", dtype)
+    if base.attention_bias:
+        q = q + p["q_bias"].astype(dtype)
+        k = k + p["k_bias"].astype(dtype)
+        v = v + p["v_bias"].astype(dtype)
+    q = model.apply_rope(q, cos, sin)
+    k = model.apply_rope(k, cos, sin)
+    heads = model.ATTENTION_IMPLS[attention](q, k, v, mask)
+    out = _dense(heads, p["o"], "btkgh,kghd->btd", dtype)
+    if base.attention_bias:
+        out = out + p["o_bias"].astype(dtype)
+    return h + out
+
+
+def mlp_half(base: LlamaConfig, p: Params, h, *, dtype):
+    """``h + mlp(rms_norm(h))``: the FFN half of ``model.decoder_layer``, with this layer's width."""
+    y = model.rms_norm(h, p["mlp_norm"], base.rms_norm_eps)
+    gate = _dense(y, p["gate"], "btd,df->btf", dtype)
+    up = _dense(y, p["up"], "btd,df->btf", dtype)
+    if base.mlp_bias:
+        gate = gate + p["gate_bias"].astype(dtype)
+        up = up + p["up_bias"].astype(dtype)
+    out = _dense(jax.nn.silu(gate) * up, p["down"], "btf,fd->btd", dtype)
+    if base.mlp_bias:
+        out = out + p["down_bias"].astype(dtype)
+    return h + out
+
+
+def linear_half(base: LlamaConfig, norm: jax.Array, w: jax.Array, h, *, dtype):
+    """``h + rms_norm(h) @ W``: DeciLM's ``replace_with_linear`` sub-block (attention or FFN)."""
+    return h + _dense(model.rms_norm(h, norm, base.rms_norm_eps), w, "btd,de->bte", dtype)
+
+
+def apply_block(base: LlamaConfig, spec: BlockSpec, p: Params, h, cos, sin, mask, *, dtype,
+                attention: str = "einsum"):
+    """One layer of kind ``spec`` (params without the leading axis): [B, T, D] → [B, T, D]."""
+    if spec.attention.kind == "gqa" and spec.ffn.kind == "mlp":
+        # The plain Llama layer runs through model.py's own code, so uniform models agree bit for bit.
+        out, _, _ = model.decoder_layer(base, p, h, cos, sin, mask, dtype=dtype, attention=attention)
+        return out
+    if spec.attention.kind == "gqa":
+        h = gqa_half(base, p, h, cos, sin, mask, dtype=dtype, attention=attention)
+    elif spec.attention.kind == "linear":
+        h = linear_half(base, p["attn_norm"], p["attn_linear"], h, dtype=dtype)
+    if spec.ffn.kind == "mlp":
+        h = mlp_half(base, p, h, dtype=dtype)
+    elif spec.ffn.kind == "linear":
+        h = linear_half(base, p["mlp_norm"], p["ffn_linear"], h, dtype=dtype)
+    return h
+
+
+def hidden_states(hcfg: HeteroConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                  positions: jax.Array | None = None, dtype=jnp.float32, remat: str = "none",
+                  attention: str = "einsum", activation_sharding: Any = None) -> jax.Array:
+    """Tokens [B, T] → final-normed hidden states [B, T, D]. Arguments as ``model.hidden_states`` (no collect, no
+    layer_keep, no KV cache yet). Each segment is one ``lax.scan``; a segment of ``none/none`` blocks is the
+    identity and runs nothing."""
+    if remat not in model.REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(model.REMAT_POLICIES)}")
+    if attention not in model.ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention {attention!r}; choose from {', '.join(model.ATTENTION_IMPLS)}")
+    if len(params["segments"]) != len(hcfg.segments()):
+        raise ValueError(f"params have {len(params['segments'])} segments, the config {len(hcfg.segments())}")
+    base = hcfg.base
+    constrain: Callable = ((lambda x: x) if activation_sharding is None
+                           else (lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)))
+    if positions is None:
+        positions = model.default_positions(tokens, segment_ids)
+
+    h = constrain(jnp.take(params["embed"], tokens, axis=0).astype(dtype))
+    cos, sin = model.rope_cos_sin(base, positions)
+    mask = model.attention_mask(positions, positions, segment_ids, segment_ids)
+
+    for (_, _, spec), seg in zip(hcfg.segments(), params["segments"]):
+        if spec.attention.kind == "none" and spec.ffn.kind == "none":
+            continue
+
+        def body(carry, layer_p, spec=spec):
+            out = apply_block(base, spec, layer_p, constrain(carry), cos, sin, mask, dtype=dtype,
+                              attention=attention)
+            return constrain(out), None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=model.REMAT_POLICIES[remat], prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, seg)
+    return model.rms_norm(h, params["final_norm"], base.rms_norm_eps)
+
+
+def forward(hcfg: HeteroConfig, params: Params, tokens: jax.Array, **kwargs) -> jax.Array:
+    """Tokens [B, T] → float32 logits [B, T, V]; keyword arguments are those of :func:`hidden_states`."""
+    h = hidden_states(hcfg, params, tokens, **kwargs)
+    return model.logits_from_hidden(hcfg.base, params, h)
