@@ -165,18 +165,7 @@ def count_params(hcfg: HeteroConfig) -> int:
 def init_params(hcfg: HeteroConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random params as ``model.init_params`` makes them: normal(std) for matrices (the linear replacements
     included), ones for norms, zeros for biases. (To start variants from a trained parent use :func:`init_block`.)"""
-    flat, treedef = jax.tree.flatten_with_path(param_shapes(hcfg), is_leaf=_is_shape)
-    keys = jax.random.split(key, len(flat))
-    leaves = []
-    for (path, shape), k in zip(flat, keys):
-        name = path[-1].key
-        if name.endswith("norm"):
-            leaves.append(jnp.ones(shape, dtype))
-        elif name.endswith("bias"):
-            leaves.append(jnp.zeros(shape, dtype))
-        else:
-            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree.unflatten(treedef, leaves)
+    return model.init_from_shapes(param_shapes(hcfg), key, dtype, std)
 
 
 def check_params(hcfg: HeteroConfig, params: Params) -> None:

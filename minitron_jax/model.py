@@ -109,7 +109,12 @@ def count_params(config: LlamaConfig) -> int:
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random params: normal(std) for matrices, ones for norms, zeros for biases (HF's Llama init)."""
-    shapes = param_shapes(config)
+    return init_from_shapes(param_shapes(config), key, dtype, std)
+
+
+def init_from_shapes(shapes: Any, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Any:
+    """HF's Llama init for any tree of shape tuples whose leaves are named as ours (``*norm`` → ones, ``*bias`` →
+    zeros, the rest normal(std)): the uniform model's params and the heterogeneous model's segments alike."""
     flat, treedef = jax.tree.flatten_with_path(
         shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
     keys = jax.random.split(key, len(flat))
