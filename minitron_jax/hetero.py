@@ -35,8 +35,9 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minitron_jax import model
+from minitron_jax import model, sharding
 from minitron_jax.blocks import BlockSpec, check_blocks, segments, uniform_blocks
 from minitron_jax.config import LlamaConfig
 
@@ -199,6 +200,35 @@ def check_params(hcfg: HeteroConfig, params: Params) -> None:
     walk(expected, params, "")
     if problems:
         raise ValueError(f"params do not match config ({hcfg.describe()}):\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sharding
+# ------------------------------------------------------------------------------------------------------------------
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
+def specs_from_axes(axes: Params, shapes: Params, mesh: Mesh,
+                    rules: Mapping[str, Any] = sharding.DEFAULT_RULES) -> Params:
+    """A ``PartitionSpec`` per parameter from trees of logical axes and shapes (same structure, lists included)
+    through ``sharding.logical_spec`` — what ``sharding.param_specs`` does for a ``LlamaConfig``, for any axes
+    tree."""
+    sharding.check_rules(rules)
+    return jax.tree.map(lambda a, s: sharding.logical_spec(a, s, mesh, rules), axes, shapes, is_leaf=_is_axes)
+
+
+def param_specs(hcfg: HeteroConfig, mesh: Mesh, rules: Mapping[str, Any] = sharding.DEFAULT_RULES) -> Params:
+    """``PartitionSpec`` per parameter, shaped like the params: the uniform model's rules
+    (``sharding.DEFAULT_RULES`` unless given) applied to :func:`param_axes` with each segment's own sizes, so a
+    segment whose KV heads or FFN width the tensor axis does not divide keeps that dimension replicated."""
+    return specs_from_axes(param_axes(hcfg), param_shapes(hcfg), mesh, rules)
+
+
+def param_shardings(hcfg: HeteroConfig, mesh: Mesh, rules: Mapping[str, Any] = sharding.DEFAULT_RULES) -> Params:
+    """``NamedSharding`` per parameter (for ``sharding.shard_params`` / ``jax.jit(in_shardings=...)``)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(hcfg, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ blocks against hand computations, KV-head merging and the variant initialisation
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,3 +291,94 @@ def test_refusals():
         X.forward(hcfg, {**hp, "segments": hp["segments"][:1]}, _tokens())
     with pytest.raises(ValueError, match="lacks"):
         X.stack_layers([_layer(params, 0), {}], _blocks("gqa4/mlp48", "linear/none"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sharding: the uniform model's rules, segment by segment
+# ------------------------------------------------------------------------------------------------------------------
+# gqa with fewer KV heads (2, and 1: indivisible by any tensor axis), a linear attention, removed sub-blocks and an
+# FFN of another width, next to the parent's own block.
+SHARDED = _blocks("gqa4/mlp48", "gqa2/mlp48", "gqa2/mlp48", "linear/mlp24", "none/linear", "gqa1/none", "none/none")
+
+
+def _need_8():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in conftest)")
+
+
+def test_param_specs_follow_the_uniform_rules_per_segment():
+    from jax.sharding import PartitionSpec as P
+
+    from minitron_jax import sharding as S
+
+    _need_8()
+    mesh = S.make_mesh(1, 2, 4)
+    hcfg = X.HeteroConfig(BASE, SHARDED)
+    specs = X.param_specs(hcfg, mesh)
+    # the same tree as the params; the parent-shaped segment gets exactly the uniform model's specs
+    assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(
+        X.abstract_params(hcfg))
+    uniform = S.param_specs(BASE.replace(num_layers=1), mesh)
+    assert specs["segments"][0] == uniform["layers"]
+    assert {k: specs[k] for k in specs if k != "segments"} == {k: uniform[k] for k in uniform if k != "layers"}
+    seg = specs["segments"]
+    # 2 and 1 KV heads do not divide tensor=4: replicated there, the residual stream still over fsdp
+    assert seg[1]["k"] == P(None, "fsdp", None, None) and seg[4]["q"] == P(None, "fsdp", None, None, None)
+    assert seg[2]["gate"] == P(None, "fsdp", "tensor") and seg[2]["down"] == P(None, "tensor", "fsdp")
+    # [D, D] linear matrices: fsdp on the first embed axis only
+    assert seg[2]["attn_linear"] == P(None, "fsdp", None) and seg[3]["ffn_linear"] == P(None, "fsdp", None)
+    assert seg[5] == {}
+    # a mesh with tensor=2 splits the 2 KV heads
+    assert X.param_specs(hcfg, S.make_mesh(2, 2, 2))["segments"][1]["k"] == P(None, "fsdp", "tensor", None)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        X.param_specs(hcfg, mesh, {"embed": "model"})
+
+
+@functools.cache
+def _sharded_reference():
+    """The SHARDED model, a batch, its CE step (value_and_grad, logits as aux) and the step's single-device result:
+    computed once for every mesh."""
+    hcfg = X.HeteroConfig(BASE, SHARDED)
+    params = X.init_params(hcfg, jax.random.key(0), std=0.1)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, BASE.vocab_size, (8, 16))
+    targets = rng.integers(0, BASE.vocab_size, (8, 16))
+
+    def loss(p, t, y):  # cross entropy on random targets; the logits come back too (one compile per placement)
+        logits = X.forward(hcfg, p, t)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked), logits
+
+    step = jax.value_and_grad(loss, has_aux=True)
+    return hcfg, params, tokens, targets, step, jax.jit(step)(params, tokens, targets)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)])
+def test_sharded_hetero_forward_and_grad_equal_single_device(shape):
+    from minitron_jax import sharding as S
+
+    _need_8()
+    mesh = S.make_mesh(*shape)
+    hcfg, params, tokens, targets, step, ((single_loss, single_logits), single_grads) = _sharded_reference()
+
+    shardings = X.param_shardings(hcfg, mesh)
+    batch = S.batch_sharding(mesh)
+    sp = S.shard_params(params, shardings)
+    st, sy = jax.device_put(tokens, batch), jax.device_put(targets, batch)
+    # the params really are split: no device holds a whole matrix of any segment
+    for seg, key in ((0, "q"), (1, "k"), (2, "attn_linear"), (2, "gate"), (3, "ffn_linear")):
+        x = sp["segments"][seg][key]
+        assert x.addressable_shards[0].data.size < x.size, (seg, key, x.sharding)
+
+    (sharded_loss, logits), grads = jax.jit(step, in_shardings=(shardings, batch, batch),
+                                            out_shardings=((None, S.batch_sharding(mesh, 3)), shardings))(sp, st, sy)
+    assert logits.sharding.is_equivalent_to(S.batch_sharding(mesh, 3), 3)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(single_logits), atol=2e-5)
+    assert np.isfinite(float(sharded_loss)) and abs(float(sharded_loss) - float(single_loss)) < 1e-5
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(jax.tree.leaves(params))
+    for g, g1, s in zip(leaves, jax.tree.leaves(single_grads), jax.tree.leaves(shardings)):
+        assert g.sharding.is_equivalent_to(s, g.ndim)
+        g = np.asarray(g)  # on the host: a jnp check per differently sharded leaf would compile one program each
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, np.asarray(g1), atol=2e-6, rtol=1e-4)
