@@ -75,6 +75,18 @@ def _check_sources(dst: Path, sources: Iterable[str | Path | None]) -> None:
                                     "(choose a destination outside the source)")
 
 
+def _free_or_replaceable(path: str | Path, overwrite: bool, sources: Iterable[str | Path | None]) -> Path | None:
+    """The checks every destination gets: not a source (nor inside or around one), and not an existing path
+    unless ``overwrite``. None when nothing is there yet; the absolute path when something is, to be replaced."""
+    dst = Path(path).absolute()
+    _check_sources(dst, sources)
+    if not (dst.exists() or dst.is_symlink()):
+        return None
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    return dst
+
+
 def check_destination(path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path | None] = ()) -> Path:
     """Refuse a destination that writing to would destroy something: raises, or returns the absolute path.
 
@@ -82,12 +94,9 @@ def check_destination(path: str | Path, *, overwrite: bool = False, sources: Ite
     ``overwrite``; with ``overwrite``, an existing one that is not a directory, or is a non-empty directory without
     our marker. Cheap, so commands call it before minutes of loading; :func:`atomic_directory` calls it again under
     the lock."""
-    dst = Path(path).absolute()
-    _check_sources(dst, sources)
-    if not (dst.exists() or dst.is_symlink()):
-        return dst
-    if not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    dst = _free_or_replaceable(path, overwrite, sources)
+    if dst is None:
+        return Path(path).absolute()
     if not dst.is_dir():
         raise BadInputError(f"{dst} exists and is not a directory; refusing to replace it — remove it yourself or "
                             "choose another path")
@@ -106,12 +115,9 @@ def check_file_destination(path: str | Path, *, overwrite: bool = False, sources
     a file), or one ``is_ours`` rejects. A file carries no marker of ours, so ``is_ours`` is how the caller proves
     the file is of the kind it writes (a GGUF's magic bytes): ``--overwrite`` then never replaces a user's notes
     that happen to sit at that name. ``what`` names that kind in the messages ("a GGUF file")."""
-    dst = Path(path).absolute()
-    _check_sources(dst, sources)
-    if not (dst.exists() or dst.is_symlink()):
-        return dst
-    if not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    dst = _free_or_replaceable(path, overwrite, sources)
+    if dst is None:
+        return Path(path).absolute()
     if not dst.is_file():
         raise BadInputError(f"{dst} exists and is not a file; refusing to replace it with {what}")
     if is_ours is not None and not is_ours(dst):

@@ -171,33 +171,7 @@ def init_params(hcfg: HeteroConfig, key: jax.Array, dtype=jnp.float32, std: floa
 
 def check_params(hcfg: HeteroConfig, params: Params) -> None:
     """ValueError naming every parameter whose presence or shape disagrees with ``hcfg``."""
-    expected = param_shapes(hcfg)
-    problems = []
-
-    def walk(exp, got, prefix):
-        if isinstance(exp, list):
-            if not isinstance(got, (list, tuple)) or len(got) != len(exp):
-                problems.append(f"{prefix}: expected a list of {len(exp)} segments, got "
-                                f"{len(got) if isinstance(got, (list, tuple)) else type(got).__name__}")
-                return
-            for i, (e, g) in enumerate(zip(exp, got)):
-                walk(e, g, f"{prefix}[{i}]")
-            return
-        if not isinstance(got, Mapping):
-            problems.append(f"{prefix or 'params'}: expected a dict, got {type(got).__name__}")
-            return
-        for name in sorted(set(exp) | set(got)):
-            path = f"{prefix}.{name}" if prefix else name
-            if name not in got:
-                problems.append(f"{path}: missing")
-            elif name not in exp:
-                problems.append(f"{path}: unexpected for this config")
-            elif isinstance(exp[name], (dict, list)):
-                walk(exp[name], got[name], path)
-            elif tuple(got[name].shape) != tuple(exp[name]):
-                problems.append(f"{path}: shape {tuple(got[name].shape)}, config expects {tuple(exp[name])}")
-
-    walk(expected, params, "")
+    problems = model.shape_problems(param_shapes(hcfg), params)
     if problems:
         raise ValueError(f"params do not match config ({hcfg.describe()}):\n  " + "\n  ".join(problems))
 

@@ -132,10 +132,25 @@ def init_from_shapes(shapes: Any, key: jax.Array, dtype=jnp.float32, std: float 
 
 def check_params(config: LlamaConfig, params: Params) -> None:
     """Raise a ValueError naming every parameter whose presence or shape disagrees with ``config``."""
-    expected = param_shapes(config)
-    problems = []
+    problems = shape_problems(param_shapes(config), params)
+    if problems:
+        raise ValueError(f"params do not match config ({config.describe()}):\n  " + "\n  ".join(problems))
+
+
+def shape_problems(expected: Any, params: Any) -> list[str]:
+    """Every way ``params`` differs from ``expected`` (a tree of shape tuples: dicts, and lists of dicts for the
+    heterogeneous model's segments): missing, unexpected and misshapen entries, by path."""
+    problems: list[str] = []
 
     def walk(exp, got, prefix):
+        if isinstance(exp, list):
+            if not isinstance(got, (list, tuple)) or len(got) != len(exp):
+                problems.append(f"{prefix}: expected a list of {len(exp)} segments, got "
+                                f"{len(got) if isinstance(got, (list, tuple)) else type(got).__name__}")
+                return
+            for i, (e, g) in enumerate(zip(exp, got)):
+                walk(e, g, f"{prefix}[{i}]")
+            return
         if not isinstance(got, Mapping):
             problems.append(f"{prefix or 'params'}: expected a dict, got {type(got).__name__}")
             return
@@ -145,14 +160,13 @@ def check_params(config: LlamaConfig, params: Params) -> None:
                 problems.append(f"{path}: missing")
             elif name not in exp:
                 problems.append(f"{path}: unexpected for this config")
-            elif isinstance(exp[name], dict):
+            elif isinstance(exp[name], (dict, list)):
                 walk(exp[name], got[name], path)
             elif tuple(got[name].shape) != tuple(exp[name]):
                 problems.append(f"{path}: shape {tuple(got[name].shape)}, config expects {tuple(exp[name])}")
 
     walk(expected, params, "")
-    if problems:
-        raise ValueError(f"params do not match config ({config.describe()}):\n  " + "\n  ".join(problems))
+    return problems
 
 
 def lm_head(config: LlamaConfig, params: Params) -> jax.Array:
