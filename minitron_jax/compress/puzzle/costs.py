@@ -23,9 +23,10 @@ Conventions (each stated once, here):
 - **Overhead**: the embedding, an untied lm_head and the final norm. The lm_head matmul costs ``2·V·D`` FLOPs per
   token whether or not it is tied (the embedding lookup is a gather: no FLOPs).
 
-Timing (:func:`time_block_variants`) runs a minimal single-block forward written here with ``jnp.einsum`` and the
-model's own public pieces (``rms_norm``, ``apply_rope``, ``attend``), on random weights shaped by the spec; it does
-not use a heterogeneous-model module, so it measures exactly one block of each variant and nothing else.
+A block's parameters, their shapes, their init and its forward all come from :mod:`minitron_jax.hetero` (one
+layer of a one-block model), so what is priced and timed here is the block the heterogeneous model runs.
+Timing (:func:`time_block_variants`) runs that one block on random weights, so it measures exactly one block of each
+variant and nothing else.
 :func:`compiled_cost` asks XLA for the same forward's compiled FLOPs and bytes accessed on the local backend, and
 :func:`roofline_seconds` turns those into a time on a described accelerator (peak FLOP/s, memory bandwidth).
 """
@@ -42,10 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.attention import attend, attention_mask
+from minitron_jax import hetero
+from minitron_jax.attention import attention_mask
 from minitron_jax.blocks import BlockSpec, check_blocks
 from minitron_jax.config import LlamaConfig
-from minitron_jax.model import apply_rope, rms_norm, rope_cos_sin
+from minitron_jax.model import init_from_shapes, rms_norm, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,36 +69,15 @@ class BlockCost:
                          self.kv_cache_bytes + other.kv_cache_bytes, self.flops_per_token + other.flops_per_token)
 
 
-def _attention_params(config: LlamaConfig, spec: BlockSpec) -> int:
-    a, D = spec.attention, config.hidden_size
-    if a.kind == "none":
-        return 0
-    if a.kind == "linear":
-        return D + D * D
-    H, K, Hd = config.num_heads, a.kv_heads, config.head_dim
-    n = D + D * H * Hd + 2 * D * K * Hd + H * Hd * D  # norm, q, k, v, o
-    if config.attention_bias:
-        n += H * Hd + 2 * K * Hd + D
-    return n
-
-
-def _ffn_params(config: LlamaConfig, spec: BlockSpec) -> int:
-    f, D = spec.ffn, config.hidden_size
-    if f.kind == "none":
-        return 0
-    if f.kind == "linear":
-        return D + D * D
-    n = D + 3 * D * f.width  # norm, gate, up, down
-    if config.mlp_bias:
-        n += 2 * f.width + D
-    return n
+def _block_params(config: LlamaConfig, spec: BlockSpec) -> int:
+    return int(sum(np.prod(shape) for shape in block_param_shapes(config, spec).values()))
 
 
 def block_cost(base_config: LlamaConfig, spec: BlockSpec, *, weight_bytes_per_param: float, context: int,
                batch: int, kv_bytes_per_value: float) -> BlockCost:
     """The costs of one block of ``spec`` in a model built on ``base_config`` (see the module docstring)."""
     check_blocks(base_config, [spec])
-    params = _attention_params(base_config, spec) + _ffn_params(base_config, spec)
+    params = _block_params(base_config, spec)
     flops = 2.0 * params
     kv = 0.0
     if spec.attention.kind == "gqa":
@@ -139,56 +120,24 @@ def cost_matrices(base_config: LlamaConfig, variants: Sequence[BlockSpec], num_l
 # One block's forward, for timing and the compiler's cost analysis
 # ------------------------------------------------------------------------------------------------------------------
 def block_param_shapes(base_config: LlamaConfig, spec: BlockSpec) -> dict[str, tuple[int, ...]]:
-    """Shapes of one block's weights in the model's layouts (the ``layer`` axis dropped). Biases are left out: they
-    are elementwise adds that do not move a timing."""
-    D, H, Hd = base_config.hidden_size, base_config.num_heads, base_config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {}
-    a, f = spec.attention, spec.ffn
-    if a.kind == "gqa":
-        K = a.kv_heads
-        shapes.update(attn_norm=(D,), q=(D, K, H // K, Hd), k=(D, K, Hd), v=(D, K, Hd), o=(K, H // K, Hd, D))
-    elif a.kind == "linear":
-        shapes.update(attn_norm=(D,), attn_linear=(D, D))
-    if f.kind == "mlp":
-        shapes.update(mlp_norm=(D,), gate=(D, f.width), up=(D, f.width), down=(f.width, D))
-    elif f.kind == "linear":
-        shapes.update(mlp_norm=(D,), mlp_linear=(D, D))
-    return shapes
+    """Shapes of one block's params (biases included when the base config has them; no leading ``layer`` axis):
+    the one layer of a one-block :class:`~minitron_jax.hetero.HeteroConfig`."""
+    segment = hetero.param_shapes(hetero.HeteroConfig(base_config, (spec,)))["segments"][0]
+    return {name: tuple(shape[1:]) for name, shape in segment.items()}
 
 
 def random_block_params(base_config: LlamaConfig, spec: BlockSpec, key: jax.Array, dtype=jnp.float32,
                         std: float = 0.02) -> dict[str, jax.Array]:
-    shapes = block_param_shapes(base_config, spec)
-    keys = jax.random.split(key, max(len(shapes), 1))
-    return {name: (jnp.ones(s, dtype) if name.endswith("norm")
-                   else (std * jax.random.normal(k, s, jnp.float32)).astype(dtype))
-            for (name, s), k in zip(shapes.items(), keys)}
+    return init_from_shapes(block_param_shapes(base_config, spec), key, dtype, std)
 
 
 def block_forward(base_config: LlamaConfig, spec: BlockSpec, p: dict[str, jax.Array], h: jax.Array) -> jax.Array:
-    """One pre-norm block of ``spec`` on hidden states [B, T, D] (causal, positions 0..T-1), computed in ``h``'s
-    dtype: the same math as ``model.decoder_layer`` for ``gqa``/``mlp``, one matmul on the normed input for
-    ``linear``, the identity for ``none``."""
-    eps = base_config.rms_norm_eps
-    a, f = spec.attention, spec.ffn
-    if a.kind == "gqa":
-        B, T = h.shape[:2]
-        pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
-        cos, sin = rope_cos_sin(base_config, pos)
-        x = rms_norm(h, p["attn_norm"], eps)
-        q = apply_rope(jnp.einsum("btd,dkgh->btkgh", x, p["q"]), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, p["k"]), cos, sin)
-        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
-        heads = attend(q, k, v, attention_mask(pos, pos, None, None))
-        h = h + jnp.einsum("btkgh,kghd->btd", heads, p["o"])
-    elif a.kind == "linear":
-        h = h + rms_norm(h, p["attn_norm"], eps) @ p["attn_linear"]
-    if f.kind == "mlp":
-        y = rms_norm(h, p["mlp_norm"], eps)
-        h = h + (jax.nn.silu(y @ p["gate"]) * (y @ p["up"])) @ p["down"]
-    elif f.kind == "linear":
-        h = h + rms_norm(h, p["mlp_norm"], eps) @ p["mlp_linear"]
-    return h
+    """One block of ``spec`` on hidden states [B, T, D] (causal, positions 0..T-1), computed in ``h``'s dtype:
+    :func:`minitron_jax.hetero.apply_block`, the layer the heterogeneous model runs."""
+    B, T = h.shape[:2]
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    cos, sin = rope_cos_sin(base_config, pos)
+    return hetero.apply_block(base_config, spec, p, h, cos, sin, attention_mask(pos, pos, None, None), dtype=h.dtype)
 
 
 def _distinct(specs: Iterable[BlockSpec]) -> list[BlockSpec]:
