@@ -158,7 +158,10 @@ def from_decilm(config, block_configs: Sequence[dict[str, Any]]) -> tuple[BlockS
             elif att.get("replace_with_linear"):
                 a = AttentionSpec("linear")
             else:
-                a = AttentionSpec("gqa", config.num_heads // int(att["n_heads_in_group"]))
+                group = int(att["n_heads_in_group"])
+                if group <= 0 or config.num_heads % group:
+                    raise ValueError(f"n_heads_in_group {group} does not divide the {config.num_heads} query heads")
+                a = AttentionSpec("gqa", config.num_heads // group)
             if ffn.get("no_op"):
                 f = FFNSpec("none")
             elif ffn.get("replace_with_linear"):

@@ -29,7 +29,9 @@ Variants are initialised from a parent (uniform) layer by :func:`init_block` and
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -38,14 +40,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minitron_jax import model, sharding
-from minitron_jax.blocks import BlockSpec, check_blocks, segments, uniform_blocks
-from minitron_jax.config import LlamaConfig
+from minitron_jax.blocks import BlockSpec, check_blocks, from_decilm, segments, to_decilm, uniform_blocks
+from minitron_jax.config import ConfigError, LlamaConfig
 
 Params = dict[str, Any]
 
 LINEAR_AXES = ("layer", "embed", "embed")
 _GQA_KEYS = ("attn_norm", "q", "k", "v", "o")
 _MLP_KEYS = ("mlp_norm", "gate", "up", "down")
+
+DECI_ARCHITECTURE = "DeciLMForCausalLM"
+DECI_MODEL_TYPE = "nemotron-nas"
+# Keys of a DeciLM config.json that a Llama config does not have (auto_map names the shipped modeling files).
+_DECI_ONLY_KEYS = {"block_configs", "auto_map", "architectures", "model_type"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,53 @@ class HeteroConfig:
 
     def segments(self) -> list[tuple[int, int, BlockSpec]]:
         return segments(self.blocks)
+
+    # --------------------------------------------------------------------------------------------------------
+    # config.json: the Nemotron-NAS ("DeciLM") layout that vLLM and transformers (with its modeling file) read
+    # --------------------------------------------------------------------------------------------------------
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config dict in the DeciLM layout: the base's Llama keys, ``block_configs`` per layer, and
+        ``num_key_value_heads`` / ``intermediate_size`` set to None (every layer has its own). No ``auto_map``:
+        that names modeling files, which only an HF export writes beside it (``convert.deci_hf``)."""
+        out = self.base.to_hf()
+        out.update(architectures=[DECI_ARCHITECTURE], model_type=DECI_MODEL_TYPE,
+                   num_hidden_layers=self.num_layers, num_key_value_heads=None, intermediate_size=None,
+                   block_configs=to_decilm(self.base, self.blocks))
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "HeteroConfig":
+        """The inverse of :meth:`to_hf`; refuses what it cannot run with a ``ConfigError`` naming the key."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a config dict, got {type(hf).__name__}")
+        bcs = hf.get("block_configs")
+        if not isinstance(bcs, list) or not bcs:
+            raise ConfigError("a DeciLM config needs a non-empty 'block_configs' list")
+        n = hf.get("num_hidden_layers", len(bcs))
+        if n != len(bcs):
+            raise ConfigError(f"num_hidden_layers is {n} but block_configs has {len(bcs)} entries")
+        for i, bc in enumerate(bcs):
+            for part in ("attention", "ffn"):
+                sub = bc.get(part) if isinstance(bc, dict) else None
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"block_configs[{i}] has no {part!r} dict")
+                for key in ("sparsify", "window_length", "num_sink_tokens"):
+                    if sub.get(key):
+                        raise ConfigError(f"block_configs[{i}].{part}.{key} = {sub[key]!r} is not supported")
+        heads = hf.get("num_attention_heads")
+        # The base is a Llama config whose per-layer keys are placeholders (ignored: each block has its own).
+        llama = {k: v for k, v in hf.items() if k not in _DECI_ONLY_KEYS}
+        llama.update(architectures=["LlamaForCausalLM"], model_type="llama", intermediate_size=1,
+                     num_key_value_heads=heads, num_hidden_layers=len(bcs))
+        base = LlamaConfig.from_hf(llama)
+        try:
+            blocks = from_decilm(base, bcs)
+            return cls(base, blocks)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_json_file(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
 
     def describe(self) -> str:
         b = self.base
@@ -385,9 +439,9 @@ def apply_block(base: LlamaConfig, spec: BlockSpec, p: Params, h, cos, sin, mask
 def hidden_states(hcfg: HeteroConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                   positions: jax.Array | None = None, dtype=jnp.float32, remat: str = "none",
                   attention: str = "einsum", activation_sharding: Any = None) -> jax.Array:
-    """Tokens [B, T] → final-normed hidden states [B, T, D]. Arguments as ``model.hidden_states`` (no collect, no
-    layer_keep, no KV cache yet). Each segment is one ``lax.scan``; a segment of ``none/none`` blocks is the
-    identity and runs nothing."""
+    """Tokens [B, T] → ``(final-normed hidden states [B, T, D], collected, new_cache)`` as ``model.hidden_states``
+    returns them (no collect, no layer_keep, no KV cache yet: both None). Each segment is one ``lax.scan``; a
+    segment of ``none/none`` blocks is the identity and runs nothing."""
     if remat not in model.REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(model.REMAT_POLICIES)}")
     if attention not in model.ATTENTION_IMPLS:
@@ -416,10 +470,39 @@ def hidden_states(hcfg: HeteroConfig, params: Params, tokens: jax.Array, *, segm
         if remat != "none":
             body = jax.checkpoint(body, policy=model.REMAT_POLICIES[remat], prevent_cse=False)
         h, _ = jax.lax.scan(body, h, seg)
-    return model.rms_norm(h, params["final_norm"], base.rms_norm_eps)
+    return model.rms_norm(h, params["final_norm"], base.rms_norm_eps), None, None
 
 
 def forward(hcfg: HeteroConfig, params: Params, tokens: jax.Array, **kwargs) -> jax.Array:
     """Tokens [B, T] → float32 logits [B, T, V]; keyword arguments are those of :func:`hidden_states`."""
-    h = hidden_states(hcfg, params, tokens, **kwargs)
+    h, _, _ = hidden_states(hcfg, params, tokens, **kwargs)
     return model.logits_from_hidden(hcfg.base, params, h)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Either kind of config from config.json
+# ------------------------------------------------------------------------------------------------------------------
+def is_deci_config(hf: dict[str, Any]) -> bool:
+    """True for a Nemotron-NAS / DeciLM config dict (per-layer ``block_configs``)."""
+    return (isinstance(hf, dict) and ("block_configs" in hf or hf.get("model_type") == DECI_MODEL_TYPE
+                                      or DECI_ARCHITECTURE in (hf.get("architectures") or [])))
+
+
+def config_from_hf(hf: dict[str, Any]) -> "LlamaConfig | HeteroConfig":
+    """A :class:`LlamaConfig` for a Llama/Mistral config dict, a :class:`HeteroConfig` for a DeciLM one."""
+    return HeteroConfig.from_hf(hf) if is_deci_config(hf) else LlamaConfig.from_hf(hf)
+
+
+def config_from_json_file(path) -> "LlamaConfig | HeteroConfig":
+    """:func:`config_from_hf` of a ``config.json``; FileNotFoundError / ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return config_from_hf(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,70 @@
+"""arch.py dispatches to model.py or hetero.py; HeteroConfig round-trips through a DeciLM config.json."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from minitron_jax import arch, hetero, model
+from minitron_jax.blocks import BlockSpec
+from minitron_jax.config import ConfigError, LlamaConfig
+
+BASE = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=512, num_layers=3, num_heads=4, num_kv_heads=2,
+                   head_dim=12, tie_word_embeddings=True)
+BLOCKS = tuple(BlockSpec.parse(t) for t in ("gqa2/mlp512", "gqa1/mlp256", "linear/none", "none/linear"))
+
+
+def test_deci_config_round_trip(tmp_path):
+    hcfg = hetero.HeteroConfig(BASE, BLOCKS)
+    hf = hcfg.to_hf()
+    assert hf["architectures"] == ["DeciLMForCausalLM"] and hf["model_type"] == "nemotron-nas"
+    assert hf["num_key_value_heads"] is None and hf["intermediate_size"] is None and hf["num_hidden_layers"] == 4
+    assert hf["block_configs"][2]["attention"]["replace_with_linear"] and hf["block_configs"][3]["attention"]["no_op"]
+    back = hetero.HeteroConfig.from_hf(json.loads(json.dumps(hf)))
+    assert back.blocks == BLOCKS
+    assert back.base.hidden_size == 48 and back.base.tie_word_embeddings and back.base.head_dim == 12
+    assert "block_configs" not in back.base.extra_dict
+    hcfg.to_json_file(tmp_path / "config.json")
+    assert arch.config_from_json_file(tmp_path / "config.json") == back
+    # A uniform config still loads as a LlamaConfig.
+    BASE.to_json_file(tmp_path / "config.json")
+    assert arch.config_from_json_file(tmp_path / "config.json") == BASE
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda hf: hf.update(block_configs=[]), "non-empty"),
+    (lambda hf: hf.update(num_hidden_layers=7), "num_hidden_layers is 7"),
+    (lambda hf: hf["block_configs"][1]["attention"].update(n_heads_in_group=3), "block_configs[1]"),
+    (lambda hf: hf["block_configs"][0]["ffn"].update(sparsify=["x"]), "sparsify"),
+    (lambda hf: hf["block_configs"][0].pop("ffn"), "block_configs[0] has no 'ffn'"),
+])
+def test_bad_deci_configs_are_refused_naming_the_key(tmp_path, mutate, message):
+    hf = hetero.HeteroConfig(BASE, BLOCKS).to_hf()
+    mutate(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="config.json") as e:
+        arch.config_from_json_file(tmp_path / "config.json")
+    assert message in str(e.value)
+
+
+def test_arch_dispatches_to_both_kinds():
+    key = jax.random.PRNGKey(0)
+    params = model.init_params(BASE, key)
+    tokens = jax.random.randint(key, (2, 7), 0, BASE.vocab_size)
+    assert arch.count_params(BASE) == model.count_params(BASE)
+    np.testing.assert_array_equal(np.asarray(arch.forward(BASE, params, tokens)),
+                                  np.asarray(model.forward(BASE, params, tokens)))
+    hcfg, hparams = hetero.from_uniform(BASE, params)
+    assert arch.count_params(hcfg) == model.count_params(BASE)
+    h, collected, cache = arch.hidden_states(hcfg, hparams, tokens)
+    assert collected is None and cache is None
+    np.testing.assert_array_equal(np.asarray(arch.logits_from_hidden(hcfg, hparams, h)),
+                                  np.asarray(model.forward(BASE, params, tokens)))
+    arch.check_params(hcfg, hparams)
+    with pytest.raises(ValueError, match="segments"):
+        arch.check_params(hcfg, params)
+    with pytest.raises(TypeError, match="not a model config"):
+        arch.count_params({"hidden_size": 3})
