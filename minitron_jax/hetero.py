@@ -60,8 +60,9 @@ class HeteroConfig:
     """A base :class:`LlamaConfig` plus one :class:`BlockSpec` per layer.
 
     The base supplies everything shared by all layers (vocabulary, hidden size, query heads, head dim, RoPE, norm
-    eps, tied head, biases). Its ``num_layers``, ``num_kv_heads`` and ``intermediate_size`` are **ignored**: the
-    depth is ``len(blocks)`` and every layer's KV heads and FFN width come from its own block. Frozen and hashable,
+    eps, tied head, biases). Its ``num_layers``, ``num_kv_heads`` and ``intermediate_size`` are **ignored** (and
+    replaced by placeholders: ``len(blocks)``, ``num_heads``, 1): the depth is ``len(blocks)`` and every layer's KV
+    heads and FFN width come from its own block. Frozen and hashable,
     so it can be a static argument to ``jax.jit``."""
 
     base: LlamaConfig
@@ -71,6 +72,12 @@ class HeteroConfig:
         object.__setattr__(self, "blocks", tuple(self.blocks))
         if not self.blocks:
             raise ValueError("a heterogeneous model needs at least one block")
+        if isinstance(self.base, LlamaConfig):
+            # The base's per-layer keys mean nothing here; fixing them to canonical placeholders makes two configs
+            # of the same model equal (and one jit cache entry) however they were built: from a uniform model, a
+            # DeciLM config.json or a GGUF.
+            object.__setattr__(self, "base", self.base.replace(
+                num_layers=len(self.blocks), num_kv_heads=self.base.num_heads, intermediate_size=1))
         for i, b in enumerate(self.blocks):
             if not isinstance(b, BlockSpec):
                 raise ValueError(f"blocks[{i}] is a {type(b).__name__}, not a BlockSpec")

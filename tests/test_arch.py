@@ -68,3 +68,16 @@ def test_arch_dispatches_to_both_kinds():
         arch.check_params(hcfg, params)
     with pytest.raises(TypeError, match="not a model config"):
         arch.count_params({"hidden_size": 3})
+
+
+def test_heterogeneous_model_round_trips_through_an_orbax_checkpoint(tmp_path):
+    from minitron_jax.convert import load_model
+    from minitron_jax.convert.orbax import save_model
+
+    hcfg = hetero.HeteroConfig(BASE, BLOCKS)
+    params = hetero.init_params(hcfg, jax.random.PRNGKey(1))
+    save_model(tmp_path / "m", hcfg, params)
+    loaded = load_model(tmp_path / "m", with_tokenizer=False)
+    assert loaded.format == "orbax" and loaded.config == hcfg
+    assert isinstance(loaded.params["segments"], list) and len(loaded.params["segments"]) == 4
+    jax.tree.map(np.testing.assert_array_equal, params, loaded.params)

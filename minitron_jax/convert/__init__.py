@@ -13,14 +13,17 @@ from typing import Any, Callable
 import numpy as np
 
 from minitron_jax.config import LlamaConfig
+from minitron_jax.hetero import HeteroConfig, config_from_hf, config_from_json_file
 from minitron_jax.model import Params
+
+AnyConfig = LlamaConfig | HeteroConfig
 
 FORMATS = ("gguf", "hf", "orbax")
 
 
 @dataclass
 class LoadedModel:
-    config: LlamaConfig
+    config: AnyConfig  # a LlamaConfig, or a HeteroConfig for a heterogeneous (DeciLM) model
     params: Params
     tokenizer: Any  # a transformers tokenizer, or None when the source carries none
     source: Path
@@ -67,24 +70,36 @@ def load_model(path: str | Path, dtype=None, *, with_tokenizer: bool = True,
     return LoadedModel(config, params, tokenizer, path, fmt)
 
 
-def load_gguf_params(path: Path, dtype=None, progress=None) -> tuple[LlamaConfig, Params]:
+def load_gguf_params(path: Path, dtype=None, progress=None) -> tuple[AnyConfig, Params]:
+    """A GGUF's (config, params): its metadata read as an HF config dict (Llama, or DeciLM for llama.cpp's
+    ``deci``) and its tensors served under HF names, so the HF readers build the params."""
     from minitron_jax.convert.gguf import read_gguf
-    from minitron_jax.convert.hf import params_from_hf_tensors
 
     gg = read_gguf(path, dtype=np.dtype(dtype) if dtype is not None else np.float32)
-    config = LlamaConfig.from_hf(gg.hf_config)
+    config = config_from_hf(gg.hf_config)
     return config, params_from_hf_tensors(config, gg.get_tensor, dtype=dtype, progress=progress)
 
 
-def read_source_config(path: str | Path, fmt: str | None = None) -> LlamaConfig:
-    """The config of any supported source, without reading its weights."""
+def params_from_hf_tensors(config: AnyConfig, get_tensor, dtype=None, progress=None) -> Params:
+    """Our params from tensors named as in an HF checkpoint: Llama names for a uniform config, DeciLM's for a
+    heterogeneous one."""
+    if isinstance(config, HeteroConfig):
+        from minitron_jax.convert.deci_hf import params_from_hf_tensors as from_tensors
+    else:
+        from minitron_jax.convert.hf import params_from_hf_tensors as from_tensors
+    return from_tensors(config, get_tensor, dtype=dtype, progress=progress)
+
+
+def read_source_config(path: str | Path, fmt: str | None = None) -> AnyConfig:
+    """The config of any supported source, without reading its weights: a :class:`LlamaConfig`, or a
+    :class:`~minitron_jax.hetero.HeteroConfig` for a heterogeneous (DeciLM) model."""
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt == "gguf":
         from minitron_jax.convert.gguf import read_gguf
 
-        return LlamaConfig.from_hf(read_gguf(path).hf_config)
-    return LlamaConfig.from_json_file(path / "config.json")
+        return config_from_hf(read_gguf(path).hf_config)
+    return config_from_json_file(path / "config.json")
 
 
 def gguf_tokenizer_dir(path: Path) -> Path:

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, abstract_params, check_params, config_from_json_file
 from minitron_jax.fsutil import atomic_directory, quiet_refusal_logs
-from minitron_jax.model import Params, abstract_params, check_params
+from minitron_jax.model import Params
 
 MARKER = "minitron_jax.json"
 FORMAT = {"format": "minitron_jax.model", "version": 1}
@@ -33,7 +33,7 @@ def is_model_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
+def save_model(path: str | Path, config: AnyConfig, params: Params, *, tokenizer: Any = None,
                tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                sources: Sequence[str | Path | None] = ()) -> Path:
     """``sources`` (the inputs) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``."""
@@ -55,7 +55,7 @@ def save_model(path: str | Path, config: LlamaConfig, params: Params, *, tokeniz
     return path
 
 
-def load_model(path: str | Path, dtype=None, shardings: Params | None = None) -> tuple[LlamaConfig, Params]:
+def load_model(path: str | Path, dtype=None, shardings: Params | None = None) -> tuple[AnyConfig, Params]:
     """Restore (config, params). ``shardings`` (a tree of NamedSharding) restores each array straight onto its
     devices; ``dtype`` casts on restore."""
     path = Path(path).absolute()
@@ -64,14 +64,14 @@ def load_model(path: str | Path, dtype=None, shardings: Params | None = None) ->
     marker = json.loads((path / MARKER).read_text())
     if marker.get("format") != FORMAT["format"] or marker.get("version", 0) > FORMAT["version"]:
         raise ValueError(f"{path}: unsupported checkpoint format {marker}")
-    config = LlamaConfig.from_json_file(path / "config.json")
+    config = config_from_json_file(path / "config.json")  # a DeciLM config.json is a heterogeneous model
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata
 
         def abstract(key_path, leaf):
             node = stored
-            for k in key_path:  # the stored tree is a mapping, not a pytree: walk it by key
-                node = node[k.key]
+            for k in key_path:  # the stored tree is a mapping, not a pytree: walk it by key (or list index)
+                node = node[k.idx if isinstance(k, jax.tree_util.SequenceKey) else k.key]
             if tuple(node.shape) != tuple(leaf.shape):
                 raise ValueError(f"{path}: {jax.tree_util.keystr(key_path)} stored with shape {tuple(node.shape)}, "
                                  f"config expects {tuple(leaf.shape)}")
