@@ -1,0 +1,213 @@
+"""The layer-by-layer search end to end on a tiny random parent: blockwise local distillation (normalized MSE,
+resume), replace-one-block scores (parent 0, removal ≥ 0, agreement with the report), the assembled model, and the
+command (including a refused infeasible target)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minitron_jax import hetero
+from minitron_jax.blocks import BlockSpec
+from minitron_jax.compress.puzzle.blockwise import (ActivationStore, BlockwiseSettings, blockwise_distill,
+                                                    parent_spec, result_path)
+from minitron_jax.compress.puzzle.scoring import Scorer, score_variants
+from minitron_jax.compress.puzzle.search import SearchSettings, SearchSpace, run_search
+from minitron_jax.compress.puzzle.targets import CostSettings, Targets
+from minitron_jax.config import LlamaConfig
+from minitron_jax.model import count_params, init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+P = BlockSpec.parse
+CFG = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=16, max_position_embeddings=256)
+SEQ = 32
+SPACE = SearchSpace.parse(CFG, "gqa2,gqa1,linear,none", "mlp512,mlp256,linear,none")
+FAST = BlockwiseSettings(steps=12, batch_windows=4, lr=3e-3, warmup_steps=2, eval_batches=2)
+
+
+def _params(seed=0):
+    # std 0.1 so every layer matters to the logits (a 0.02 init is close to the identity everywhere)
+    return jax.device_get(init_params(CFG, jax.random.PRNGKey(seed), std=0.1))
+
+
+def _windows(n, seed):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, SEQ), dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny parent, its activation stores and the blockwise results (trained once for the module)."""
+    run = tmp_path_factory.mktemp("bld")
+    params = _params()
+    calib = ActivationStore.open_or_build(run / "acts" / "calib", CFG, params, _windows(16, 1), key="k", batch=8)
+    ev = ActivationStore.open_or_build(run / "acts" / "eval", CFG, params, _windows(4, 2), key="k", batch=4,
+                                       with_logp=True)
+    bw = blockwise_distill(CFG, params, calib, SPACE.variants(), run, FAST)
+    return run, params, calib, ev, bw
+
+
+def test_activation_store_holds_the_parent_layers(tiny):
+    run, params, calib, _, _ = tiny
+    h0, h1 = calib.h(0), calib.h(1)
+    # layer 0 run on the stored input gives the stored output (the store is the parent's own trace)
+    from minitron_jax.compress.puzzle.blockwise import parent_layer, rope_and_mask, run_base
+
+    cos, sin, mask = rope_and_mask(CFG, 2, SEQ)
+    out = hetero.apply_block(run_base(CFG), parent_spec(CFG), parent_layer(params, 0), jnp.asarray(h0[:2]), cos,
+                             sin, mask, dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), h1[:2], atol=1e-5)
+    assert calib.mid(0).shape == (16, SEQ, 64) and calib.h(CFG.num_layers).shape == (16, SEQ, 64)
+
+
+def test_blockwise_lowers_the_normalized_mse_of_a_linear_variant(tiny):
+    *_, bw = tiny
+    for i in range(CFG.num_layers):
+        for half, opt in (("attention", P("linear/none").attention), ("ffn", P("none/linear").ffn)):
+            info = bw.info(i, half, opt)
+            assert info["loss_init"] == pytest.approx(1.0, abs=1e-6)  # zero matrix = identity = removal
+            assert info["loss_final"] < 0.95, (i, half, info)
+            assert info["kept"] == "trained"
+        # removal is exactly 1, the parent exactly 0
+        assert bw.info(i, "ffn", P("none/none").ffn)["loss_final"] == pytest.approx(1.0, abs=1e-6)
+        assert bw.info(i, "attention", parent_spec(CFG).attention)["loss_final"] == 0.0
+    assert bw.step_builds <= 6  # per distinct sub-block shape, not per layer (gqa1, linear×2, mlp256, none×2)
+
+
+def test_parent_scores_zero_and_removal_is_nonnegative(tiny):
+    run, params, _, ev, bw = tiny
+    scorer = Scorer(CFG, params, ev, batch=2)
+    for i in (0, CFG.num_layers - 1):
+        kl, lm = scorer.score(i, parent_spec(CFG), bw.layer_params(i, parent_spec(CFG)))
+        assert abs(kl) < 1e-5
+        assert lm == pytest.approx(scorer.parent_lm_loss(), rel=1e-5)
+        kl_none, _ = scorer.score(i, P("none/none"), {})
+        assert kl_none > 1e-4  # std-0.1 layers matter
+
+
+def test_scores_matrix_and_resume_after_damage(tiny, tmp_path):
+    run, params, calib, ev, bw = tiny
+    sc = score_variants(CFG, params, ev, bw, SPACE.variants(), run, mode="joint")
+    names = SPACE.names()
+    p = names.index(parent_spec(CFG).describe())
+    assert (sc.kl[:, p] == 0).all()
+    assert (sc.kl[:, names.index("none/none")] > 0).all()
+    assert np.nanmin(sc.kl) > -1e-6  # KL is non-negative up to float rounding
+    again = score_variants(CFG, params, ev, bw, SPACE.variants(), run, mode="joint")
+    assert again.evaluations == 0 and np.array_equal(again.kl, sc.kl)
+    allowed = np.ones_like(sc.kl, bool)
+    allowed[1, 0] = False
+    masked = score_variants(CFG, params, ev, bw, SPACE.variants(), run, mode="joint", allowed=allowed)
+    assert np.isnan(masked.kl[1, 0]) and np.isfinite(masked.kl[1, 1:]).all()
+
+    # blockwise resume: delete one result, truncate another → exactly those two are trained again
+    gone = result_path(run, 1, "attention", P("gqa1/none").attention)
+    broken = result_path(run, 2, "ffn", P("none/mlp256").ffn)
+    gone.unlink()
+    broken.write_bytes(broken.read_bytes()[:100])
+    before = {f: f.stat().st_mtime_ns for f in (run / "blocks").rglob("*.npz") if f not in (gone, broken)}
+    bw2 = blockwise_distill(CFG, params, calib, SPACE.variants(), run, FAST)
+    assert bw2.computed == 2
+    assert gone.is_file() and bw2.info(2, "ffn", P("none/mlp256").ffn)["steps"] == FAST.steps
+    assert {f: f.stat().st_mtime_ns for f in before} == before  # nothing else rewritten
+    assert not list((run / "blocks").rglob(".*tmp-*"))
+
+
+def _corpus(path: Path, n=120) -> Path:
+    words = ("the quick brown fox jumps over lazy dog pruning removes least important heads neurons channels "
+             "distillation teaches student match teacher distribution perplexity exponential mean jax compiles "
+             "pure functions with xla shards them over mesh").split()
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for k in range(n):
+            f.write(json.dumps({"text": f"doc {k}: " + " ".join(rng.choice(words, 40)) + "."}) + "\n")
+    return path
+
+
+def test_search_under_a_params_target(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from utils import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    params = _params(3)
+    data = _corpus(tmp_path / "data.jsonl")
+    space = SearchSpace.parse(CFG, "gqa2,gqa1,none", "mlp512,mlp256,none")
+    target = 0.8 * count_params(CFG)
+    settings = SearchSettings(seq_len=SEQ, calib_tokens=16 * SEQ, eval_windows=4, eval_batch=2, scoring="joint",
+                              runner_ups=2, blockwise=FAST)
+    res = run_search(CFG, params, tok, data, tmp_path / "run", space=space, targets=Targets(params=target),
+                     settings=settings, parent_name="tiny")
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert r["chosen"]["params"] <= target and r["chosen"]["params"] == hetero.count_params(res.hcfg)
+    assert r["chosen"]["targets"]["target-params"]["achieved"] == r["chosen"]["params"]
+    assert len(r["runner_ups"]) == 2 and all(s["summed_kl"] >= r["chosen"]["summed_kl"] for s in r["runner_ups"])
+    assert (tmp_path / "run" / "architecture.png").stat().st_size > 1000
+    assert "## Chosen" in (tmp_path / "run" / "report.md").read_text()
+
+    from minitron_jax.convert import load_model
+
+    m = load_model(tmp_path / "run" / "model")
+    assert m.config == res.hcfg
+    logits = hetero.forward(m.config, m.params, jnp.asarray(_windows(2, 5)))
+    assert logits.shape == (2, SEQ, CFG.vocab_size) and bool(jnp.isfinite(logits).all())
+
+    # each chosen block, loaded back from the saved model, replaced alone into the parent scores what the report says
+    ev = ActivationStore(tmp_path / "run" / "acts" / "eval")
+    scorer = Scorer(CFG, params, ev, batch=2)
+    layers = hetero.unstack_layers(m.config, m.params)
+    names = r["variants"]
+    for i, b in enumerate(r["chosen"]["blocks"]):
+        expected = r["scores"]["kl"][i][names.index(b)]
+        kl, _ = scorer.score(i, P(b), layers[i])
+        assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6), (i, b)
+    assert sum(r["scores"]["kl"][i][names.index(b)] for i, b in enumerate(r["chosen"]["blocks"])) == \
+        pytest.approx(r["chosen"]["summed_kl"], rel=1e-9)
+
+    # a rerun with another target trains nothing and scores nothing; another space is refused
+    res2 = run_search(CFG, params, tok, data, tmp_path / "run", space=space,
+                      targets=Targets(params=0.9 * count_params(CFG)), settings=settings, parent_name="tiny")
+    assert res2.report["blockwise"]["trained_now"] == 0 and res2.report["scores"]["evaluations"] == 0
+    with pytest.raises(ValueError, match="another search space"):
+        run_search(CFG, params, tok, data, tmp_path / "run", space=SearchSpace.parse(CFG, "gqa2,none", "mlp512,none"),
+                   targets=Targets(params=count_params(CFG)), settings=settings)
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "minitron_jax.puzzle", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_end_to_end_and_refusals(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from utils import tiny_tokenizer
+
+    from minitron_jax.convert.orbax import save_model
+
+    parent = save_model(tmp_path / "parent", CFG, _params(4), tokenizer=tiny_tokenizer())
+    data = _corpus(tmp_path / "data.jsonl")
+    common = ["--parent", str(parent), "--data", str(data), "--attention", "gqa2,none", "--ffn", "mlp512,mlp256,none",
+              "--seq-len", str(SEQ), "--calib-tokens", str(8 * SEQ), "--eval-windows", "2", "--steps", "3",
+              "--runner-ups", "1"]
+    bad = _cli(*common, "--out", str(tmp_path / "bad"), "--target-params", "1000", cwd=ROOT)
+    assert bad.returncode == 2, bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: infeasible targets: target-params") and "smallest possible" in last
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+    out = tmp_path / "out"
+    ok = _cli(*common, "--out", str(out), "--target-params", str(int(0.85 * count_params(CFG))), cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert str(out / "model") in ok.stdout and (out / "report.json").is_file()
+    r = json.loads((out / "report.json").read_text())
+    assert r["chosen"]["params"] <= 0.85 * count_params(CFG)
+
+    other = _cli(*common[:4], "--attention", "gqa1,none", *common[6:], "--out", str(out), "--target-params",
+                 str(int(0.85 * count_params(CFG))), cwd=ROOT)
+    assert other.returncode == 2 and "another search space" in other.stderr.strip().splitlines()[-1]
