@@ -55,9 +55,15 @@ def load_model(path: str | Path, dtype=None, *, with_tokenizer: bool = True,
     fmt = detect_format(path)
     tokenizer_dir: Path | None = path
     if fmt == "hf":
-        from minitron_jax.convert.hf import load_hf_params
+        config = config_from_json_file(path / "config.json")
+        if isinstance(config, HeteroConfig):  # a DeciLM (nemotron-nas) directory: per-layer blocks
+            from minitron_jax.convert.deci_hf import load_deci_hf
 
-        config, params = load_hf_params(path, dtype=dtype, progress=progress)
+            config, params = load_deci_hf(path, dtype=dtype, progress=progress, config=config)
+        else:
+            from minitron_jax.convert.hf import load_hf_params
+
+            config, params = load_hf_params(path, config=config, dtype=dtype, progress=progress)
     elif fmt == "orbax":
         from minitron_jax.convert.orbax import load_model as load_orbax
 
@@ -88,6 +94,16 @@ def params_from_hf_tensors(config: AnyConfig, get_tensor, dtype=None, progress=N
     else:
         from minitron_jax.convert.hf import params_from_hf_tensors as from_tensors
     return from_tensors(config, get_tensor, dtype=dtype, progress=progress)
+
+
+def hf_tensor_count(config: AnyConfig) -> int:
+    """How many HF-named tensors a model of ``config`` has (Llama names, or DeciLM's for a heterogeneous model):
+    the length of a conversion's progress bar."""
+    if isinstance(config, HeteroConfig):
+        from minitron_jax.convert.deci_hf import deci_tensor_specs as specs
+    else:
+        from minitron_jax.convert.hf import hf_tensor_specs as specs
+    return sum(1 for _ in specs(config))
 
 
 def read_source_config(path: str | Path, fmt: str | None = None) -> AnyConfig:

@@ -17,7 +17,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -93,13 +93,14 @@ def hf_tensor_specs(config: LlamaConfig) -> Iterator[tuple[str, str, int | None,
     for key in param_axes(config):
         if key == "layers":
             continue
-        yield TOP_NAMES[key].template, key, None, _hf_shape(shapes[key], TOP_NAMES[key])
+        yield TOP_NAMES[key].template, key, None, hf_shape(shapes[key], TOP_NAMES[key])
     for key, shape in shapes["layers"].items():
         for i in range(config.num_layers):
-            yield LAYER_NAMES[key].template.format(i=i), key, i, _hf_shape(shape[1:], LAYER_NAMES[key])
+            yield LAYER_NAMES[key].template.format(i=i), key, i, hf_shape(shape[1:], LAYER_NAMES[key])
 
 
-def _hf_shape(shape: tuple[int, ...], name: HFName) -> tuple[int, ...]:
+def hf_shape(shape: tuple[int, ...], name: HFName) -> tuple[int, ...]:
+    """HF's shape of the tensor that holds our (per-layer) array of ``shape``."""
     if name.n_in is None:
         return shape
     if name.n_in == 0:
@@ -331,12 +332,14 @@ def first_nonfinite(tree: Any, name: str = "") -> str | None:
     return None
 
 
-def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer: Any = None,
+def save_hf(path: str | Path, config: Any, params: Params, *, tokenizer: Any = None,
             tokenizer_dir: str | Path | None = None, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             overwrite: bool = False, generation_config: dict | None = None,
             progress: Callable[[str], None] | None = None, sources: Sequence[str | Path | None] = (),
             card: Any = None) -> Path:
-    """Write an HF ``LlamaForCausalLM`` directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``LlamaForCausalLM`` for a
+    :class:`LlamaConfig`; for a heterogeneous :class:`~minitron_jax.hetero.HeteroConfig`, the Nemotron-NAS
+    (``DeciLMForCausalLM``) layout with its modeling files (:func:`minitron_jax.convert.deci_hf.save_deci_hf`).
 
     Written into a temporary sibling directory and renamed into place at the end, so a crash never leaves a
     half-written model at ``path``. Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``.
@@ -344,8 +347,33 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
     inputs, e.g. the model converted) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``.
     ``card``: a :class:`~minitron_jax.convert.model_card.ModelCard` written as the directory's ``README.md``, inside
     the same atomic write (a model never appears without its card)."""
+    from minitron_jax.hetero import HeteroConfig
+
+    kwargs = dict(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  overwrite=overwrite, generation_config=generation_config, progress=progress, sources=sources,
+                  card=card)
+    if isinstance(config, HeteroConfig):
+        from minitron_jax.convert.deci_hf import save_deci_hf
+
+        return save_deci_hf(path, config, params, **kwargs)
+    return write_hf_directory(path, config.to_hf(), iter_hf_tensors(config, params, dtype), params, **kwargs)
+
+
+def write_hf_directory(path: str | Path, hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]],
+                       params: Params, *, tokenizer: Any = None, tokenizer_dir: str | Path | None = None,
+                       dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                       generation_config: dict | None = None, progress: Callable[[str], None] | None = None,
+                       sources: Sequence[str | Path | None] = (), card: Any = None,
+                       extra_files: Callable[[Path], None] | None = None) -> Path:
+    """The one writer of HF directories (Llama and DeciLM alike): ``tensors`` (HF name, array), produced lazily
+    from ``params``, go into safetensors shards; ``hf_config`` into ``config.json`` with the stored dtype as
+    ``torch_dtype``; then ``generation_config.json``, the tokenizer, ``extra_files(tmp)`` (files a layout ships
+    beside its weights, e.g. modeling code) and the card, all inside one atomic directory write. ``params`` is
+    checked for NaN/inf before anything is written. ``dtype`` is only recorded here (``tensors`` are already
+    cast)."""
     from safetensors.numpy import save_file
 
+    del dtype  # the tensors come cast; kept in the signature so save_hf's keyword arguments pass straight through
     if not (isinstance(max_shard_bytes, numbers.Real) and max_shard_bytes > 0):  # <= 0 wrote one file per tensor
         raise BadInputError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     bad = first_nonfinite(params)  # a NaN/inf model loads fine and generates garbage: refuse before writing
@@ -368,7 +396,7 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
         weight_map: dict[str, str] = {}
         total = 0
         out_dtype = None
-        for hf_name, arr in iter_hf_tensors(config, params, dtype):
+        for hf_name, arr in tensors:
             out_dtype = arr.dtype
             if shard_bytes and shard_bytes + arr.nbytes > max_shard_bytes:
                 flush()
@@ -389,7 +417,7 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
                      "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-        hf_config = config.to_hf()
+        hf_config = dict(hf_config)
         hf_config["torch_dtype"] = _TORCH_DTYPE_NAMES.get(np.dtype(out_dtype), "float32")
         hf_config.pop("dtype", None)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -403,6 +431,8 @@ def save_hf(path: str | Path, config: LlamaConfig, params: Params, *, tokenizer:
             tokenizer.save_pretrained(str(tmp))
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        if extra_files is not None:
+            extra_files(tmp)
         if card is not None:
             from minitron_jax.convert.model_card import write_model_card
 

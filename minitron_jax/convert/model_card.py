@@ -64,7 +64,7 @@ BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune", None)
 # Architecture rows, in the order shown, with their labels.
 ARCHITECTURE_ROWS = (("layers", "Layers"), ("hidden", "Hidden size"), ("ffn", "FFN size"),
                      ("heads", "Attention heads"), ("kv_heads", "KV heads"), ("head_dim", "Head dim"),
-                     ("vocab", "Vocabulary"), ("params", "Parameters"))
+                     ("vocab", "Vocabulary"), ("params", "Parameters"), ("blocks", "Blocks (attention/FFN)"))
 
 # Known evaluation columns: (row key, header, formatter). Unknown keys still get a column (generic formatting).
 # Perplexity to 2 decimals and accuracies to 3: the differences the pipeline reports live in those digits, and
@@ -124,6 +124,9 @@ class ModelCard:
     format: str = "hf"
     pipeline_tag: str = "text-generation"
     chat_template: bool = True  # the tokenizer has one: the transformers snippet chats instead of completing text
+    # The HF directory's model class is code shipped beside the weights (a heterogeneous DeciLM export): the
+    # transformers snippet must pass trust_remote_code=True.
+    remote_code: bool = False
     description: str | None = None
     # How this model relates to base_model on the Hub. "finetune" for our pruned + distilled students (see the
     # module docstring); "quantized" for a plain conversion that lowered the precision; None for a conversion that
@@ -363,7 +366,9 @@ def _usage_section(card: ModelCard) -> list[str]:
                   "AutoTokenizer", "",
                   f'path = {json.dumps(hf)}  # this directory, or its Hub id once uploaded',
                   "tokenizer = AutoTokenizer.from_pretrained(path)",
-                  "model = AutoModelForCausalLM.from_pretrained(path)",
+                  "model = AutoModelForCausalLM.from_pretrained(path" +
+                  (", trust_remote_code=True)  # runs modeling_decilm.py from this directory" if card.remote_code
+                   else ")"),
                   prompt.rstrip("\n"),
                   "outputs = model.generate(**inputs, max_new_tokens=64)",
                   'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))',
@@ -461,13 +466,40 @@ def write_model_card(directory: str | os.PathLike, card: ModelCard, *, overwrite
 # What the card needs from elsewhere
 
 
-def architecture_of(config) -> dict[str, int]:
-    """The architecture rows of a :class:`~minitron_jax.config.LlamaConfig` (params counted as HF does)."""
-    from minitron_jax.model import count_params  # lazy: rendering a card should not need jax
+def architecture_of(config) -> dict[str, Any]:
+    """The architecture rows of a :class:`~minitron_jax.config.LlamaConfig` (params counted as HF does), or of a
+    heterogeneous :class:`~minitron_jax.hetero.HeteroConfig`: its FFN widths and KV heads vary by layer, so those
+    rows give the range over the layers that have the sub-block, and a ``blocks`` row lists the runs of equal
+    layers (``gqa2/mlp512 x3, linear/none, ...``)."""
+    from minitron_jax import arch  # lazy: rendering a card should not need jax
 
-    return {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
-            "heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
-            "vocab": config.vocab_size, "params": count_params(config)}
+    if not arch.is_hetero(config):
+        return {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
+                "heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
+                "vocab": config.vocab_size, "params": arch.count_params(config)}
+    base = config.base
+    widths = [b.ffn.width for b in config.blocks if b.ffn.kind == "mlp"]
+    kv = [b.attention.kv_heads for b in config.blocks if b.attention.kind == "gqa"]
+    runs = ", ".join(spec.describe() + (f" x{stop - start}" if stop - start > 1 else "")
+                     for start, stop, spec in config.segments())
+    return {"layers": config.num_layers, "hidden": base.hidden_size, "ffn": _per_layer(widths),
+            "heads": base.num_heads, "kv_heads": _per_layer(kv), "head_dim": base.head_dim,
+            "vocab": base.vocab_size, "params": arch.count_params(config), "blocks": runs}
+
+
+def is_remote_code(config) -> bool:
+    """Whether an HF export of ``config`` needs ``trust_remote_code`` (a heterogeneous model, written as DeciLM)."""
+    from minitron_jax import arch
+
+    return arch.is_hetero(config)
+
+
+def _per_layer(values: list[int]) -> Any:
+    # One number when every layer agrees (the row then reads as a uniform model's), else the range.
+    if not values:
+        return "none"
+    lo, hi = min(values), max(values)
+    return lo if lo == hi else f"{lo}–{hi} (per layer)"
 
 
 def _hub_id_from_url(url: Any) -> str | None:
@@ -607,5 +639,5 @@ def derived_card(name: str, config, source: str | os.PathLike | None, method: Ma
         except (OSError, ValueError):
             fields, before = {}, None
     return ModelCard(name=name, **fields, architecture_before=before, architecture_after=architecture_of(config),
-                     method=method, chat_template=bool(getattr(tokenizer, "chat_template", None)) if tokenizer
-                     is not None else True)
+                     remote_code=is_remote_code(config), method=method,
+                     chat_template=bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else True)

@@ -12,8 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from minitron_jax.convert import detect_format, load_model, read_source_config
-from minitron_jax.convert.hf import hf_tensor_specs
+from minitron_jax.convert import detect_format, hf_tensor_count, load_model, read_source_config
 from minitron_jax.exitcodes import BadInputError
 from minitron_jax.fsutil import check_destination
 
@@ -51,9 +50,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     already there: it is not ours to replace)."""
     import jax
 
+    from minitron_jax.arch import count_params  # either kind of model
     from minitron_jax.convert import orbax as checkpoint
     from minitron_jax.convert.hf import DEFAULT_SHARD_BYTES, save_hf
-    from minitron_jax.model import count_params
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -73,7 +72,7 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
     check_destination(dst, overwrite=overwrite, sources=[src])
     fmt = detect_format(src)
 
-    n_tensors = sum(1 for _ in hf_tensor_specs(read_source_config(src, fmt)))
+    n_tensors = hf_tensor_count(read_source_config(src, fmt))
     progress, tick = _progress(f"reading {fmt}", n_tensors)
     with progress if not quiet else contextlib.nullcontext():
         m = load_model(src, dtype=np_dtype, progress=None if quiet else tick)
@@ -100,11 +99,11 @@ def conversion_card(src: Path, fmt: str, dst: Path, config, tokenizer, *, quanti
     """The model card of a plain conversion: the source's license and base model carried over, the architecture,
     and no method (nothing was pruned or trained). ``quantized``: the weights lost precision (a cast or a quant
     type below f32), which the Hub calls relation ``quantized``; a lossless conversion leaves the relation out."""
-    from minitron_jax.convert.model_card import ModelCard, architecture_of, source_card_fields
+    from minitron_jax.convert.model_card import ModelCard, architecture_of, is_remote_code, source_card_fields
 
     fields = source_card_fields(src) if fmt in ("gguf", "hf") else {}
     return ModelCard(name=dst.stem if form == "gguf" else dst.name, **fields,
-                     architecture_after=architecture_of(config),
+                     architecture_after=architecture_of(config), remote_code=form == "hf" and is_remote_code(config),
                      files={"gguf": gguf_file} if gguf_file else {}, format=form, tags=("minitron_jax",),
                      base_model_relation="quantized" if quantized else None,
                      chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -130,7 +129,7 @@ def _convert_gguf(src: Path, dst: Path, *, dtype: str | None, quant: str | None,
     if card and readme.exists():
         raise BadInputError(f"--card: {readme} already exists; not replacing it (move it, or leave out --card)")
     fmt = detect_format(src)
-    n_tensors = sum(1 for _ in hf_tensor_specs(read_source_config(src, fmt)))
+    n_tensors = hf_tensor_count(read_source_config(src, fmt))
     progress, tick = _progress(f"reading {fmt}", n_tensors)
     with progress if not quiet else contextlib.nullcontext():
         m = load_model(src, dtype=np.float32, progress=None if quiet else tick)
