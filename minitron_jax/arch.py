@@ -86,12 +86,44 @@ def hidden_states(config: AnyConfig, params: Params, tokens: jax.Array, **kwargs
     return _impl(config).hidden_states(config, params, tokens, **kwargs)
 
 
+def lm_head(config: AnyConfig, params: Params) -> jax.Array:
+    """The [D, V] output projection (the embedding transposed when tied)."""
+    return model.lm_head(base_config(config), params)
+
+
+def init_cache(config: AnyConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache for ``hidden_states(cache=...)``: ``{"k","v": [L, B, length, K, Hd]}`` for a uniform
+    model, ``hetero.init_cache``'s per-segment dict for a heterogeneous one. In both, every array's slot axis is
+    axis 2 (so ``jax.tree.map`` pads or slices any of them alike)."""
+    if is_hetero(config):
+        return hetero.init_cache(config, batch, length, dtype)
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def stacked_collected(config: AnyConfig, collected):
+    """``hidden_states(collect=...)``'s result as one stack over all layers ([L, ...] leaves): unchanged for a
+    uniform model; a heterogeneous model's per-segment list concatenated along the layer axis, which needs every
+    segment to have collected the same tree (e.g. only ``layer_out``, which every kind of layer has)."""
+    if not is_hetero(config):
+        return collected
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *collected)
+
+
 def logits_from_hidden(config: AnyConfig, params: Params, h: jax.Array) -> jax.Array:
     return model.logits_from_hidden(base_config(config), params, h)
 
 
 def forward(config: AnyConfig, params: Params, tokens: jax.Array, **kwargs):
     return _impl(config).forward(config, params, tokens, **kwargs)
+
+
+def attention_layers(config: AnyConfig) -> int:
+    """How many layers attend over the sequence (GQA): all of a uniform model's, a heterogeneous model's gqa
+    blocks. What the per-token attention FLOPs (``4·L_attn·H·Hd·T``) and the KV cache scale with."""
+    if is_hetero(config):
+        return sum(b.attention.kind == "gqa" for b in config.blocks)
+    return config.num_layers
 
 
 def describe(config: AnyConfig) -> str:

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import Params, hidden_states, logits_from_hidden
+from minitron_jax.arch import AnyConfig, base_config, hidden_states, init_cache, logits_from_hidden
+from minitron_jax.model import Params
 
 # Incremented while tracing (a Python side effect, so it runs once per trace, never per execution).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -120,11 +120,12 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, length: int | None =
 # The two compiled programs
 # ------------------------------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype", "cache_dtype"))
-def prefill(config: LlamaConfig, params: Params, tokens: jax.Array, valid: jax.Array, *, cache_len: int,
+def prefill(config: AnyConfig, params: Params, tokens: jax.Array, valid: jax.Array, *, cache_len: int,
             dtype=jnp.float32, cache_dtype=jnp.float32):
     """Run left-padded prompts [B, P] through the model.
 
-    Returns ``(last_logits [B, V] float32, cache {"k","v": [L, B, cache_len, K, Hd]}, cache_valid [B, cache_len],
+    Returns ``(last_logits [B, V] float32, cache (``arch.init_cache``'s layout: {"k","v": [L, B, cache_len, K, Hd]}
+    for a uniform model, one such dict per attention segment of a heterogeneous one), cache_valid [B, cache_len],
     next_positions [B])``: the logits after each row's last prompt token, the cache with the prompt in slots
     ``0..P-1`` (pads invalid), and each row's RoPE position for its next token."""
     TRACE_COUNTS["prefill"] += 1
@@ -132,18 +133,18 @@ def prefill(config: LlamaConfig, params: Params, tokens: jax.Array, valid: jax.A
     if cache_len < P:
         raise ValueError(f"cache_len {cache_len} < prompt length {P}")
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
-    shape = (config.num_layers, B, P, config.num_kv_heads, config.head_dim)
-    cache = {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)}
+    cache = init_cache(config, B, P, cache_dtype)
     h, _, cache = hidden_states(config, params, tokens, positions=positions, dtype=dtype, cache=cache,
                                 cache_index=0, cache_valid=valid)
     logits = logits_from_hidden(config, params, h[:, -1])
     extra = cache_len - P
+    # Slots are axis 2 of every cache array, uniform or per segment (segments without attention hold None).
     cache = jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), cache)
     cache_valid = jnp.pad(valid, ((0, 0), (0, extra)))
     return logits, cache, cache_valid, positions[:, -1] + 1
 
 
-def decode_step(config: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict,
+def decode_step(config: AnyConfig, params: Params, tokens: jax.Array, positions: jax.Array, cache: dict,
                 cache_valid: jax.Array, index: jax.Array, *, dtype=jnp.float32):
     """Feed one token per row (tokens, positions [B]) into cache slot ``index``.
 
@@ -157,7 +158,7 @@ def decode_step(config: LlamaConfig, params: Params, tokens: jax.Array, position
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids", "dtype",
                                              "return_logits"))
-def decode(config: LlamaConfig, params: Params, first_logits: jax.Array, cache: dict, cache_valid: jax.Array,
+def decode(config: AnyConfig, params: Params, first_logits: jax.Array, cache: dict, cache_valid: jax.Array,
            positions: jax.Array, start_index: jax.Array, key: jax.Array, *, max_new_tokens: int, sampling: Sampling,
            eos_ids: tuple[int, ...] = (), dtype=jnp.float32, return_logits: bool = False):
     """Sample ``max_new_tokens`` tokens after a prefill, inside one ``while_loop``.
@@ -213,7 +214,7 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
     return tuple(sorted({int(e) for e in eos_token_id}))
 
 
-def generate(config: LlamaConfig, params: Params, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
+def generate(config: AnyConfig, params: Params, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_token_id: int | Sequence[int] | None = None, dtype=jnp.float32, cache_dtype=None,
              return_logits: bool = False):
@@ -267,7 +268,7 @@ def default_eos(model) -> tuple[int, ...]:
     """End-of-sequence ids of a :class:`~minitron_jax.convert.LoadedModel`: the config's ``eos_token_id`` (one or a
     list) plus the tokenizer's, sorted; empty when neither names one."""
     ids: set[int] = set()
-    cfg_eos = model.config.extra_dict.get("eos_token_id")
+    cfg_eos = base_config(model.config).extra_dict.get("eos_token_id")
     if cfg_eos is not None:
         ids.update([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos)
     tok_eos = getattr(model.tokenizer, "eos_token_id", None)

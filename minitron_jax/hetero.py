@@ -4,7 +4,8 @@ The model is :mod:`minitron_jax.model` with the one stack of identical layers re
 blocks (:func:`minitron_jax.blocks.segments`) — each stacked on a leading ``layer`` axis and run with one
 ``jax.lax.scan``. A segment's params use the names and axis layout of ``model.py``'s ``layers`` dict (by kind), so
 a uniform model's ``params["layers"]`` *is* its single segment (:func:`from_uniform` / :func:`to_uniform`), and a
-GQA + MLP segment runs through ``model.decoder_layer`` itself: a heterogeneous model whose blocks equal a uniform
+GQA + MLP segment runs through ``model.decoder_layer`` itself (other kinds through its halves,
+``model.attention_block`` / ``model.mlp_block``): a heterogeneous model whose blocks equal a uniform
 model's computes exactly the same numbers.
 
 Per kind, a segment holds (``n`` = the segment's layers, K = its KV heads, G = num_heads // K, F = its width):
@@ -86,6 +87,37 @@ class HeteroConfig:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    # The settings every layer shares read straight through to the base, so code that runs either kind of model
+    # (evaluation windows, vocab checks, decoding) needs no case of its own. The per-layer ones (num_kv_heads,
+    # intermediate_size, q_per_kv) deliberately do not: using them on a heterogeneous model is a bug to surface.
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.base.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.base.head_dim
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.base.max_position_embeddings
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.base.tie_word_embeddings
+
+    @property
+    def extra_dict(self) -> dict:
+        return self.base.extra_dict
 
     def segments(self) -> list[tuple[int, int, BlockSpec]]:
         return segments(self.blocks)
@@ -381,109 +413,166 @@ def unstack_layers(hcfg: HeteroConfig, params: Params) -> list[Params]:
 # ------------------------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------------------------
-def _dense(x, w, spec, dtype):
-    # The forward of model.decoder_layer's matmuls (its custom-VJP wrapper only changes how the weight gradient is
-    # laid out on CPU), so these sub-blocks compute the same numbers as the ones inside decoder_layer.
-    return jnp.einsum(spec, x, w.astype(dtype))
+def linear_block(base: LlamaConfig, norm: jax.Array, w: jax.Array, h, *, dtype, keep: jax.Array | None = None):
+    """``h + keep * (rms_norm(h) @ W)``: DeciLM's ``replace_with_linear`` sub-block (attention or FFN). Returns
+    ``(h_out, normed input, update)``; the matmul is ``model.dense`` so its weight gradient takes the same 2-D
+    path as every other layer matmul."""
+    x = model.rms_norm(h, norm, base.rms_norm_eps)
+    out = model.dense(x, w, "btd,de->bte", dtype)
+    if keep is not None:
+        out = out * keep.astype(dtype)
+    return h + out, x, out
 
 
-def gqa_half(base: LlamaConfig, p: Params, h, cos, sin, mask, *, dtype, attention: str = "einsum"):
-    """``h + attention(rms_norm(h))``: the attention half of ``model.decoder_layer``, with this layer's KV heads."""
-    x = model.rms_norm(h, p["attn_norm"], base.rms_norm_eps)
-    q = _dense(x, p["q"], "btd,dkgh->btkgh", dtype)
-    k = _dense(x, p["k"], "btd,dkh->btkh", dtype)
-    v = _dense(x, p["v"], "btd,dkh->btkh", dtype)
-    if base.attention_bias:
-        q = q + p["q_bias"].astype(dtype)
-        k = k + p["k_bias"].astype(dtype)
-        v = v + p["v_bias"].astype(dtype)
-    q = model.apply_rope(q, cos, sin)
-    k = model.apply_rope(k, cos, sin)
-    heads = model.ATTENTION_IMPLS[attention](q, k, v, mask)
-    out = _dense(heads, p["o"], "btkgh,kghd->btd", dtype)
-    if base.attention_bias:
-        out = out + p["o_bias"].astype(dtype)
-    return h + out
+def layer(base: LlamaConfig, spec: BlockSpec, p: Params, h, cos, sin, mask, *, dtype, cache: dict | None = None,
+          cache_index=None, keep: jax.Array | None = None, attention: str = "einsum"):
+    """One layer of kind ``spec`` (params without the leading axis), as ``model.decoder_layer`` returns it:
+    ``(h_out, intermediates, new cache slice or None)``.
 
-
-def mlp_half(base: LlamaConfig, p: Params, h, *, dtype):
-    """``h + mlp(rms_norm(h))``: the FFN half of ``model.decoder_layer``, with this layer's width."""
-    y = model.rms_norm(h, p["mlp_norm"], base.rms_norm_eps)
-    gate = _dense(y, p["gate"], "btd,df->btf", dtype)
-    up = _dense(y, p["up"], "btd,df->btf", dtype)
-    if base.mlp_bias:
-        gate = gate + p["gate_bias"].astype(dtype)
-        up = up + p["up_bias"].astype(dtype)
-    out = _dense(jax.nn.silu(gate) * up, p["down"], "btf,fd->btd", dtype)
-    if base.mlp_bias:
-        out = out + p["down_bias"].astype(dtype)
-    return h + out
-
-
-def linear_half(base: LlamaConfig, norm: jax.Array, w: jax.Array, h, *, dtype):
-    """``h + rms_norm(h) @ W``: DeciLM's ``replace_with_linear`` sub-block (attention or FFN)."""
-    return h + _dense(model.rms_norm(h, norm, base.rms_norm_eps), w, "btd,de->bte", dtype)
+    The halves are model.py's own (``attention_block`` / ``mlp_block``), so a gqa/mlp layer is
+    ``model.decoder_layer`` itself and the other kinds share its numerics. The intermediates hold ``layer_in`` and
+    ``layer_out`` always, and the keys of the sub-blocks the layer has: gqa → ``attn_norm_out, attn_heads,
+    attn_out``; linear attention → ``attn_norm_out, attn_out``; mlp → ``mlp_norm_out, mlp_preact, mlp_act``;
+    linear FFN → ``mlp_norm_out, mlp_out``. Only a gqa layer has (and returns) a KV-cache slice."""
+    if spec.attention.kind == "gqa" and spec.ffn.kind == "mlp":
+        # The plain Llama layer runs through model.py's own code, so uniform models agree bit for bit.
+        return model.decoder_layer(base, p, h, cos, sin, mask, dtype=dtype, cache=cache, cache_index=cache_index,
+                                   keep=keep, attention=attention)
+    inter: dict[str, jax.Array] = {"layer_in": h}
+    new_cache = None
+    if spec.attention.kind == "gqa":
+        h, attn_inter, new_cache = model.attention_block(base, p, h, cos, sin, mask, dtype=dtype, cache=cache,
+                                                         cache_index=cache_index, keep=keep, attention=attention)
+        inter.update(attn_inter)
+    elif spec.attention.kind == "linear":
+        h, x, out = linear_block(base, p["attn_norm"], p["attn_linear"], h, dtype=dtype, keep=keep)
+        inter.update(attn_norm_out=x, attn_out=out)
+    if spec.ffn.kind == "mlp":
+        h, mlp_inter = model.mlp_block(base, p, h, dtype=dtype, keep=keep)
+        inter.update(mlp_inter)
+    elif spec.ffn.kind == "linear":
+        h, y, out = linear_block(base, p["mlp_norm"], p["ffn_linear"], h, dtype=dtype, keep=keep)
+        inter.update(mlp_norm_out=y, mlp_out=out)
+    inter["layer_out"] = h
+    return h, inter, new_cache
 
 
 def apply_block(base: LlamaConfig, spec: BlockSpec, p: Params, h, cos, sin, mask, *, dtype,
                 attention: str = "einsum"):
     """One layer of kind ``spec`` (params without the leading axis): [B, T, D] → [B, T, D]."""
-    if spec.attention.kind == "gqa" and spec.ffn.kind == "mlp":
-        # The plain Llama layer runs through model.py's own code, so uniform models agree bit for bit.
-        out, _, _ = model.decoder_layer(base, p, h, cos, sin, mask, dtype=dtype, attention=attention)
-        return out
-    if spec.attention.kind == "gqa":
-        h = gqa_half(base, p, h, cos, sin, mask, dtype=dtype, attention=attention)
-    elif spec.attention.kind == "linear":
-        h = linear_half(base, p["attn_norm"], p["attn_linear"], h, dtype=dtype)
-    if spec.ffn.kind == "mlp":
-        h = mlp_half(base, p, h, dtype=dtype)
-    elif spec.ffn.kind == "linear":
-        h = linear_half(base, p["mlp_norm"], p["ffn_linear"], h, dtype=dtype)
-    return h
+    return layer(base, spec, p, h, cos, sin, mask, dtype=dtype, attention=attention)[0]
+
+
+def has_cache(spec: BlockSpec) -> bool:
+    """Whether a layer of ``spec`` keeps keys/values while decoding (only GQA attention does)."""
+    return spec.attention.kind == "gqa"
+
+
+def init_cache(hcfg: HeteroConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache ``{"segments": [{"k", "v": [n, B, length, K, Hd]} or None]}``: one entry per segment,
+    None for segments without GQA attention (a linear or removed attention has nothing to remember). The slot
+    axis is axis 2 of every array, as in the uniform model's ``[L, B, S, K, Hd]`` cache."""
+    segs = []
+    for start, stop, spec in hcfg.segments():
+        if has_cache(spec):
+            shape = (stop - start, batch, length, spec.attention.kv_heads, hcfg.base.head_dim)
+            segs.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+        else:
+            segs.append(None)
+    return {"segments": segs}
 
 
 def hidden_states(hcfg: HeteroConfig, params: Params, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                   positions: jax.Array | None = None, dtype=jnp.float32, remat: str = "none",
-                  attention: str = "einsum", activation_sharding: Any = None) -> jax.Array:
-    """Tokens [B, T] → ``(final-normed hidden states [B, T, D], collected, new_cache)`` as ``model.hidden_states``
-    returns them (no collect, no layer_keep, no KV cache yet: both None). Each segment is one ``lax.scan``; a
-    segment of ``none/none`` blocks is the identity and runs nothing."""
+                  collect: Callable[[dict], Any] | bool | None = None, layer_keep: jax.Array | None = None,
+                  cache: dict | None = None, cache_index=None, cache_valid: jax.Array | None = None,
+                  attention: str = "einsum", activation_sharding: Any = None):
+    """Tokens [B, T] → ``(final-normed hidden states [B, T, D], collected, new_cache)``: the arguments and results
+    of ``model.hidden_states``, segment by segment (each segment one ``lax.scan``), except:
+
+    - ``collected`` is a **list with one entry per segment**, each what ``model.hidden_states`` returns for a stack
+      of that segment's layers (``collect`` applied per layer, stacked over the segment's layers). The dict a
+      ``collect`` function sees has the keys of :func:`layer` for the segment's kind (a ``none/none`` layer:
+      ``layer_in`` and ``layer_out`` only), so a function that reads GQA/MLP keys works on gqa/mlp segments only.
+    - ``layer_keep`` is [L] over all layers; each segment takes its slice.
+    - ``cache`` is :func:`init_cache`'s ``{"segments": [...]}`` (None where a segment has no GQA attention) and
+      ``new_cache`` has the same layout.
+
+    A segment of ``none/none`` blocks is the identity and runs nothing (with ``collect``, only a scan that records
+    ``layer_in == layer_out`` per layer, so every layer has an entry)."""
     if remat not in model.REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(model.REMAT_POLICIES)}")
     if attention not in model.ATTENTION_IMPLS:
         raise ValueError(f"unknown attention {attention!r}; choose from {', '.join(model.ATTENTION_IMPLS)}")
-    if len(params["segments"]) != len(hcfg.segments()):
-        raise ValueError(f"params have {len(params['segments'])} segments, the config {len(hcfg.segments())}")
+    segs = hcfg.segments()
+    if len(params["segments"]) != len(segs):
+        raise ValueError(f"params have {len(params['segments'])} segments, the config {len(segs)}")
+    if layer_keep is not None and tuple(layer_keep.shape) != (hcfg.num_layers,):
+        raise ValueError(f"layer_keep has shape {tuple(layer_keep.shape)}, expected ({hcfg.num_layers},)")
+    seg_caches: list = [None] * len(segs)
+    if cache is not None:
+        seg_caches = list(cache["segments"])
+        if len(seg_caches) != len(segs):
+            raise ValueError(f"cache has {len(seg_caches)} segments, the config {len(segs)}")
+        for i, ((_, _, spec), c) in enumerate(zip(segs, seg_caches)):
+            if has_cache(spec) != (c is not None):
+                raise ValueError(f"cache segment {i} ({spec.describe()}) should be "
+                                 f"{'a k/v dict' if has_cache(spec) else 'None'}")
     base = hcfg.base
     constrain: Callable = ((lambda x: x) if activation_sharding is None
                            else (lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)))
     if positions is None:
         positions = model.default_positions(tokens, segment_ids)
+    collect_fn = (lambda d: d) if collect is True else collect
 
     h = constrain(jnp.take(params["embed"], tokens, axis=0).astype(dtype))
     cos, sin = model.rope_cos_sin(base, positions)
-    mask = model.attention_mask(positions, positions, segment_ids, segment_ids)
+    if cache is None:
+        mask = model.attention_mask(positions, positions, segment_ids, segment_ids)
+    else:
+        # The same slot mask as model.hidden_states; a model without any GQA layer has no cache and needs none.
+        first = next((c for c in seg_caches if c is not None), None)
+        mask = None
+        if first is not None:
+            S = first["k"].shape[2]
+            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (tokens.shape[0], S))
+            q_slot = cache_index + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+            mask = model.attention_mask(jnp.broadcast_to(q_slot, tokens.shape), k_pos, None, None, cache_valid)
 
-    for (_, _, spec), seg in zip(hcfg.segments(), params["segments"]):
+    collected: list = []
+    new_caches: list = []
+    for (start, stop, spec), seg, seg_cache in zip(segs, params["segments"], seg_caches):
         if spec.attention.kind == "none" and spec.ffn.kind == "none":
+            new_caches.append(None)
+            if collect_fn is not None:
+                _, c = jax.lax.scan(lambda carry, _: (carry, collect_fn({"layer_in": carry, "layer_out": carry})),
+                                    h, None, length=stop - start)
+                collected.append(c)
             continue
+        keep = None if layer_keep is None else layer_keep[start:stop]
 
-        def body(carry, layer_p, spec=spec):
-            out = apply_block(base, spec, layer_p, constrain(carry), cos, sin, mask, dtype=dtype,
-                              attention=attention)
-            return constrain(out), None
+        def body(carry, xs, spec=spec):
+            layer_p, k, c = xs
+            out, inter, nc = layer(base, spec, layer_p, constrain(carry), cos, sin, mask, dtype=dtype, cache=c,
+                                   cache_index=cache_index, keep=k, attention=attention)
+            return constrain(out), (collect_fn(inter) if collect_fn is not None else None, nc)
 
         if remat != "none":
             body = jax.checkpoint(body, policy=model.REMAT_POLICIES[remat], prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, seg)
-    return model.rms_norm(h, params["final_norm"], base.rms_norm_eps), None, None
+        h, (c, nc) = jax.lax.scan(body, h, (seg, keep, seg_cache))
+        collected.append(c)
+        new_caches.append(nc)
+    h = model.rms_norm(h, params["final_norm"], base.rms_norm_eps)
+    return (h, collected if collect_fn is not None else None,
+            {"segments": new_caches} if cache is not None else None)
 
 
-def forward(hcfg: HeteroConfig, params: Params, tokens: jax.Array, **kwargs) -> jax.Array:
-    """Tokens [B, T] → float32 logits [B, T, V]; keyword arguments are those of :func:`hidden_states`."""
-    h, _, _ = hidden_states(hcfg, params, tokens, **kwargs)
-    return model.logits_from_hidden(hcfg.base, params, h)
+def forward(hcfg: HeteroConfig, params: Params, tokens: jax.Array, **kwargs):
+    """Tokens [B, T] → float32 logits [B, T, V]; with ``collect=...`` returns ``(logits, collected)`` (a list per
+    segment). Keyword arguments are those of :func:`hidden_states` (no cache: decoding is ``generate.py``'s)."""
+    h, collected, _ = hidden_states(hcfg, params, tokens, **kwargs)
+    logits = model.logits_from_hidden(hcfg.base, params, h)
+    return (logits, collected) if kwargs.get("collect") is not None else logits
 
 
 # ------------------------------------------------------------------------------------------------------------------

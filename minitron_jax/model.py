@@ -270,15 +270,22 @@ def _mm(x, w, spec, dtype):
 # ------------------------------------------------------------------------------------------------------------------
 # One decoder layer
 # ------------------------------------------------------------------------------------------------------------------
-def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, *, dtype,
-                  cache: dict | None = None, cache_index=None, keep: jax.Array | None = None,
-                  attention: str = "einsum"):
-    """One pre-norm Llama block. Returns (new hidden, intermediates dict, new cache slice or None).
+def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
+    """A layer matmul ``einsum(spec, x, w.astype(dtype))`` (x [B, T, *in], w [*in, *out]) whose weight gradient is
+    one 2-D ``dot_lhs_transposed`` over the B·T rows (see ``_dense``): every sub-block's matmuls go through this, the
+    heterogeneous model's linear replacements included."""
+    return _mm(x, w, spec, dtype)
 
-    ``keep`` (a 0/1 scalar) multiplies the block's residual updates: 0 makes the block an exact identity,
-    which is how layer-drop importance runs every "model minus one layer" without re-slicing params."""
-    eps = config.rms_norm_eps
-    x = rms_norm(h, p["attn_norm"], eps)
+
+def attention_block(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, *, dtype,
+                    cache: dict | None = None, cache_index=None, keep: jax.Array | None = None,
+                    attention: str = "einsum"):
+    """The attention half of a decoder layer: ``h + keep * attention(rms_norm(h))``.
+
+    Only ``rms_norm_eps`` and ``attention_bias`` are read from ``config``; the head counts come from the params'
+    shapes, so a heterogeneous model's GQA layers (each with its own KV heads) run this same code. Returns
+    ``(h_mid, intermediates, new cache slice or None)``."""
+    x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
     q = _mm(x, p["q"], "btd,dkgh->btkgh", dtype)
     k = _mm(x, p["k"], "btd,dkh->btkh", dtype)
     v = _mm(x, p["v"], "btd,dkh->btkh", dtype)
@@ -304,9 +311,14 @@ def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, 
         attn_out = attn_out + p["o_bias"].astype(dtype)
     if keep is not None:
         attn_out = attn_out * keep.astype(dtype)
-    h_mid = h + attn_out
+    inter = {"attn_norm_out": x, "attn_heads": heads, "attn_out": attn_out}
+    return h + attn_out, inter, new_cache
 
-    y = rms_norm(h_mid, p["mlp_norm"], eps)
+
+def mlp_block(config: LlamaConfig, p: Params, h: jax.Array, *, dtype, keep: jax.Array | None = None):
+    """The FFN half of a decoder layer: ``h + keep * mlp(rms_norm(h))``. Reads only ``rms_norm_eps`` and
+    ``mlp_bias`` from ``config`` (the width comes from the params). Returns ``(h_out, intermediates)``."""
+    y = rms_norm(h, p["mlp_norm"], config.rms_norm_eps)
     gate = _mm(y, p["gate"], "btd,df->btf", dtype)
     up = _mm(y, p["up"], "btd,df->btf", dtype)
     if config.mlp_bias:
@@ -318,18 +330,21 @@ def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, 
         mlp_out = mlp_out + p["down_bias"].astype(dtype)
     if keep is not None:
         mlp_out = mlp_out * keep.astype(dtype)
-    h_out = h_mid + mlp_out
+    return h + mlp_out, {"mlp_norm_out": y, "mlp_preact": gate, "mlp_act": act}
 
-    intermediates = {
-        "layer_in": h,
-        "attn_norm_out": x,
-        "attn_heads": heads,
-        "attn_out": attn_out,
-        "mlp_norm_out": y,
-        "mlp_preact": gate,
-        "mlp_act": act,
-        "layer_out": h_out,
-    }
+
+def decoder_layer(config: LlamaConfig, p: Params, h: jax.Array, cos, sin, mask, *, dtype,
+                  cache: dict | None = None, cache_index=None, keep: jax.Array | None = None,
+                  attention: str = "einsum"):
+    """One pre-norm Llama block: :func:`attention_block` then :func:`mlp_block`. Returns (new hidden,
+    intermediates dict, new cache slice or None).
+
+    ``keep`` (a 0/1 scalar) multiplies the block's residual updates: 0 makes the block an exact identity,
+    which is how layer-drop importance runs every "model minus one layer" without re-slicing params."""
+    h_mid, attn_inter, new_cache = attention_block(config, p, h, cos, sin, mask, dtype=dtype, cache=cache,
+                                                   cache_index=cache_index, keep=keep, attention=attention)
+    h_out, mlp_inter = mlp_block(config, p, h_mid, dtype=dtype, keep=keep)
+    intermediates = {"layer_in": h, **attn_inter, **mlp_inter, "layer_out": h_out}
     return h_out, intermediates, new_cache
 
 

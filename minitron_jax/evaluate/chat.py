@@ -25,18 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, hidden_states
 from minitron_jax.data.chat import ChatRecord, normalize_answer
 from minitron_jax.data.sft import sft_examples
 from minitron_jax.evaluate.perplexity import token_logprobs
 from minitron_jax.generate import bucket_length, generate
-from minitron_jax.model import Params, hidden_states
+from minitron_jax.model import Params
 
 __all__ = ["chat_eval", "assistant_nll", "exact_match", "row_nll"]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def row_nll(config: LlamaConfig, params: Params, rows: dict[str, jax.Array], dtype=jnp.float32):
+def row_nll(config: AnyConfig, params: Params, rows: dict[str, jax.Array], dtype=jnp.float32):
     """Per row: (Σ NLL over the loss-masked targets, Σ loss_mask) of packed-layout rows [B, T]."""
     tokens = rows["tokens"]
     h, _, _ = hidden_states(config, params, tokens, positions=rows["positions"], segment_ids=rows["segment_ids"],
@@ -48,7 +48,7 @@ def row_nll(config: LlamaConfig, params: Params, rows: dict[str, jax.Array], dty
     return -jnp.sum(lp.reshape(B, T) * w, axis=1), jnp.sum(w, axis=1)
 
 
-def assistant_nll(config: LlamaConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *, seq_len: int,
+def assistant_nll(config: AnyConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *, seq_len: int,
                   batch_size: int = 8, dtype=jnp.float32, progress: Callable[[int], None] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(NLL sum, assistant-token count) per record, with SFT's rows and masks (``seq_len`` as in training)."""
@@ -76,7 +76,7 @@ def _prompt_ids(tokenizer, record: ChatRecord) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def exact_match(config: LlamaConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *,
+def exact_match(config: AnyConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *,
                 eos_token_id: int | Sequence[int] | None, max_new_tokens: int = 8, batch_size: int = 8,
                 dtype=jnp.float32, progress: Callable[[int], None] | None = None) -> list[str]:
     """The greedy answer (decoded text, special tokens dropped) to each record's prompt."""
@@ -97,7 +97,7 @@ def exact_match(config: LlamaConfig, params: Params, tokenizer, records: Sequenc
     return answers
 
 
-def chat_eval(config: LlamaConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *, seq_len: int,
+def chat_eval(config: AnyConfig, params: Params, tokenizer, records: Sequence[ChatRecord], *, seq_len: int,
               eos_token_id: int | Sequence[int] | None, batch_size: int = 8, max_new_tokens: int = 8,
               dtype=jnp.float32, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Assistant-token NLL and exact match on held-out chat records (module docstring); a JSON-able dict.

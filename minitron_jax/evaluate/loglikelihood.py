@@ -47,10 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, hidden_states
 from minitron_jax.evaluate.mmlu import bucket_length
 from minitron_jax.evaluate.perplexity import token_logprobs
-from minitron_jax.model import Params, hidden_states
+from minitron_jax.model import Params
 
 RULES = ("eval", "lm_eval")
 DEFAULT_MAX_GEN_TOKS = 256
@@ -118,7 +118,7 @@ def rolling_windows(ids: Sequence[int], seq_len: int, prefix: int) -> list[tuple
 # Scoring
 # ------------------------------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "n_scored"))
-def _score_batch(config: LlamaConfig, params: Params, tokens: jax.Array, targets: jax.Array, lengths: jax.Array,
+def _score_batch(config: AnyConfig, params: Params, tokens: jax.Array, targets: jax.Array, lengths: jax.Array,
                  cont_lengths: jax.Array, *, n_scored: int, dtype=jnp.float32):
     """Right-padded inputs/targets [B, T], real lengths [B], continuation lengths [B] → (sum of continuation
     log-probs [B], all-greedy [B]). Only the last ``n_scored`` positions of each row reach the lm_head."""
@@ -135,7 +135,7 @@ def _score_batch(config: LlamaConfig, params: Params, tokens: jax.Array, targets
     return jnp.sum(jnp.where(scored, lp, 0.0), axis=1), jnp.all(greedy | ~scored, axis=1)
 
 
-def loglikelihood_tokens(config: LlamaConfig, params: Params, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+def loglikelihood_tokens(config: AnyConfig, params: Params, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                          *, max_length: int | None = None, batch_size: int = 8, dtype=jnp.float32,
                          progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` per ``(context_ids, continuation_ids)`` request."""

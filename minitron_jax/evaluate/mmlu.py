@@ -55,9 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, hidden_states, logits_from_hidden
 from minitron_jax.data.text import jsonl_records
-from minitron_jax.model import Params, hidden_states, logits_from_hidden
+from minitron_jax.model import Params
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -223,7 +223,7 @@ def bucket_length(n: int, multiple: int = 64) -> int:
 # Scoring
 # ------------------------------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def letter_logprobs(config: LlamaConfig, params: Params, tokens: jax.Array, last: jax.Array, letter_ids: jax.Array,
+def letter_logprobs(config: AnyConfig, params: Params, tokens: jax.Array, last: jax.Array, letter_ids: jax.Array,
                     dtype=jnp.float32) -> jax.Array:
     """[B, 4] float32 ``log p(letter | tokens[b, :last[b] + 1])`` for right-padded ``tokens`` [B, T]."""
     h, _, _ = hidden_states(config, params, tokens, dtype=dtype)
@@ -256,7 +256,7 @@ def encode_prompts(tokenizer, rows: Sequence[MMLURow], order: Sequence[int], sho
     return out, kept, truncated
 
 
-def score_prompts(config: LlamaConfig, params: Params, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int],
+def score_prompts(config: AnyConfig, params: Params, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int],
                   *, batch_size: int = 8, dtype=jnp.float32, bucket_multiple: int = 64,
                   progress: Callable[[int], None] | None = None) -> np.ndarray:
     """[N, 4] letter log-probs after each prompt (token ids), batched by length (see the module docstring)."""
@@ -284,7 +284,7 @@ def score_prompts(config: LlamaConfig, params: Params, prompts: Sequence[Sequenc
     return out
 
 
-def mmlu_eval(config: LlamaConfig, params: Params, tokenizer, rows: Sequence[MMLURow], shots: int = 5,
+def mmlu_eval(config: AnyConfig, params: Params, tokenizer, rows: Sequence[MMLURow], shots: int = 5,
               limit: int | None = None, batch_size: int = 8, dtype=jnp.float32, *,
               subjects: Iterable[str] | None = None,
               order: str = "interleave", seed: int = 0, max_length: int | None = None, bucket_multiple: int = 64,

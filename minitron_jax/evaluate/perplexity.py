@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, hidden_states, lm_head
 from minitron_jax.dtypes import COMPUTE_DTYPES
 from minitron_jax.exitcodes import NonFiniteError
-from minitron_jax.model import Params, hidden_states, lm_head
+from minitron_jax.model import Params
 
 DTYPES = {name: getattr(jnp, name) for name in COMPUTE_DTYPES}  # name → JAX type (minitron_jax.dtypes)
 
 
-def token_logprobs(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
+def token_logprobs(config: AnyConfig, params: Params, hidden: jax.Array, targets: jax.Array,
                    chunk: int = 512) -> tuple[jax.Array, jax.Array]:
     """Per-token ``log p(target)`` [N] (float32) and ``argmax == target`` [N] from final hidden states [N, D],
     computing logits one chunk of tokens at a time so [N × V] float32 logits never exist at once."""
@@ -47,14 +47,14 @@ def token_logprobs(config: LlamaConfig, params: Params, hidden: jax.Array, targe
     return lp.reshape(-1)[:n], greedy.reshape(-1)[:n]
 
 
-def token_nll(config: LlamaConfig, params: Params, hidden: jax.Array, targets: jax.Array,
+def token_nll(config: AnyConfig, params: Params, hidden: jax.Array, targets: jax.Array,
               chunk: int = 512) -> jax.Array:
     """Per-token next-token NLL [N] from final hidden states [N, D] (chunked, see `token_logprobs`)."""
     return -token_logprobs(config, params, hidden, targets, chunk)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def batch_nll(config: LlamaConfig, params: Params, tokens: jax.Array, weights: jax.Array,
+def batch_nll(config: AnyConfig, params: Params, tokens: jax.Array, weights: jax.Array,
                layer_keep: jax.Array | None, dtype=jnp.float32):
     """Sum of next-token NLL over a [B, T] batch; ``weights`` [B] zeroes padding rows."""
     h, _, _ = hidden_states(config, params, tokens, dtype=dtype, layer_keep=layer_keep)
@@ -78,7 +78,7 @@ def padded_batches(windows: np.ndarray, batch_size: int) -> Iterator[tuple[np.nd
         yield chunk, weights, start + int(weights.sum())
 
 
-def nll_sum(config: LlamaConfig, params: Params, windows: np.ndarray, *, batch_size: int = 8,
+def nll_sum(config: AnyConfig, params: Params, windows: np.ndarray, *, batch_size: int = 8,
             dtype=jnp.float32, layer_keep=None, progress=None) -> tuple[float, int]:
     """(total NLL, predicted tokens) over windows [N, T]; one compiled shape (the last batch is padded)."""
     total, count = 0.0, 0
@@ -91,7 +91,7 @@ def nll_sum(config: LlamaConfig, params: Params, windows: np.ndarray, *, batch_s
     return total, count
 
 
-def perplexity(config: LlamaConfig, params: Params, windows: np.ndarray, **kwargs) -> float:
+def perplexity(config: AnyConfig, params: Params, windows: np.ndarray, **kwargs) -> float:
     total, count = nll_sum(config, params, windows, **kwargs)
     return math.exp(total / count)
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+import jax
 import numpy as np
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import axis_sizes, count_params, param_axes
+from minitron_jax import arch
+from minitron_jax.arch import AnyConfig
+from minitron_jax.model import axis_sizes, param_axes
 
 GB = 1e9
 GiB = 2**30
@@ -86,13 +88,21 @@ class _ShapeOnlyMesh:
         self.shape = dict(shape)
 
 
-def param_bytes(config: LlamaConfig, mesh_shape: Mapping[str, int], rules: Mapping[str, Any], itemsize: float) -> float:
+def param_bytes(config: AnyConfig, mesh_shape: Mapping[str, int], rules: Mapping[str, Any], itemsize: float) -> float:
     """Bytes of ``config``'s params on one device under the sharding rules (replicated dims counted in full)."""
     from minitron_jax.sharding import logical_spec
 
-    sizes = axis_sizes(config)
     mesh = _ShapeOnlyMesh(mesh_shape)
     total = 0.0
+    if arch.is_hetero(config):
+        # Each segment has its own sizes (KV heads, FFN width): walk axes and shapes together.
+        axes_leaves = jax.tree.leaves(arch.param_axes(config), is_leaf=_is_axes)
+        shape_leaves = jax.tree.leaves(arch.param_shapes(config), is_leaf=_is_shape)
+        for axes, shape in zip(axes_leaves, shape_leaves):
+            spec = logical_spec(axes, shape, mesh, rules)
+            total += math.prod(shape) / math.prod(_shards(s, mesh_shape) for s in spec) * itemsize
+        return total
+    sizes = axis_sizes(config)
     for axes in _leaves(param_axes(config)):
         shape = [sizes[a] for a in axes]
         spec = logical_spec(axes, shape, mesh, rules)
@@ -100,9 +110,17 @@ def param_bytes(config: LlamaConfig, mesh_shape: Mapping[str, int], rules: Mappi
     return total
 
 
-def naive_param_bytes(config: LlamaConfig, shards: int, itemsize: float) -> float:
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def naive_param_bytes(config: AnyConfig, shards: int, itemsize: float) -> float:
     """``params × bytes ÷ shards``: the number to compare the compiler's with."""
-    return count_params(config) * itemsize / max(shards, 1)
+    return arch.count_params(config) * itemsize / max(shards, 1)
 
 
 def _leaves(tree):
@@ -116,17 +134,17 @@ def _leaves(tree):
 # ------------------------------------------------------------------------------------------------------------------
 # FLOPs (PaLM convention, as `train.observe` reports MFU with)
 # ------------------------------------------------------------------------------------------------------------------
-def matmul_params(config: LlamaConfig) -> int:
+def matmul_params(config: AnyConfig) -> int:
     embed = config.vocab_size * config.hidden_size
-    return count_params(config) - (0 if config.tie_word_embeddings else embed)
+    return arch.count_params(config) - (0 if config.tie_word_embeddings else embed)
 
 
-def attention_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+def attention_flops_per_token(config: AnyConfig, seq_len: int) -> float:
     """Forward QKᵀ and PV matmuls per token, causal attention counted in full (as the einsum computes it)."""
-    return 4.0 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return 4.0 * arch.attention_layers(config) * config.num_heads * config.head_dim * seq_len
 
 
-def forward_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+def forward_flops_per_token(config: AnyConfig, seq_len: int) -> float:
     return 2.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)
 
 
@@ -139,7 +157,7 @@ class StepFlops:
         return dataclasses.asdict(self)
 
 
-def step_flops(student: LlamaConfig, teacher: LlamaConfig | None, tokens: float, seq_len: int,
+def step_flops(student: AnyConfig, teacher: AnyConfig | None, tokens: float, seq_len: int,
                remat: str = "none") -> StepFlops:
     """FLOPs of one optimizer step over ``tokens`` tokens (all devices together)."""
     s_fwd = forward_flops_per_token(student, seq_len)
@@ -188,45 +206,90 @@ def _div(n: int, k: int) -> float:
     return n / k if n % k == 0 else float(n)  # a dimension the mesh axis does not divide stays replicated
 
 
-def activation_bytes(student: LlamaConfig, teacher: LlamaConfig | None, layout: Layout, *, global_rows: int,
+class LayerView(NamedTuple):
+    """What the activation model reads of one layer: its attention's heads (0 when it has no GQA attention), its
+    FFN width (0 when it has no MLP) and how many linear ([D, D]) sub-blocks it has."""
+
+    num_kv_heads: int
+    q_per_kv: int
+    num_heads: int
+    head_dim: int
+    intermediate_size: int
+    linear: int = 0
+
+
+def layer_views(config: AnyConfig) -> list[tuple[int, LayerView]]:
+    """``(layers, LayerView)`` per run of equal layers: one entry for a uniform model, one per segment of a
+    heterogeneous one."""
+    if not arch.is_hetero(config):
+        return [(config.num_layers, LayerView(config.num_kv_heads, config.q_per_kv, config.num_heads,
+                                              config.head_dim, config.intermediate_size))]
+    base = config.base
+    out = []
+    for start, stop, spec in config.segments():
+        gqa = spec.attention.kind == "gqa"
+        kv = spec.attention.kv_heads if gqa else 0
+        out.append((stop - start, LayerView(
+            kv, base.num_heads // kv if gqa else 0, base.num_heads if gqa else 0, base.head_dim,
+            spec.ffn.width if spec.ffn.kind == "mlp" else 0,
+            int(spec.attention.kind == "linear") + int(spec.ffn.kind == "linear"))))
+    return out
+
+
+def activation_bytes(student: AnyConfig, teacher: AnyConfig | None, layout: Layout, *, global_rows: int,
                      seq_len: int, chunk_size: int, param_bytes_per_device: float, compute_bytes: int = 2,
                      attention_block: int = 512) -> dict[str, float]:
     """Temporary bytes per device of one train step, by component (a GPU-like estimate: bf16 activations, fp32
     attention scores, logits and gradients). ``total`` is what lives at the peak:
-    saved activations + the largest transient working set + gradients (+ accumulator) + the update."""
+    saved activations + the largest transient working set + gradients (+ accumulator) + the update.
+
+    A heterogeneous model is modelled layer kind by layer kind (:func:`layer_views`): saved activations summed over
+    its layers, the transient working set of its largest layer; a linear sub-block counts its [B, T, D] input and
+    output."""
     dp = layout.data * layout.fsdp
     b = global_rows / layout.grad_accum / dp  # rows per device per micro-batch
     T, c = seq_len, compute_bytes
     tp = layout.tensor
 
-    def heads(cfg):
-        return _div(cfg.num_kv_heads, tp) * cfg.q_per_kv if cfg.num_kv_heads % tp == 0 else float(cfg.num_heads)
+    def heads(v):
+        return _div(v.num_kv_heads, tp) * v.q_per_kv if v.num_kv_heads % tp == 0 else float(v.num_heads)
 
-    def score_bytes(cfg, per_element):
+    def score_bytes(v, per_element):
         if layout.attention == "blockwise":
-            return b * heads(cfg) * T * min(attention_block, T) * per_element
-        return b * heads(cfg) * T * T * per_element
+            return b * heads(v) * T * min(attention_block, T) * per_element
+        return b * heads(v) * T * T * per_element
 
-    def ffn(cfg):
-        return _div(cfg.intermediate_size, tp)
+    def ffn(v):
+        return _div(v.intermediate_size, tp)
 
-    def qkv(cfg):
-        return heads(cfg) * cfg.head_dim + 2 * _div(cfg.num_kv_heads, tp) * cfg.head_dim
+    def qkv(v):
+        return heads(v) * v.head_dim + 2 * _div(v.num_kv_heads, tp) * v.head_dim
 
     s = student
     D = s.hidden_size
-    per_layer = {
-        "full": b * T * D * c,
-        "dots_no_batch": b * T * (2 * D + qkv(s) + D + 2 * ffn(s)) * c,
-        "dots": b * T * (2 * D + qkv(s) + heads(s) * s.head_dim + D + 2 * ffn(s)) * c + score_bytes(s, 4),
-        "none": b * T * (5 * D + qkv(s) + 2 * heads(s) * s.head_dim + 4 * ffn(s)) * c + score_bytes(s, 4 + c + 1),
-    }[layout.remat]
-    saved = s.num_layers * per_layer
-    # Backward of one layer: its recomputed forward plus the gradients flowing through it.
-    layer_bwd = score_bytes(s, 4 + c + 4 + 4) + b * T * (6 * ffn(s) + 4 * D + 2 * qkv(s)) * c
+
+    def per_layer(v):
+        lin = b * T * v.linear * D * c  # a linear sub-block keeps its normed input (0 for gqa/mlp layers)
+        return {
+            "full": b * T * D * c,
+            "dots_no_batch": b * T * (2 * D + qkv(v) + D + 2 * ffn(v)) * c + lin,
+            "dots": b * T * (2 * D + qkv(v) + heads(v) * v.head_dim + D + 2 * ffn(v)) * c + score_bytes(v, 4) + lin,
+            "none": (b * T * (5 * D + qkv(v) + 2 * heads(v) * v.head_dim + 4 * ffn(v)) * c
+                     + score_bytes(v, 4 + c + 1) + lin),
+        }[layout.remat]
+
+    def layer_backward(v):
+        # Backward of one layer: its recomputed forward plus the gradients flowing through it.
+        return (score_bytes(v, 4 + c + 4 + 4) + b * T * (6 * ffn(v) + 4 * D + 2 * qkv(v)) * c
+                + 2 * b * T * v.linear * D * c)
+
+    views = layer_views(s)
+    saved = sum(n * per_layer(v) for n, v in views)
+    layer_bwd = max(layer_backward(v) for _, v in views)
     teacher_fwd = 0.0
     if teacher is not None:
-        teacher_fwd = score_bytes(teacher, 4 + c) + b * T * (3 * ffn(teacher) + 3 * teacher.hidden_size) * c
+        teacher_fwd = max(score_bytes(v, 4 + c) + b * T * (3 * ffn(v) + 3 * teacher.hidden_size) * c
+                          + b * T * v.linear * teacher.hidden_size * c for _, v in layer_views(teacher))
     hidden = b * T * (D + (teacher.hidden_size if teacher is not None else 0)) * 4
     rows_per_chunk = min(chunk_size, global_rows / layout.grad_accum * T) / dp
     V = _div(s.vocab_size, tp)

@@ -272,7 +272,7 @@ def make_plan(rc, *, recipe: str | None, acc: P.Accelerator, mfu: float, memory_
               devices: int | None, devices_per_host: int | None, total_tokens: float | None, abstract: bool,
               verify: bool, teacher_config: str | None = None, student_config: str | None = None,
               log=print, on_device: bool = False) -> dict[str, Any]:
-    from minitron_jax.model import count_params
+    from minitron_jax.arch import count_params
 
     student, teacher = run_models(rc, recipe, teacher_config, student_config)
     cache = None
@@ -387,7 +387,9 @@ def _notes(rc, layout, student, teacher, comp: Compiled, ana) -> list[str]:
     notes = []
     rows = rc.data.batch_size / layout.grad_accum / (layout.data * layout.fsdp)
     T = rc.data.seq_len
-    scores = rows * student.num_heads / (layout.tensor if student.num_kv_heads % layout.tensor == 0 else 1) * T * T * 4
+    # The largest attention layer's scores (a heterogeneous student's layers have their own KV heads; none: 0).
+    scores = max(rows * v.num_heads / (layout.tensor if v.num_kv_heads % layout.tensor == 0 else 1) * T * T * 4
+                 for _, v in P.layer_views(student))
     if layout.attention == "einsum" and comp.memory and scores > 0.1 * compiled_temp(comp):
         notes.append(f"attention materializes fp32 scores [B, H, T, T]: {P.fmt_bytes(scores)} per student layer "
                      f"per device at T={T} ({rows:g} rows/device); train.attention=blockwise bounds this by the key "

@@ -16,9 +16,14 @@ from minitron_jax.planning.models import resolve_model_config
 def prune_model_config(spec, model: str | None, *, recipe: str | None = None, explicit: str | None = None):
     """The config of the model a prune recipe starts from (``model``: a path or a name in configs/models, or
     ``explicit``: an HF config.json), checked against ``spec``: refuses a size it cannot be pruned to."""
+    from minitron_jax.arch import is_hetero
     from minitron_jax.compress.spec import check_spec
+    from minitron_jax.planning.models import DryRunError
 
     cfg = resolve_model_config(model or "", "model", recipe, explicit)
+    if is_hetero(cfg):
+        raise DryRunError(f"{model or explicit}: a heterogeneous model ({cfg.describe()}) cannot be Minitron-pruned; "
+                          "prune needs a uniform Llama model")
     check_spec(cfg, spec)
     return cfg
 

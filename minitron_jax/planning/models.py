@@ -36,13 +36,14 @@ def _model_key(name: str) -> str:
 
 
 def resolve_model_config(ref: str, what: str, recipe: str | None = None, explicit: str | None = None):
-    """The LlamaConfig of a model reference (path, HF repo id, ``asset:NAME``) without reading its weights."""
-    from minitron_jax.config import LlamaConfig
+    """The config of a model reference (path, HF repo id, ``asset:NAME``) without reading its weights: a
+    LlamaConfig, or a HeteroConfig for a heterogeneous (DeciLM ``block_configs``) model."""
+    from minitron_jax.arch import config_from_json_file
 
     if explicit:
-        return LlamaConfig.from_json_file(explicit)
+        return config_from_json_file(explicit)
     if ref.endswith(".json") and Path(ref).is_file():
-        return LlamaConfig.from_json_file(ref)
+        return config_from_json_file(ref)
     path = Path(ref).expanduser()
     if path.exists():
         from minitron_jax.convert import read_source_config
@@ -52,7 +53,7 @@ def resolve_model_config(ref: str, what: str, recipe: str | None = None, explici
     for d in model_dirs(recipe):
         for p in d.glob("*.json"):
             if _model_key(p.stem) == _model_key(name):
-                return LlamaConfig.from_json_file(p)
+                return config_from_json_file(p)
     if ref.startswith("asset:"):
         from minitron_jax.convert import read_source_config
         from minitron_jax.train.config import resolve_path
@@ -79,6 +80,11 @@ def run_models(rc, recipe: str | None, teacher_config: str | None = None, studen
         return student, teacher
     teacher = resolve_model_config(rc.teacher.path, "teacher", recipe, teacher_config)
     if rc.student.prune is not None:
+        from minitron_jax.arch import is_hetero
+
+        if is_hetero(teacher):
+            raise DryRunError(f"student.prune: the teacher {rc.teacher.path} is heterogeneous ({teacher.describe()}); "
+                              "Minitron pruning needs a uniform Llama teacher (give the student as student.path)")
         spec = PruneSpec.from_dict(rc.student.prune)
         check_spec(teacher, spec)
         student = target_config(teacher, spec)

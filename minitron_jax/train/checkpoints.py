@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax import hostmem
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, config_from_json_file
 from minitron_jax.fsutil import check_destination, quiet_refusal_logs, refusals_named
 from minitron_jax.train.config import CheckpointConfig, RunConfigError, load_config
 from minitron_jax.train.state import TrainState
@@ -106,10 +106,11 @@ def locate_run(path: str | Path) -> tuple[Path, int | None]:
     raise FileNotFoundError(f"{path} is neither a run directory (no {CONFIG_FILE}) nor RUN/{CHECKPOINT_DIR}/<step>")
 
 
-def read_run_models(run_dir: Path) -> tuple[LlamaConfig, LlamaConfig | None]:
-    student = LlamaConfig.from_json_file(run_dir / STUDENT_DIR / "config.json")
+def read_run_models(run_dir: Path) -> tuple[AnyConfig, AnyConfig | None]:
+    # config_from_json_file reads either kind: a heterogeneous model's description is a DeciLM config.json.
+    student = config_from_json_file(run_dir / STUDENT_DIR / "config.json")
     teacher_file = run_dir / TEACHER_DIR / "config.json"
-    return student, (LlamaConfig.from_json_file(teacher_file) if teacher_file.is_file() else None)
+    return student, (config_from_json_file(teacher_file) if teacher_file.is_file() else None)
 
 
 def restore_student_params(run_dir: Path, step: int | None = None):

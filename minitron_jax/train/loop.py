@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from minitron_jax import hostmem
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig
 from minitron_jax.exitcodes import NonFiniteError
 from minitron_jax.sharding import make_mesh
 from minitron_jax.train import inputs, teacher_cache
@@ -158,8 +158,8 @@ class Run:
 
     rc: RunConfig
     mesh: Any
-    student_config: LlamaConfig
-    teacher_config: LlamaConfig | None
+    student_config: AnyConfig
+    teacher_config: AnyConfig | None
     train_step: TrainStep
     eval_step: Any  # jitted (trainable, teacher_params, batch) -> sums; None without validation batches
     teacher_params: Any  # placed on the mesh ({} without a teacher)
@@ -181,7 +181,7 @@ class Run:
             self.checkpointer.close()
 
 
-def start(rc: RunConfig, mesh, student_config: LlamaConfig, teacher_config: LlamaConfig | None, teacher_params,
+def start(rc: RunConfig, mesh, student_config: AnyConfig, teacher_config: AnyConfig | None, teacher_params,
           train_ds, val_batches: list, *, student_params=None, resume_step: int | None = None,
           checkpointer: Checkpointer | None = None, steps: tuple[TrainStep, Any] | None = None,
           log: Callable[[str], None] = print) -> Run:

@@ -27,22 +27,22 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, is_hetero
 from minitron_jax.model import Params
 from minitron_jax.train.config import RunConfig, RunConfigError, resolve_path
 
 
 @dataclasses.dataclass
 class RunModels:
-    student_config: LlamaConfig
+    student_config: AnyConfig
     student_params: Params | None  # host numpy; None when resuming (the checkpoint has them)
-    teacher_config: LlamaConfig | None
+    teacher_config: AnyConfig | None
     teacher_params: Params | None
     tokenizer: Any
     prune_report: Any = None
 
 
-def check_compatible(teacher_config: LlamaConfig, student_config: LlamaConfig, teacher_tokenizer: Any,
+def check_compatible(teacher_config: AnyConfig, student_config: AnyConfig, teacher_tokenizer: Any,
                      student_tokenizer: Any, *, teacher_name: str = "teacher", student_name: str = "student") -> None:
     """Refuse to distill across vocabularies: the logit losses compare distributions over the same token ids."""
     if teacher_config.vocab_size != student_config.vocab_size:
@@ -99,7 +99,7 @@ def load_teacher(rc: RunConfig, *, weights: bool = True):
 
 # (teacher LoadedModel, student.prune options, student.calib resolved to a path, log) → (student config, params,
 # pruning report); raises ValueError / FileNotFoundError for a bad spec or calibration text.
-StudentPruner = Callable[[Any, dict, str, Callable[[str], None]], tuple[LlamaConfig, Params, Any]]
+StudentPruner = Callable[[Any, dict, str, Callable[[str], None]], tuple[AnyConfig, Params, Any]]
 
 
 def _pruned_student(rc: RunConfig, teacher, prune_student: StudentPruner | None, log: Callable[[str], None]):
@@ -107,6 +107,11 @@ def _pruned_student(rc: RunConfig, teacher, prune_student: StudentPruner | None,
     if prune_student is None:
         raise RunConfigError("student.prune: this trainer was given no pruning function (prune_student); run "
                              "python -m minitron_jax.distill, or pass minitron_jax.compress.prune.prune_student")
+    if is_hetero(teacher.config):
+        # Minitron pruning slices one stack of identical layers; a heterogeneous teacher has none.
+        raise RunConfigError(f"student.prune: the teacher at {rc.teacher.path} is heterogeneous "
+                             f"({teacher.config.describe()}); Minitron pruning needs a uniform Llama teacher "
+                             "(give the student as student.path)")
     try:
         return prune_student(teacher, rc.student.prune, resolve_path(rc.student.calib), log)
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError

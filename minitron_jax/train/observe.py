@@ -18,9 +18,8 @@ from typing import Any
 
 import jax
 
-from minitron_jax.config import LlamaConfig
+from minitron_jax.arch import AnyConfig, attention_layers, count_params
 from minitron_jax.exitcodes import finite_or_none
-from minitron_jax.model import count_params
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -39,17 +38,18 @@ PEAK_FLOPS_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def matmul_params(config: LlamaConfig) -> int:
+def matmul_params(config: AnyConfig) -> int:
     embed = config.vocab_size * config.hidden_size
     return count_params(config) - (0 if config.tie_word_embeddings else embed)
 
 
-def forward_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    attention = 4 * config.num_layers * config.num_heads * config.head_dim * seq_len
+def forward_flops_per_token(config: AnyConfig, seq_len: int) -> float:
+    # Only layers with (GQA) attention have the T-long score and value matmuls; linear/no-op ones are in N.
+    attention = 4 * attention_layers(config) * config.num_heads * config.head_dim * seq_len
     return 2.0 * matmul_params(config) + attention
 
 
-def step_flops_per_token(student: LlamaConfig, teacher: LlamaConfig | None, seq_len: int) -> float:
+def step_flops_per_token(student: AnyConfig, teacher: AnyConfig | None, seq_len: int) -> float:
     """Training FLOPs of the student (3 forward passes) plus the teacher's forward pass, per token."""
     flops = 3.0 * forward_flops_per_token(student, seq_len)
     if teacher is not None:

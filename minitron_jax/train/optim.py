@@ -153,7 +153,8 @@ def default_weight_decay_mask(params: Any) -> Any:
     """True for weight matrices, False for norm scales and biases.
 
     A plain "ndim ≥ 2" rule is wrong for this codebase: per-layer params are stacked along a
-    leading ``layer`` axis (under the ``layers`` key), so a stacked RMSNorm scale is ``[L, D]``.
+    leading ``layer`` axis (under the ``layers`` key, or a heterogeneous model's ``segments``), so a stacked
+    RMSNorm scale is ``[L, D]``.
     So the rule is: a leaf is decayed iff its name mentions neither "norm" nor "bias" and it has
     ≥ 2 dims *besides* the stacked layer axis. Embeddings and lm_head are matrices and are decayed.
     """
@@ -163,7 +164,7 @@ def default_weight_decay_mask(params: Any) -> Any:
         leaf_name = names[-1].lower() if names else ""
         if "norm" in leaf_name or "bias" in leaf_name:
             return False
-        per_layer_ndim = leaf.ndim - (1 if "layers" in names else 0)
+        per_layer_ndim = leaf.ndim - (1 if ("layers" in names or "segments" in names) else 0)
         return per_layer_ndim >= 2
 
     return jax.tree_util.tree_map_with_path(decide, params)

@@ -26,8 +26,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from minitron_jax import sharding as shd
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import Params, abstract_params
+from minitron_jax.arch import AnyConfig, abstract_params, param_shardings
+from minitron_jax.model import Params
 from minitron_jax.train.config import RunConfig, optim_config
 from minitron_jax.train.optim import make_optimizer
 
@@ -54,23 +54,23 @@ def make_run_optimizer(rc: RunConfig) -> optax.GradientTransformation:
     return make_optimizer(optim_config(rc))
 
 
-def needs_projection(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | None) -> bool:
+def needs_projection(rc: RunConfig, student: AnyConfig, teacher: AnyConfig | None) -> bool:
     """A learned projection is needed when layer outputs are matched across different hidden sizes."""
     return (teacher is not None and rc.loss.hidden.weight > 0 and student.hidden_size != teacher.hidden_size)
 
 
-def _projection_shape(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig) -> tuple[int, int, int]:
+def _projection_shape(rc: RunConfig, student: AnyConfig, teacher: AnyConfig) -> tuple[int, int, int]:
     return (len(rc.loss.hidden.pairs), student.hidden_size, teacher.hidden_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shardings
 # ----------------------------------------------------------------------------------------------------------------
-def model_shardings(config: LlamaConfig, mesh: Mesh, rc: RunConfig) -> Params:
-    return shd.param_shardings(config, mesh, mesh_rules(rc))
+def model_shardings(config: AnyConfig, mesh: Mesh, rc: RunConfig) -> Params:
+    return param_shardings(config, mesh, mesh_rules(rc))
 
 
-def trainable_shardings(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None) -> Params:
+def trainable_shardings(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None) -> Params:
     out = {"model": model_shardings(student, mesh, rc)}
     if needs_projection(rc, student, teacher):
         spec = shd.logical_spec(PROJ_AXES, _projection_shape(rc, student, teacher), mesh, mesh_rules(rc))
@@ -78,7 +78,7 @@ def trainable_shardings(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher
     return out
 
 
-def abstract_trainable(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | None) -> Params:
+def abstract_trainable(rc: RunConfig, student: AnyConfig, teacher: AnyConfig | None) -> Params:
     dtype = dtype_of(rc.train.param_dtype)
     out = {"model": abstract_params(student, dtype)}
     if needs_projection(rc, student, teacher):
@@ -86,7 +86,7 @@ def abstract_trainable(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig
     return out
 
 
-def state_shardings(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None,
+def state_shardings(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None,
                     optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """A TrainState of NamedShardings. Optimizer moments take the sharding of the param they mirror; counters and
     other non-param leaves are replicated."""
@@ -103,7 +103,7 @@ def _with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def abstract_train_state(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None,
+def abstract_train_state(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None,
                          optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """The train state as sharded ``jax.ShapeDtypeStruct`` s: a restore target, or a dry-run input to lower
     the step with (``step.lower(abstract_train_state(...), abstract_teacher(...), abstract_batch(...))``)."""
@@ -115,11 +115,11 @@ def abstract_train_state(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teache
     return _with_shardings(state, state_shardings(rc, mesh, student, teacher, optimizer))
 
 
-def teacher_shardings(rc: RunConfig, mesh: Mesh, teacher: LlamaConfig | None) -> Params:
+def teacher_shardings(rc: RunConfig, mesh: Mesh, teacher: AnyConfig | None) -> Params:
     return {} if teacher is None else model_shardings(teacher, mesh, rc)
 
 
-def abstract_teacher(rc: RunConfig, mesh: Mesh, teacher: LlamaConfig | None) -> Params:
+def abstract_teacher(rc: RunConfig, mesh: Mesh, teacher: AnyConfig | None) -> Params:
     if teacher is None:
         return {}
     return _with_shardings(abstract_params(teacher, dtype_of(rc.teacher.dtype)), teacher_shardings(rc, mesh, teacher))
@@ -128,7 +128,7 @@ def abstract_teacher(rc: RunConfig, mesh: Mesh, teacher: LlamaConfig | None) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # Real arrays
 # ----------------------------------------------------------------------------------------------------------------
-def init_train_state(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None,
+def init_train_state(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None,
                      model_params: Params, optimizer: optax.GradientTransformation | None = None) -> TrainState:
     """A fresh, sharded train state around ``model_params`` (host numpy or device arrays)."""
     optimizer = optimizer or make_run_optimizer(rc)
@@ -147,7 +147,7 @@ def init_train_state(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: L
                       opt_state=opt_state, rng=jax.device_put(jax.random.key_data(key), shardings.rng))
 
 
-def place_teacher(rc: RunConfig, mesh: Mesh, teacher: LlamaConfig, params: Params) -> Params:
+def place_teacher(rc: RunConfig, mesh: Mesh, teacher: AnyConfig, params: Params) -> Params:
     """Teacher params cast to ``teacher.dtype`` on the host, then placed shard by shard."""
     dtype = dtype_of(rc.teacher.dtype)
     return jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), params), teacher_shardings(rc, mesh, teacher))

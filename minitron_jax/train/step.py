@@ -35,8 +35,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minitron_jax.config import LlamaConfig
-from minitron_jax.model import Params, hidden_states, lm_head
+from minitron_jax.arch import AnyConfig, hidden_states, lm_head, stacked_collected
+from minitron_jax.model import Params
 from minitron_jax.sharding import batch_sharding, batch_spec, data_parallel_size, logical_spec, replicated
 from minitron_jax.train import chunked_loss, losses, sparse_loss, teacher_cache
 from minitron_jax.train.config import LossConfig, RunConfig, RunConfigError
@@ -109,7 +109,7 @@ def _layer_outputs(intermediates: dict) -> jax.Array:
     return intermediates["layer_out"]
 
 
-def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | None,
+def make_loss_fn(rc: RunConfig, student: AnyConfig, teacher: AnyConfig | None,
                  loss: LossConfig | None = None,
                  mesh: Mesh | None = None) -> Callable[[Params, Params, Batch], tuple[jax.Array, dict]]:
     """``fn(trainable, teacher_params, micro_batch) -> (objective_sum, sums)``.
@@ -169,6 +169,8 @@ def make_loss_fn(rc: RunConfig, student: LlamaConfig, teacher: LlamaConfig | Non
         if pairs:
             s_idx = jnp.asarray([p[0] for p in pairs])
             t_idx = jnp.asarray([p[1] for p in pairs])
+            # A heterogeneous model collects per segment: one [L, B, T, D] stack either way.
+            s_layers, t_layers = stacked_collected(student, s_layers), stacked_collected(teacher, t_layers)
             s_sel, t_sel = s_layers[s_idx], t_layers[t_idx]  # [P, B, T, D]
             if "hidden_proj" in trainable:
                 s_sel = jnp.einsum("pbtd,pde->pbte", s_sel, trainable["hidden_proj"].astype(s_sel.dtype),
@@ -197,7 +199,7 @@ def _activation_layout(rc: RunConfig, mesh: Mesh | None):
     act = NamedSharding(mesh, batch_spec(mesh, 3))
     rules = {**mesh_rules(rc), "embed": None}
 
-    def gathered_head(config: LlamaConfig, params: Params) -> jax.Array:
+    def gathered_head(config: AnyConfig, params: Params) -> jax.Array:
         head = lm_head(config, params)
         spec = logical_spec(("embed", "vocab"), head.shape, mesh, rules)
         return jax.lax.with_sharding_constraint(head, NamedSharding(mesh, spec))
@@ -208,7 +210,7 @@ def _activation_layout(rc: RunConfig, mesh: Mesh | None):
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients over the whole batch
 # ----------------------------------------------------------------------------------------------------------------
-def make_grad_fn(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None,
+def make_grad_fn(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None,
                  loss: LossConfig | None = None):
     """``fn(trainable, teacher_params, batch) -> (grads, metrics)``: token-mean gradients of the objective over
     the whole batch, accumulated over ``train.grad_accum`` micro-batches. Not jitted (the train step is)."""
@@ -262,7 +264,7 @@ class TrainStep(NamedTuple):
     teacher_shardings: Params
 
 
-def build_train_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None) -> TrainStep:
+def build_train_step(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None) -> TrainStep:
     """The train step of a run, for ``student`` distilled from ``teacher`` (None: cross-entropy only)."""
     check_batch_layout(rc, mesh)
     optimizer = make_run_optimizer(rc)
@@ -291,7 +293,7 @@ def build_train_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: L
     return TrainStep(jitted, s_sh, b_sh, t_sh)
 
 
-def build_eval_step(rc: RunConfig, mesh: Mesh, student: LlamaConfig, teacher: LlamaConfig | None):
+def build_eval_step(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConfig | None):
     """Jitted ``(trainable, teacher_params, batch) -> sums`` for validation: forward KL at T=1 (with a teacher)
     and the student's cross-entropy, as sums plus the token weight, to be added up over batches."""
     val_loss = LossConfig(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=rc.loss.chunk_size)

@@ -366,7 +366,7 @@ def top_k_fn(config, *, top_k: int, dtype, chunk_size: int, ids: np.dtype, logpr
     import jax
     import jax.numpy as jnp
 
-    from minitron_jax.model import hidden_states, lm_head
+    from minitron_jax.arch import hidden_states, lm_head
 
     low = float(np.finfo(logprobs).min) if logprobs == np.float16 else -np.inf  # float16 cannot hold −70000
 
