@@ -150,7 +150,8 @@ def test_uniform_equivalent_cache_and_collect_match_model_py_exactly():
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def test_perplexity_and_mmlu_scores_equal_hand_computations_from_the_forward():
+def test_perplexity_mmlu_and_loglikelihood_equal_hand_computations_from_the_forward():
+    from minitron_jax.evaluate.loglikelihood import loglikelihood_tokens
     from minitron_jax.evaluate.mmlu import score_prompts
     from minitron_jax.evaluate.perplexity import nll_sum
 
@@ -168,6 +169,14 @@ def test_perplexity_and_mmlu_scores_equal_hand_computations_from_the_forward():
     for p, row in zip(prompts, got):
         lp = np.asarray(jax.nn.log_softmax(X.forward(hcfg, params, jnp.asarray([p]))[0, -1]))
         np.testing.assert_allclose(row, lp[letters], atol=2e-5, rtol=1e-5)
+
+    # lm-eval's loglikelihood requests (max_length defaults to the base's max_position_embeddings).
+    requests = [([1, 2, 3], [4, 5]), ([9], [10, 11, 12])]
+    for (ctx, cont), (lp_sum, _) in zip(requests, loglikelihood_tokens(hcfg, params, requests, batch_size=2)):
+        whole = ctx + cont
+        logp = np.asarray(jax.nn.log_softmax(X.forward(hcfg, params, jnp.asarray([whole[:-1]]))[0], axis=-1))
+        ref = sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))
+        np.testing.assert_allclose(lp_sum, ref, atol=2e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,6 +246,15 @@ def test_distill_a_heterogeneous_student_loss_falls_and_resume_is_bitwise_exact(
     assert step == 8 and cfg == tiny["hetero_cfg"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), params,
                  second.state.params["model"])
+    # distill --export-from: the checkpoint's student as a DeciLM HF directory that loads back as itself.
+    from minitron_jax.convert import load_model
+    from minitron_jax.train.checkpoints import export_to_hf
+
+    out = export_to_hf(tmp_path / "b", tmp_path / "hf", dtype="float32")
+    back = load_model(out)
+    # (The HF config records torch_dtype, as every HF export does: equal but for that.)
+    assert back.config.blocks == cfg.blocks and back.config.base.replace(extra=()) == cfg.base.replace(extra=())
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), params, back.params)
     # The trained student scores with the eval functions; training moved it away from the saved start.
     from minitron_jax.evaluate.perplexity import nll_sum
 
