@@ -24,7 +24,7 @@ from minitron_jax.convert.deci_hf import (
     save_deci_hf,
 )
 from minitron_jax.convert.hf import ConversionError, SafetensorsDir, save_hf
-from minitron_jax.exitcodes import NonFiniteError
+from minitron_jax.exitcodes import BadInputError, NonFiniteError
 
 BASE = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=1, num_layers=1, num_heads=8, num_kv_heads=8,
                    head_dim=8, rope_theta=10000.0)
@@ -136,6 +136,12 @@ def test_transformers_logits_and_generate_match(tmp_path, case):
         nxt = np.asarray(X.forward(hcfg, params, seq))[:, -1].argmax(-1)
         seq = np.concatenate([seq, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(generated, seq)
+
+    # Saved again by transformers (which rewrites RoPE as rope_parameters), it loads back into ours unchanged.
+    hf.save_pretrained(tmp_path / "resaved")
+    back = load_model(tmp_path / "resaved", with_tokenizer=False)
+    assert back.config.blocks == hcfg.blocks and back.config.base.rope_scaling == hcfg.base.rope_scaling
+    _leaves_equal(params, back.params)
 
     # Left padding: the padded row's real tokens get the same logits as the row alone.
     padded = np.concatenate([np.zeros((1, 3), np.int64), tokens[:1, :10]], axis=1)
@@ -251,6 +257,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
                                               r"\(8, 64\)"):
         params_from_hf_tensors(hcfg, tensors.__getitem__)
 
+    # A width DeciLM's ffn_mult cannot express is refused, naming the layer, before anything is written.
+    odd, odd_params = _model("tied", blocks=("gqa2/mlp256", "gqa2/mlp300"))
+    with pytest.raises(BadInputError, match=r"layer 1 has FFN width 300.*multiples of 256"):
+        save_hf(tmp_path / "odd", odd, odd_params)
+    assert not (tmp_path / "odd").exists()
+
     # NaN params are refused before anything is written.
     poisoned = {**params, "segments": [dict(s) for s in params["segments"]]}
     poisoned["segments"][2]["ffn_linear"] = poisoned["segments"][2]["ffn_linear"].copy()
@@ -278,3 +290,32 @@ def test_cli_converts_an_orbax_hetero_checkpoint_to_deci(tmp_path, capsys):
     # A bad destination is a one-line error with the bad-input exit code, nothing written.
     assert convert_main([str(tmp_path / "ck"), str(tmp_path / "hf"), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_config_class_reads_as_vllm_reads_it(tmp_path):
+    """vLLM loads config.json through our DeciLMConfig (trust_remote_code) and reads each block by attribute: the
+    KV heads of the first attention layer, each layer's no_op flags, ``ffn_mult`` when ``hasattr`` finds it, and the
+    model-wide ``hidden_act`` unless the block has its own."""
+    from transformers import AutoConfig
+
+    hcfg, params = _model("untied_llama3", blocks=VLLM_BLOCKS)
+    save_deci_hf(tmp_path / "hf", hcfg, params)
+    cfg = AutoConfig.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert type(cfg).__name__ == "DeciLMConfig" and cfg.model_type == "nemotron-nas"
+    assert cfg.num_key_value_heads is None and cfg.intermediate_size is None
+    first = next(b for b in cfg.block_configs if not b.attention.no_op)
+    assert cfg.num_attention_heads // first.attention.n_heads_in_group == 2
+    widths, kv = [], []
+    for b in cfg.block_configs:
+        assert not hasattr(b.ffn, "hidden_act")
+        if not b.ffn.no_op:
+            assert hasattr(b.ffn, "ffn_mult")
+            m = int(2 * b.ffn.ffn_mult * cfg.hidden_size / 3)
+            widths.append(m if m % 256 == 0 else m + 256 - m % 256)  # vLLM's _ffn_mult_to_intermediate_size
+        if not b.attention.no_op:
+            kv.append(cfg.num_attention_heads // b.attention.n_heads_in_group)
+    assert widths == [256, 512] and kv == [2, 8]
+    # Saved back by transformers, block_configs are plain dicts again, equal to ours.
+    cfg.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["block_configs"] == json.loads((tmp_path / "hf" / "config.json").read_text())["block_configs"]

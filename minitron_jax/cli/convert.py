@@ -2,8 +2,9 @@
 
 The source format is inferred from SRC (a ``.gguf`` file, an HF directory, a minitron_jax Orbax checkpoint); the
 destination is a llama.cpp GGUF file when DST ends in ``.gguf`` (or ``--to gguf``; tensor types by ``--quant``),
-an Orbax checkpoint with ``--to orbax``, else an HF directory. Writes are atomic: DST appears whole or not at all
-(:func:`minitron_jax.convert.transcode.convert`).
+an Orbax checkpoint with ``--to orbax``, else an HF directory (a Llama; for a heterogeneous model the
+Nemotron-NAS / DeciLM layout with its modeling files, loaded with ``trust_remote_code=True``). Writes are atomic:
+DST appears whole or not at all (:func:`minitron_jax.convert.transcode.convert`).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from minitron_jax.blocks import DECI_FFN_MULTIPLE
 from minitron_jax.convert.hf import (
     DEFAULT_SHARD_BYTES,
     LAYER_NAMES,
@@ -46,6 +47,7 @@ from minitron_jax.convert.hf import (
     to_ours,
     write_hf_directory,
 )
+from minitron_jax.exitcodes import BadInputError
 from minitron_jax.hetero import HeteroConfig, config_from_json_file, param_shapes
 from minitron_jax.model import Params
 
@@ -146,6 +148,12 @@ def save_deci_hf(path: str | Path, hcfg: HeteroConfig, params: Params, *, tokeni
     :func:`minitron_jax.convert.hf.save_hf` writes a Llama (which calls this for a :class:`HeteroConfig`)."""
     if not isinstance(hcfg, HeteroConfig):
         raise TypeError(f"save_deci_hf needs a HeteroConfig, got {type(hcfg).__name__}")
+    for i, block in enumerate(hcfg.blocks):
+        # DeciLM stores a width as ffn_mult and rounds what it derives up to a multiple of 256: any other width
+        # would load as a different model. Refused before anything is written, naming the layer.
+        if block.ffn.kind == "mlp" and block.ffn.width % DECI_FFN_MULTIPLE:
+            raise BadInputError(f"not exporting to {path}: layer {i} has FFN width {block.ffn.width}, which the "
+                                f"DeciLM layout cannot express (its widths are multiples of {DECI_FFN_MULTIPLE})")
     return write_hf_directory(path, deci_hf_config(hcfg), hf_tensors(hcfg, params, dtype), params,
                               tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes,
                               overwrite=overwrite, generation_config=generation_config, progress=progress,

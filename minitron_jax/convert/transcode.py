@@ -1,7 +1,9 @@
 """Convert a model between formats: any source ``load_model`` reads (a ``.gguf`` file, an HF directory, a
 minitron_jax Orbax checkpoint) to an HF directory, an Orbax checkpoint or a llama.cpp GGUF file
-(:mod:`~minitron_jax.convert.gguf_export`). Writes are atomic: the destination appears whole or not at all. The
-command is ``python -m minitron_jax.convert`` (:mod:`minitron_jax.cli.convert`)."""
+(:mod:`~minitron_jax.convert.gguf_export`). An HF directory is a Llama for a uniform model and the Nemotron-NAS
+(DeciLM) layout, with its modeling files, for a heterogeneous one (:mod:`~minitron_jax.convert.deci_hf`). Writes are
+atomic: the destination appears whole or not at all. The command is ``python -m minitron_jax.convert``
+(:mod:`minitron_jax.cli.convert`)."""
 
 from __future__ import annotations
 

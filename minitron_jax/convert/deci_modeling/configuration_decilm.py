@@ -10,8 +10,9 @@
   :func:`ffn_mult_to_intermediate_size`).
 
 The entries are kept as small attribute objects (``block_config.attention.no_op``), the form vLLM's
-``nemotron_nas`` model reads, and written back to ``config.json`` as plain dicts with exactly the keys they came
-with. ``num_key_value_heads`` and ``intermediate_size`` are None: every layer has its own.
+``nemotron_nas`` model reads, and written back to ``config.json`` as plain dicts with the keys they came with
+(plus ``no_op``/``replace_with_linear`` as False where absent). ``num_key_value_heads`` and
+``intermediate_size`` are None: every layer has its own.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
 
 
 class _Section:
-    """One half of a block config (attention or ffn) as attributes. Only the keys the JSON has become attributes,
-    so ``hasattr`` answers as the readers of this layout expect (vLLM asks ``hasattr(ffn, "ffn_mult")``)."""
+    """One half of a block config (attention or ffn) as attributes. Only the keys the JSON has (and the two flags)
+    become attributes, so ``hasattr`` answers as the readers of this layout expect: vLLM asks
+    ``hasattr(ffn, "ffn_mult")`` and ``hasattr(ffn, "hidden_act")``, and a None there would break it."""
 
     def __init__(self, **entries: Any):
         self.__dict__.update(entries)
