@@ -15,11 +15,16 @@ import pytest
 
 from minitron_jax import hetero
 from minitron_jax.blocks import BlockSpec
-from minitron_jax.compress.puzzle.blockwise import (ActivationStore, BlockwiseSettings, blockwise_distill,
-                                                    parent_spec, result_path)
+from minitron_jax.compress.puzzle.blockwise import (
+    ActivationStore,
+    BlockwiseSettings,
+    blockwise_distill,
+    parent_spec,
+    result_path,
+)
 from minitron_jax.compress.puzzle.scoring import Scorer, score_variants
 from minitron_jax.compress.puzzle.search import SearchSettings, SearchSpace, run_search
-from minitron_jax.compress.puzzle.targets import CostSettings, Targets
+from minitron_jax.compress.puzzle.targets import Targets
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params, init_params
 
@@ -154,6 +159,11 @@ def test_search_under_a_params_target(tmp_path):
 
     m = load_model(tmp_path / "run" / "model")
     assert m.config == res.hcfg
+    # the DeciLM HF export beside it reads back as the same model
+    assert r["hf_export"].startswith("saved"), r["hf_export"]
+    hf = load_model(tmp_path / "run" / "hf", with_tokenizer=False)
+    assert hf.config.blocks == res.hcfg.blocks  # (its base gains the HF torch_dtype key)
+    np.testing.assert_array_equal(hf.params["segments"][0]["attn_norm"], m.params["segments"][0]["attn_norm"])
     logits = hetero.forward(m.config, m.params, jnp.asarray(_windows(2, 5)))
     assert logits.shape == (2, SEQ, CFG.vocab_size) and bool(jnp.isfinite(logits).all())
 
@@ -211,3 +221,27 @@ def test_cli_end_to_end_and_refusals(tmp_path):
     other = _cli(*common[:4], "--attention", "gqa1,none", *common[6:], "--out", str(out), "--target-params",
                  str(int(0.85 * count_params(CFG))), cwd=ROOT)
     assert other.returncode == 2 and "another search space" in other.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_smollm2_search_small_budget(smollm2_assets, tmp_path):
+    """The embedded SmolLM2-135M, a small space and a few steps: a model within the target that loads and runs,
+    and scores that rank removing a whole layer above keeping it (minutes on a 2-core CPU)."""
+    from minitron_jax.convert import load_model
+
+    m = load_model(smollm2_assets["smollm2_gguf"])
+    space = SearchSpace.parse(m.config, "gqa3,none", "mlp1536,mlp512,none")
+    settings = SearchSettings(calib_tokens=8 * 256, eval_windows=2, runner_ups=1,
+                              blockwise=BlockwiseSettings(steps=5, batch_windows=4))
+    target = 100e6
+    res = run_search(m.config, m.params, m.tokenizer, smollm2_assets["wikipedia"], tmp_path / "run", space=space,
+                     targets=Targets(params=target), settings=settings, parent_name="SmolLM2-135M")
+    r = res.report
+    assert hetero.count_params(res.hcfg) == r["chosen"]["params"] <= target
+    kl = np.array(r["scores"]["kl"], dtype=float)
+    names = r["variants"]
+    assert (kl[:, names.index("none/none")] > kl[:, names.index("gqa3/mlp1536")]).all()
+    back = load_model(tmp_path / "run" / "model", with_tokenizer=False)
+    ids = jnp.asarray(m.tokenizer("The capital of France is")["input_ids"])[None]
+    logits = hetero.forward(back.config, back.params, ids)
+    assert bool(jnp.isfinite(logits).all())

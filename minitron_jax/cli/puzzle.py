@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     with PhaseProgress(console) as progress:
         result = run_search(m.config, m.params, m.tokenizer, data, args.out, space=space, targets=targets,
                             cost_settings=cost, settings=settings, parent_name=str(args.parent), progress=progress,
-                            log=None)
+                            log=lambda msg: console.print(msg, highlight=False))
     r = result.report
     print(r["solver"]["text"])
     print(f"chosen: {r['chosen']['params']:,} params, Σ KL {r['chosen']['summed_kl']:.4g}; "

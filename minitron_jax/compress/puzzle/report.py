@@ -54,6 +54,9 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"- #{s['rank']}: Σ KL {s['summed_kl']:.4g}; differs at {', '.join(diff)}")
     lines += ["", "## Phases", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k[:-2]} | {v:.1f} |" for k, v in r["phases_s"].items()]
+    lines += ["", "(This invocation; a resumed run loads finished results. The work itself, over every run: "
+              f"blockwise training {r['blockwise']['train_seconds_all_runs']:.0f} s, scoring "
+              f"{r['scores']['eval_seconds_all_runs']:.0f} s.)"]
     lines += ["", f"HF export: {r['hf_export']}", "", "```", r["solver"]["text"], "```", ""]
     return "\n".join(lines)
 

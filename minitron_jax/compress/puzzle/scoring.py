@@ -126,6 +126,7 @@ class ScoreResult:
     seconds: float
     evaluations: int  # scores computed in this call (the rest were loaded)
     compiled: int
+    eval_seconds: float = 0.0  # the time every score took when it was computed, this call or an earlier one
 
 
 def _score_file(run_dir: Path, layer: int) -> Path:
@@ -191,4 +192,5 @@ def score_variants(config: LlamaConfig, params: Params, store: ActivationStore, 
             kl[i, j] = sum(p[0] for p in parts)
             # additive: the LM loss moves by the sum of the halves' moves away from the parent's
             lm[i, j] = parts[0][1] if mode == "joint" else parent_lm + sum(p[1] - parent_lm for p in parts)
-    return ScoreResult(kl, lm, parent_lm, mode, time.perf_counter() - t0, evaluations, scorer.compiled)
+    spent = sum(float(cached[i][s.describe()].get("seconds", 0.0)) for i, s in plan)
+    return ScoreResult(kl, lm, parent_lm, mode, time.perf_counter() - t0, evaluations, scorer.compiled, spent)

@@ -42,8 +42,14 @@ from minitron_jax.exitcodes import BadInputError
 from minitron_jax.fsutil import lock_directory, write_json_atomic
 
 from . import costs as C
-from .blockwise import (ActivationStore, BlockwiseSettings, blockwise_distill, fingerprint_arrays,
-                        params_fingerprint, parent_spec)
+from .blockwise import (
+    ActivationStore,
+    BlockwiseSettings,
+    blockwise_distill,
+    fingerprint_arrays,
+    params_fingerprint,
+    parent_spec,
+)
 from .scoring import SCORING_MODES, score_variants
 from .solver import solve
 from .targets import CostSettings, Targets, build_constraints
@@ -182,7 +188,9 @@ def split_windows(tokenizer, source, seq_len: int, calib_tokens: int, eval_windo
         raise ValueError(f"{source}: no documents")
     keys = np.array([document_key(t, seed) for t in texts], np.uint64)
     lengths = np.array([len(t) for t in ids], np.int64)
-    held = holdout_mask(keys, lengths, eval_windows, seq_len, source=str(source))
+    # holdout_mask fills N rows with at least (N-1)·T + 1 tokens (packed rows may end short): ask one row more
+    # so that eval_windows whole windows are there.
+    held = holdout_mask(keys, lengths, eval_windows + 1, seq_len, source=str(source))
     ev = np.concatenate([ids[k] for k in np.flatnonzero(held)])
     cal = np.concatenate([ids[k] for k in np.flatnonzero(~held)])
     n_eval = len(ev) // seq_len
@@ -262,9 +270,10 @@ def _constraints(config, variants, targets, cost_settings, settings, log):
 
 
 def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
-                   cost_settings: CostSettings = CostSettings()) -> None:
+                   cost_settings: CostSettings | None = None) -> None:
     """Refuse targets no architecture of the space meets (before any training): the solver's message names the
     smallest reachable value. Latency/throughput targets are checked after timing, in the search itself."""
+    cost_settings = cost_settings or CostSettings()
     analytic = dataclasses.replace(targets, latency_s=None, throughput=None)
     if not analytic.given():
         return
@@ -274,7 +283,7 @@ def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
 
 
 def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out: str | Path, *,
-               space: SearchSpace, targets: Targets, cost_settings: CostSettings = CostSettings(),
+               space: SearchSpace, targets: Targets, cost_settings: CostSettings | None = None,
                settings: SearchSettings = SearchSettings(), parent_name: str = "parent",
                progress: Callable[[str, int, int], None] | None = None,
                log: Callable[[str], None] | None = None) -> SearchResult:
@@ -283,6 +292,7 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
 
     from .report import write_report
 
+    cost_settings = cost_settings or CostSettings()
     if not isinstance(config, LlamaConfig):
         raise ValueError("the parent must be a uniform (Llama) model")
     settings.check()
@@ -404,7 +414,6 @@ def build_report(config, hcfg, space, targets, cost_settings, settings, result, 
     from minitron_jax.model import count_params
 
     names = space.names()
-    variants = space.variants()
     best = result.best
     measured = C.model_cost(config, hcfg.blocks, **cost_settings.block_kwargs())
     parent_cost = C.model_cost(config, (parent_spec(config),) * config.num_layers, **cost_settings.block_kwargs())
@@ -435,8 +444,11 @@ def build_report(config, hcfg, space, targets, cost_settings, settings, result, 
                                                             for i, v in enumerate(best.choices)))},
         "runner_ups": sols[1:],
         "scores": {"mode": sc.mode, "kl": sc.kl.tolist(), "lm_loss": sc.lm_loss.tolist(),
-                   "parent_lm_loss": sc.parent_lm_loss, "evaluations": sc.evaluations, "compiled": sc.compiled},
-        "blockwise": {"trained_now": bw.computed, "step_builds": bw.step_builds, "halves": halves},
+                   "parent_lm_loss": sc.parent_lm_loss, "evaluations": sc.evaluations, "compiled": sc.compiled,
+                   "eval_seconds_all_runs": sc.eval_seconds},
+        "blockwise": {"trained_now": bw.computed, "step_builds": bw.step_builds,
+                      "train_seconds_all_runs": sum(float(info.get("seconds", 0.0)) for _, info in bw.halves.values()),
+                      "halves": halves},
         "timings_s": {v.describe(): t for v, t in timings.items()} if timings else None,
         "solver": {"seconds": result.seconds, "exhausted": result.exhausted, "text": result.report()},
         "hf_export": hf_note,
