@@ -186,5 +186,5 @@ def load_deci_hf(path: str | Path, dtype=None, progress: Callable[[str], None] |
     try:
         return config, params_from_hf_tensors(config, st.get, dtype=dtype, progress=progress)
     except ConversionError as e:
-        # SafetensorsDir names the tensor but not the directory; a conversion error should say which model.
-        raise ConversionError(f"{path}: {e}") from None
+        # As hf.load_hf_params: the tensor readers name the tensor, the one line also says which model.
+        raise ConversionError(str(e) if str(path) in str(e) else f"{path}: {e}") from None

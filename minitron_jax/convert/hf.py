@@ -262,7 +262,11 @@ def load_hf_params(path: str | Path, config: LlamaConfig | None = None, dtype=No
     st = SafetensorsDir(path)
     if config.tie_word_embeddings and "lm_head.weight" in st and "model.embed_tokens.weight" not in st:
         raise ConversionError(f"{path}: tied config but only lm_head.weight present")
-    return config, params_from_hf_tensors(config, st.get, dtype=dtype, progress=progress)
+    try:
+        return config, params_from_hf_tensors(config, st.get, dtype=dtype, progress=progress)
+    except ConversionError as e:
+        # The tensor readers name the tensor, not the directory; the one line should say which model it is.
+        raise ConversionError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def params_from_hf_tensors(config: LlamaConfig, get: Callable[[str], np.ndarray], dtype=None,
