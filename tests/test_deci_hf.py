@@ -233,6 +233,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         load_model(out, with_tokenizer=False)
     assert "\n" not in str(e.value)
 
+    # A key of a newer Nemotron-NAS block that is set and that we do not implement: refused, not ignored.
+    bad = json.loads(json.dumps(cfg))
+    bad["block_configs"][1]["ffn"]["moe"] = {"num_local_experts": 8}
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"config\.json: block_configs\[1\]\.ffn\.moe = .* is not supported"):
+        load_model(out, with_tokenizer=False)
+    # ...while keys that are present but off, or state what we run anyway, change nothing.
+    bad = json.loads(json.dumps(cfg))
+    bad["block_configs"][0]["attention"].update(unshifted_sink=False, num_sink_tokens=None)
+    bad["block_configs"][0]["ffn"].update(hidden_act="silu", gated=True)
+    (out / "config.json").write_text(json.dumps(bad))
+    _leaves_equal(params, load_model(out, with_tokenizer=False).params)
+
     # A width the safetensors disagree with: the tensor, both shapes.
     bad = json.loads(json.dumps(cfg))
     bad["block_configs"][2]["ffn"]["ffn_mult"] = 6.0  # 256 wide instead of 512

@@ -28,6 +28,7 @@ GQA, MLP and no-op sub-blocks, so a model with *linear* sub-blocks runs in trans
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -160,14 +161,46 @@ def save_deci_hf(path: str | Path, hcfg: HeteroConfig, params: Params, *, tokeni
                               sources=sources, card=card, extra_files=_write_modeling_files)
 
 
+# The block_configs keys we read. Newer Nemotron-NAS models add others (Mamba mixers, MoE FFNs, Llama-4
+# attention...): one we do not know is refused when it is set, since reading the block without it would build a
+# different network; a key present but off (false, null, 0) changes nothing and is accepted.
+BLOCK_KEYS = {"attention": {"no_op", "replace_with_linear", "n_heads_in_group", "sparsify", "window_length",
+                            "num_sink_tokens"},
+              "ffn": {"no_op", "replace_with_linear", "ffn_mult", "sparsify"}}
+# Set keys that state what we run anyway.
+HARMLESS_BLOCK_VALUES = {("ffn", "hidden_act"): "silu", ("ffn", "gated"): True}
+
+
+def check_block_keys(hf: dict[str, Any], where: str | Path) -> None:
+    """ConfigError naming ``where`` (the config.json) and the first ``block_configs`` key that is set but that
+    this reader does not implement."""
+    from minitron_jax.config import ConfigError
+
+    blocks = hf.get("block_configs") if isinstance(hf, dict) else None
+    for i, bc in enumerate(blocks if isinstance(blocks, list) else []):
+        if not isinstance(bc, dict):
+            continue  # HeteroConfig.from_hf reports the shape of a malformed entry
+        for key, value in bc.items():
+            if key not in BLOCK_KEYS and value:
+                raise ConfigError(f"{where}: block_configs[{i}].{key} = {value!r} is not supported")
+        for part, known in BLOCK_KEYS.items():
+            sub = bc.get(part)
+            for key, value in (sub.items() if isinstance(sub, dict) else ()):
+                if key not in known and value and HARMLESS_BLOCK_VALUES.get((part, key)) != value:
+                    raise ConfigError(f"{where}: block_configs[{i}].{part}.{key} = {value!r} is not supported "
+                                      f"(known {part} keys: {', '.join(sorted(known))})")
+
+
 def read_deci_config(path: str | Path) -> HeteroConfig:
-    """The :class:`HeteroConfig` of an HF directory; ConfigError naming ``config.json`` for anything else."""
+    """The :class:`HeteroConfig` of an HF directory; ConfigError naming ``config.json`` for anything else, or for
+    a block key that is set and not implemented here (:func:`check_block_keys`)."""
     from minitron_jax.config import ConfigError
 
     cfg_path = Path(path) / "config.json"
     config = config_from_json_file(cfg_path)
     if not isinstance(config, HeteroConfig):
         raise ConfigError(f"{cfg_path}: not a DeciLM (nemotron-nas) config: no block_configs")
+    check_block_keys(json.loads(cfg_path.read_text()), cfg_path)
     return config
 
 
@@ -179,7 +212,10 @@ def load_deci_hf(path: str | Path, dtype=None, progress: Callable[[str], None] |
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}")
-    config = config or read_deci_config(path)
+    if config is None:
+        config = read_deci_config(path)
+    else:
+        check_block_keys(json.loads((path / "config.json").read_text()), path / "config.json")
     st = SafetensorsDir(path)
     if config.base.tie_word_embeddings and "lm_head.weight" in st and "model.embed_tokens.weight" not in st:
         raise ConversionError(f"{path}: tied config but only lm_head.weight present")
