@@ -335,3 +335,41 @@ def test_minitron_pruning_of_a_heterogeneous_teacher_is_refused(tiny, tmp_path):
                  f"student.calib={tiny['root'] / 'corpus.jsonl'}")
     with pytest.raises(RunConfigError, match=r"^student\.prune: the teacher .* is heterogeneous"):
         run(rc, prune_student=lambda *a: pytest.fail("the pruner must not be called"))
+
+
+def test_eval_command_on_a_heterogeneous_checkpoint(tiny, capsys):
+    """``python -m minitron_jax.eval`` on the Orbax directory: the perplexity of the windows by hand."""
+    import json
+    import math
+
+    from minitron_jax.cli.eval import main
+    from minitron_jax.data import read_text, token_windows
+
+    path = tiny["root"] / "hetero_student"
+    text = tiny["root"] / "corpus.jsonl"
+    assert main(["--model", str(path), "--text", str(text), "--seq-len", "16", "--max-tokens", "64", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    windows = token_windows(tiny["tokenizer"], read_text(text), 16, 64)
+    logp = np.asarray(jax.nn.log_softmax(X.forward(tiny["hetero_cfg"], tiny["hetero_params"], jnp.asarray(windows)),
+                                         axis=-1))
+    nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1).mean()
+    assert got["windows"] == len(windows) == 4
+    np.testing.assert_allclose(got["perplexity"], math.exp(nll), rtol=1e-5)
+
+
+def test_offline_teacher_top_k_of_a_heterogeneous_teacher():
+    """The teacher-logits cache's jitted top-k (teacher_logits command) on a heterogeneous teacher: the top-k of
+    ``hetero.forward``'s log-softmax and the log of the mass outside it."""
+    from minitron_jax.train.teacher_cache import top_k_fn
+
+    hcfg, params = _hmodel()
+    tokens = _tokens((2, 12))
+    seg = jnp.ones((2, 12), jnp.int32)
+    fn = top_k_fn(hcfg, top_k=4, dtype=jnp.float32, chunk_size=10, ids=np.dtype(np.int32),
+                  logprobs=np.dtype(np.float32))
+    ids, lp, rest = fn(params, tokens, seg, M.default_positions(tokens))
+    ref = np.asarray(jax.nn.log_softmax(X.forward(hcfg, params, tokens), axis=-1))
+    np.testing.assert_allclose(np.asarray(lp), -np.sort(-ref, axis=-1)[..., :4], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lp), np.take_along_axis(ref, np.asarray(ids), axis=-1), atol=2e-5)
+    outside = np.log1p(-np.exp(np.asarray(lp)).sum(-1))
+    np.testing.assert_allclose(np.asarray(rest), outside, atol=1e-4)
