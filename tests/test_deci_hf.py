@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minitron_jax import hetero as X
+from minitron_jax import model as M
 from minitron_jax.blocks import BlockSpec
 from minitron_jax.config import ConfigError, LlamaConfig, RopeScaling
 from minitron_jax.convert import load_model
@@ -203,8 +204,7 @@ def test_tensor_names_are_the_nemotron_nas_names(tmp_path):
 
 def test_uniform_model_still_exports_as_llama(tmp_path):
     config = BASE.replace(num_layers=2, num_kv_heads=4, intermediate_size=96)
-    params = jax.tree.map(np.asarray, __import__("minitron_jax.model", fromlist=["x"]).init_params(
-        config, jax.random.key(0)))
+    params = jax.tree.map(np.asarray, M.init_params(config, jax.random.key(0)))
     save_hf(tmp_path / "hf", config, params)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and "block_configs" not in cfg and "auto_map" not in cfg
