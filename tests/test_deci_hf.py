@@ -35,7 +35,8 @@ LLAMA3 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor
 # All six kinds: GQA with fewer KV heads (a two-layer segment) and with all of them, linear and no-op attention;
 # MLPs of two widths (multiples of 256, which DeciLM's ffn_mult can express), linear and no-op FFNs.
 BLOCKS = ("gqa2/mlp256", "gqa2/mlp256", "gqa8/mlp512", "linear/linear", "none/mlp256", "gqa4/none", "none/none")
-CASES = {"untied_llama3": dict(rope_scaling=LLAMA3), "tied": dict(tie_word_embeddings=True)}
+CASES = {"untied_llama3": dict(rope_scaling=LLAMA3), "tied": dict(tie_word_embeddings=True),
+         "biases": dict(attention_bias=True, mlp_bias=True, rope_scaling=RopeScaling("linear", factor=2.0))}
 
 
 def _model(case: str, seed: int = 0, blocks=BLOCKS):
@@ -43,8 +44,9 @@ def _model(case: str, seed: int = 0, blocks=BLOCKS):
     params = jax.tree.map(np.asarray, X.init_params(hcfg, jax.random.key(seed), std=0.1))
     rng = np.random.default_rng(seed)
 
-    def perturb(tree):  # norms start at exactly 1: give them values so a swapped or dropped norm shows
-        return {k: (v + rng.normal(0, 0.2, v.shape).astype(v.dtype) if "norm" in k else v) for k, v in tree.items()}
+    def perturb(tree):  # norms start at 1 and biases at 0: give them values so a swapped or dropped one shows
+        return {k: (v + rng.normal(0, 0.2, v.shape).astype(v.dtype) if "norm" in k or k.endswith("bias") else v)
+                for k, v in tree.items()}
 
     params = {**perturb({k: v for k, v in params.items() if k != "segments"}),
               "segments": [perturb(seg) for seg in params["segments"]]}
