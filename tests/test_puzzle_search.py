@@ -178,6 +178,12 @@ def test_search_under_a_params_target(tmp_path):
         assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6), (i, b)
     assert sum(r["scores"]["kl"][i][names.index(b)] for i, b in enumerate(r["chosen"]["blocks"])) == \
         pytest.approx(r["chosen"]["summed_kl"], rel=1e-9)
+    # the report's whole-model numbers are the saved model's, measured against the stored parent log-probs
+    lq = jax.nn.log_softmax(hetero.forward(m.config, m.params, jnp.asarray(ev.tokens)), axis=-1)
+    lp = jnp.asarray(ev.logp)
+    whole_kl = float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)))
+    assert r["chosen"]["whole_model"]["kl"] == pytest.approx(whole_kl, rel=1e-4) and whole_kl > 0
+    assert r["chosen"]["whole_model"]["parent_lm_loss"] == pytest.approx(scorer.parent_lm_loss(), rel=1e-9)
 
     # a rerun with another target trains nothing and scores nothing; another space is refused
     res2 = run_search(CFG, params, tok, data, tmp_path / "run", space=space,

@@ -36,6 +36,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"windows of {r['data']['seq_len']}; {r['settings']['blockwise']['steps']} Adam steps per sub-block.",
              "", "## Chosen", "",
              f"Σ KL(parent ‖ replace-one-block) = {c['summed_kl']:.4g} nats/token; {c['params']:,} params.", "",
+             f"The assembled model on the held-out windows: KL(parent ‖ model) {c['whole_model']['kl']:.4g} "
+             f"nats/token, LM loss {c['whole_model']['lm_loss']:.4g} (parent {c['whole_model']['parent_lm_loss']:.4g})"
+             ".", "",
              "| target | achieved | limit |", "|---|---|---|"]
     for name, t in c["targets"].items():
         lines.append(f"| {name} | {t['shown']} | {t['limit_shown']} |")

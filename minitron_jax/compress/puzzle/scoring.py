@@ -194,3 +194,21 @@ def score_variants(config: LlamaConfig, params: Params, store: ActivationStore, 
             lm[i, j] = parts[0][1] if mode == "joint" else parent_lm + sum(p[1] - parent_lm for p in parts)
     spent = sum(float(cached[i][s.describe()].get("seconds", 0.0)) for i, s in plan)
     return ScoreResult(kl, lm, parent_lm, mode, time.perf_counter() - t0, evaluations, scorer.compiled, spent)
+
+
+def whole_model_scores(hcfg: hetero.HeteroConfig, params: Params, store: ActivationStore, *, batch: int = 2
+                       ) -> tuple[float, float]:
+    """(mean KL(parent ‖ model), mean next-token LM loss) of a whole heterogeneous model on the evaluation store's
+    windows: what the replace-one-block scores approximate, measured on the assembled model."""
+    fn = jax.jit(lambda p, t: jax.nn.log_softmax(hetero.forward(hcfg, p, t), axis=-1))
+    p = jax.tree.map(jnp.asarray, params)
+    tok_all, logp_all = store.tokens, store.logp
+    kl = nll = 0.0
+    for s in range(0, store.num_windows, batch):
+        t = jnp.asarray(tok_all[s:s + batch])
+        lq, lp = fn(p, t), jnp.asarray(logp_all[s:s + batch])
+        kl += float(jnp.sum(jnp.exp(lp) * (lp - lq)))
+        nll -= float(jnp.sum(jnp.take_along_axis(lq[:, :-1], t[:, 1:, None], axis=-1)))
+    n, T = tok_all.shape
+    return kl / (n * T), nll / max(n * (T - 1), 1)
+

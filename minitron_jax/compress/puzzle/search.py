@@ -50,7 +50,7 @@ from .blockwise import (
     params_fingerprint,
     parent_spec,
 )
-from .scoring import SCORING_MODES, score_variants
+from .scoring import SCORING_MODES, score_variants, whole_model_scores
 from .solver import solve
 from .targets import CostSettings, Targets, build_constraints
 
@@ -357,10 +357,14 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
         save_model(out / "model", hcfg, new_params, tokenizer=tokenizer, overwrite=True)
         hf_note = _save_hf(out / "hf", hcfg, new_params, tokenizer)
         phases["save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        whole = whole_model_scores(hcfg, new_params, eval_store, batch=settings.eval_batch)
+        phases["whole_model_eval_s"] = time.perf_counter() - t0
         phases["total_s"] = time.perf_counter() - t_all
 
         report = build_report(config, hcfg, space, targets, cost_settings, settings, result, sc, bw, timings,
-                              phases, parent_name=parent_name, hf_note=hf_note, calib=calib, evalw=evalw)
+                              phases, parent_name=parent_name, hf_note=hf_note, calib=calib, evalw=evalw,
+                              whole=whole)
         write_report(out, report, space)
     return SearchResult(hcfg, new_params, report, out)
 
@@ -410,7 +414,7 @@ def _save_hf(path: Path, hcfg, params, tokenizer) -> str:
 
 
 def build_report(config, hcfg, space, targets, cost_settings, settings, result, sc, bw, timings, phases, *,
-                 parent_name, hf_note, calib, evalw) -> dict[str, Any]:
+                 parent_name, hf_note, calib, evalw, whole) -> dict[str, Any]:
     from minitron_jax.model import count_params
 
     names = space.names()
@@ -441,7 +445,9 @@ def build_report(config, hcfg, space, targets, cost_settings, settings, result, 
                    "measured_cost": dataclasses.asdict(measured) | {"memory_bytes": measured.memory_bytes},
                    "targets": sols[0]["targets"],
                    "lm_loss_sum_of_replacements": float(sum(sc.lm_loss[i, v] - sc.parent_lm_loss
-                                                            for i, v in enumerate(best.choices)))},
+                                                            for i, v in enumerate(best.choices))),
+                   # the assembled model itself on the same held-out windows (the scores add single replacements)
+                   "whole_model": {"kl": whole[0], "lm_loss": whole[1], "parent_lm_loss": sc.parent_lm_loss}},
         "runner_ups": sols[1:],
         "scores": {"mode": sc.mode, "kl": sc.kl.tolist(), "lm_loss": sc.lm_loss.tolist(),
                    "parent_lm_loss": sc.parent_lm_loss, "evaluations": sc.evaluations, "compiled": sc.compiled,
