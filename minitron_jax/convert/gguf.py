@@ -16,6 +16,11 @@ What differs between a llama.cpp GGUF and an HF Llama checkpoint, and how each i
 - **RoPE layout**: llama.cpp rotates adjacent pairs (GPT-J style) while HF rotates halves (``rotate_half``), so
   llama.cpp's converter permutes the rows of ``q_proj``/``k_proj`` within each head (:func:`permute_qk`). We apply
   the exact inverse (:func:`unpermute_qk`) — for ``k_proj`` per *KV* head.
+- **Heterogeneous models** (llama.cpp's ``deci`` architecture, Nemotron-NAS / DeciLM): per-layer arrays
+  ``deci.attention.head_count`` / ``head_count_kv`` / ``feed_forward_length`` become a DeciLM ``block_configs``
+  config dict (:func:`~minitron_jax.convert.gguf_config.build_hf_config`) and each layer's tensors are served under
+  DeciLM's HF names (:func:`deci_layer_tensors`; a linear attention's ``attn_output`` is
+  ``self_attn.linear_attn.weight``).
 - **Config**: read from ``llama.*`` metadata (:mod:`~minitron_jax.convert.gguf_config`). Llama-3.1-style RoPE
   scaling is not stored as metadata but as a ``rope_freqs.weight`` tensor of per-frequency divisors; we recover the
   ``llama3`` ``rope_scaling`` dict from it and check that it reproduces the tensor.
@@ -38,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from minitron_jax.blocks import BlockSpec, from_decilm
 
 # The header checker is the lowest GGUF module: it owns the magic and the error type, re-exported here.
 from minitron_jax.convert.gguf_config import build_hf_config
@@ -119,6 +126,45 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# DeciLM's (vLLM ``nemotron_nas``, transformers ``modeling_decilm``) names of its ``replace_with_linear`` sub-blocks,
+# torch [out, in]. llama.cpp's ``deci`` stores the linear attention as the layer's ``attn_output`` [D, D] (its
+# converter maps ``self_attn.linear_attn`` to ATTN_OUT) and has no tensor for a linear FFN.
+DECI_LINEAR_ATTN = "self_attn.linear_attn.weight"
+DECI_LINEAR_MLP = "mlp.linear_mlp.weight"
+# Our per-layer param key → llama.cpp tensor suffix, for the keys a deci layer can hold.
+DECI_GGUF_SUFFIX = {
+    "attn_norm": "attn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight",
+    "o": "attn_output.weight", "attn_linear": "attn_output.weight",
+    "mlp_norm": "ffn_norm.weight", "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+}
+
+
+def deci_layer_tensors(i: int, spec: BlockSpec, *, heads: int, head_dim: int, hidden: int
+                       ) -> list[tuple[str, str, str, tuple[int, ...], int | None]]:
+    """Layer ``i``'s tensors in a ``deci`` GGUF: (our param key, llama.cpp name, DeciLM HF name, HF [out, in] shape,
+    heads its q/k rows are permuted over or None). A removed sub-block has none (llama.cpp: head_count 0 /
+    feed_forward_length 0); a linear FFN has no llama.cpp tensor at all, so it is refused (GGUFError)."""
+    d, a, f = hidden, spec.attention, spec.ffn
+    hf, gg = f"model.layers.{i}.", f"blk.{i}."
+    out = []
+    if a.kind == "gqa":
+        q, kv = heads * head_dim, a.kv_heads * head_dim
+        out += [("attn_norm", (d,), "input_layernorm.weight", None), ("q", (q, d), "self_attn.q_proj.weight", heads),
+                ("k", (kv, d), "self_attn.k_proj.weight", a.kv_heads), ("v", (kv, d), "self_attn.v_proj.weight", None),
+                ("o", (d, q), "self_attn.o_proj.weight", None)]
+    elif a.kind == "linear":
+        out += [("attn_norm", (d,), "input_layernorm.weight", None), ("attn_linear", (d, d), DECI_LINEAR_ATTN, None)]
+    if f.kind == "mlp":
+        w = f.width
+        out += [("mlp_norm", (d,), "post_attention_layernorm.weight", None),
+                ("gate", (w, d), "mlp.gate_proj.weight", None), ("up", (w, d), "mlp.up_proj.weight", None),
+                ("down", (d, w), "mlp.down_proj.weight", None)]
+    elif f.kind == "linear":
+        raise GGUFError(f"layer {i} ({spec.describe()}): llama.cpp's deci architecture has no linear FFN "
+                        "(DeciLM replace_with_linear) tensor")
+    return [(key, gg + DECI_GGUF_SUFFIX[key], hf + name, shape, qk) for key, shape, name, qk in out]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Opening the file
 
@@ -146,14 +192,19 @@ def _open_reader(path: Path):
 
 def _read_metadata(reader, max_array: int = 64) -> dict[str, Any]:
     """Metadata as plain Python values. Long arrays (the vocabulary, merges) are left out: they are the
-    tokenizer's business and decoding them costs seconds."""
+    tokenizer's business and decoding them costs seconds. The architecture's own keys are kept whatever their
+    length: a heterogeneous (``deci``) model has one head count and FFN width per layer (162 in Nemotron Ultra)."""
     from gguf import GGUFValueType
 
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    own = f"{arch}." if isinstance(arch, str) and arch else None
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > max_array:
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > max_array \
+                and not (own and key.startswith(own)):
             continue
         meta[key] = field.contents()
     return meta
@@ -247,29 +298,71 @@ class GGUFModel:
         return dict(self.iter_tensors())
 
 
+def _is_deci(cfg: dict) -> bool:
+    return "block_configs" in cfg
+
+
+def deci_blocks(cfg: dict) -> tuple[BlockSpec, ...]:
+    """The per-layer blocks of a DeciLM config dict (as :func:`~minitron_jax.convert.gguf_config.build_hf_config`
+    builds it for a ``deci`` GGUF)."""
+    from types import SimpleNamespace
+
+    base = SimpleNamespace(num_heads=cfg["num_attention_heads"], hidden_size=cfg["hidden_size"])
+    try:
+        return from_decilm(base, cfg["block_configs"])
+    except ValueError as e:
+        raise GGUFError(str(e)) from None
+
+
+def _expected_tensors(cfg: dict) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
+    """HF name → (llama.cpp name, HF [out, in] shape, heads to un-permute q/k rows over or None) for every tensor
+    a model of this config has, in the order they are served."""
+    d, v = cfg["hidden_size"], cfg["vocab_size"]
+    out = {"model.embed_tokens.weight": ("token_embd.weight", (v, d), None)}
+    if _is_deci(cfg):
+        heads, head_dim = cfg["num_attention_heads"], cfg["head_dim"]
+        for i, spec in enumerate(deci_blocks(cfg)):
+            for _key, gg, hf, shape, qk in deci_layer_tensors(i, spec, heads=heads, head_dim=head_dim, hidden=d):
+                out[hf] = (gg, shape, qk)
+    else:
+        # q rows are permuted per query head, k rows per KV head (llama.cpp permutes k with n_head_kv).
+        qk_heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+        hf_to_gguf_layer = {hf: gg for gg, hf in LAYER_NAMES.items()}
+        for hf, shape in _expected_hf_shapes(cfg).items():
+            if hf.startswith("model.layers."):
+                _, _, i, rest = hf.split(".", 3)
+                out[hf] = (f"blk.{i}.{hf_to_gguf_layer[rest]}", shape, qk_heads.get(hf.split(".")[-2]))
+    out["model.norm.weight"] = ("output_norm.weight", (d,), None)
+    if not cfg["tie_word_embeddings"]:
+        out["lm_head.weight"] = ("output.weight", (v, d), None)
+    return out
+
+
 def _tensor_refs(reader_tensors, cfg: dict, path: Path) -> dict[str, GGUFTensorRef]:
     """Map the file's tensors to HF names in state-dict order, checking names, shapes and types up front so a bad
     file fails before any dequantization work."""
-    hf_to_tensor = {}
+    expected = _expected_tensors(cfg)
+    gguf_to_hf = {gg: hf for hf, (gg, _, _) in expected.items()}
+    by_hf, extra = {}, []
     for t in reader_tensors:
-        hf = gguf_to_hf_name(t.name)
+        if t.name in CONFIG_TENSORS:
+            continue
+        hf = gguf_to_hf.get(t.name)
         if hf is None:
-            if t.name in CONFIG_TENSORS:
-                continue
-            raise GGUFError(f"{path}: tensor {t.name!r} is not part of a Llama model (unsupported variant?)")
-        hf_to_tensor[hf] = t
-
-    expected = _expected_hf_shapes(cfg)
-    missing = [n for n in expected if n not in hf_to_tensor]
-    extra = [n for n in hf_to_tensor if n not in expected]
+            known = gguf_to_hf_name(t.name)
+            if known is None:
+                kind = "deci (Nemotron-NAS)" if _is_deci(cfg) else "Llama"
+                raise GGUFError(f"{path}: tensor {t.name!r} is not part of a {kind} model (unsupported variant?)")
+            extra.append(known)
+            continue
+        by_hf[hf] = t
+    missing = [n for n in expected if n not in by_hf]
     if missing or extra:
         raise GGUFError(f"{path}: tensors do not match the config "
                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]})")
-    # q rows are permuted per query head, k rows per KV head (llama.cpp permutes k with n_head_kv).
-    qk_heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     refs = {}
-    for hf, shape in expected.items():
-        t = hf_to_tensor[hf]
+    for hf, (_gg, shape, qk) in expected.items():
+        t = by_hf[hf]
         got = tuple(int(x) for x in reversed(t.shape.tolist()))
         if got != shape:
             raise GGUFError(f"{path}: tensor {t.name!r} has shape {got} (HF order), expected {shape} for {hf}")
@@ -277,16 +370,17 @@ def _tensor_refs(reader_tensors, cfg: dict, path: Path) -> dict[str, GGUFTensorR
         if type_name not in SUPPORTED_TYPES:
             raise GGUFError(f"{path}: tensor {t.name!r} has GGUF type {type_name}, which is not supported "
                             f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-        refs[hf] = GGUFTensorRef(t.name, type_name, shape, t.data, qk_heads.get(hf.split(".")[-2]))
+        refs[hf] = GGUFTensorRef(t.name, type_name, shape, t.data, qk)
     return refs
 
 
 def read_gguf(path: str | os.PathLike, dtype=np.float32) -> GGUFModel:
-    """Open a Llama GGUF: parse metadata into an HF config and check every tensor's name, type and shape.
+    """Open a Llama (``llama``) or heterogeneous (``deci``) GGUF: parse metadata into an HF config (a DeciLM one
+    with ``block_configs`` for ``deci``) and check every tensor's name, type and shape.
 
     Tensors are not dequantized here (see :class:`GGUFModel`). Raises ``FileNotFoundError`` for a missing file and
-    :class:`GGUFError` (a ``ValueError``) for a non-GGUF/truncated file, an architecture other than ``llama``, an
-    unsupported tensor type, or tensors that do not match the config.
+    :class:`GGUFError` (a ``ValueError``) for a non-GGUF/truncated file, an architecture other than ``llama`` or
+    ``deci``, an unsupported tensor type, or tensors that do not match the config.
     """
     path = Path(path)
     dtype = np.dtype(dtype)

@@ -1,6 +1,8 @@
-"""GGUF metadata → a transformers ``LlamaConfig`` dict (used by :func:`minitron_jax.convert.gguf.read_gguf`).
+"""GGUF metadata → a transformers ``LlamaConfig`` dict (used by :func:`minitron_jax.convert.gguf.read_gguf`), or a
+DeciLM (Nemotron-NAS) one with per-layer ``block_configs`` for llama.cpp's heterogeneous ``deci`` architecture.
 
-Every hyperparameter is read from ``llama.*`` metadata with its type checked, not coerced (GGUF files are untrusted
+Every hyperparameter is read from ``llama.*`` (``deci.*``) metadata with its type checked, not coerced (GGUF files
+are untrusted
 input: a string "12", a float 2.5 or a zero head count must fail here, naming the key, not later as a crash).
 Llama-3.1-style RoPE scaling is not stored as metadata but as a ``rope_freqs.weight`` tensor of per-frequency
 divisors; :func:`build_hf_config` recovers the ``llama3`` ``rope_scaling`` dict from it and checks that it
@@ -15,7 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax.blocks import AttentionSpec, BlockSpec, FFNSpec, to_decilm
 from minitron_jax.convert.gguf_header import GGUFError
+
+# What the per-layer arrays of a ``deci`` GGUF mean (llama.cpp's llm_build_deci and its converter's DeciModel):
+#   head_count 0                      attention removed (DeciLM no_op): no tensors, no norm, no residual
+#   head_count H, head_count_kv 0     linear attention (replace_with_linear): attn_norm + attn_output [D, D]
+#   head_count H, head_count_kv K     GQA with K KV heads
+#   feed_forward_length 0             FFN removed (no_op); llama.cpp has no linear FFN
+DECI_ARCHITECTURE_NAME = "DeciLMForCausalLM"
+DECI_MODEL_TYPE = "nemotron-nas"
 
 
 def _f32(x: float) -> float:
@@ -152,52 +163,125 @@ def _llama3_scaling_from_freqs(rope_freqs: np.ndarray, theta: float, head_dim: i
     return scaling
 
 
+def _per_layer_ints(meta: dict, key: str, layers: int, default: list[int] | None = None) -> list[int]:
+    """A per-layer hyperparameter (an integer for every layer, or one array entry per layer), each at least 0."""
+    if key not in meta:
+        if default is None:
+            raise GGUFError(f"GGUF metadata has no {key!r}")
+        return default
+    value = meta[key]
+    if _is_int(value):
+        value = [value] * layers
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise GGUFError(f"GGUF metadata {key!r} must be an integer or an array of integers, got {_describe(value)}")
+    if len(value) != layers:
+        raise GGUFError(f"GGUF metadata {key!r} has {len(value)} entries for {layers} layers")
+    if min(value) < 0:
+        raise GGUFError(f"GGUF metadata {key!r} holds {min(value)}; counts cannot be negative")
+    return value
+
+
+def _deci_blocks(meta: dict, layers: int, hidden: int, path: Path) -> tuple[int, int, list[BlockSpec]]:
+    """(query heads, head_dim, one BlockSpec per layer) from a ``deci`` GGUF's per-layer arrays."""
+    p = "deci."
+    arrays = [k for k in (p + "attention.head_count", p + "attention.head_count_kv", p + "feed_forward_length")
+              if isinstance(meta.get(k), list)]
+    if not arrays and layers > 4096:  # scalars broadcast to every layer: bound the count no array in the file does
+        raise GGUFError(f"{path}: {p}block_count is {layers} with no per-layer arrays")
+    n_head = _per_layer_ints(meta, p + "attention.head_count", layers)
+    n_kv = _per_layer_ints(meta, p + "attention.head_count_kv", layers, n_head)
+    n_ff = _per_layer_ints(meta, p + "feed_forward_length", layers)
+    distinct = sorted({h for h in n_head if h > 0})
+    if len(distinct) > 1:  # DeciLM keeps every layer's query heads; only the KV heads vary
+        raise GGUFError(f"{path}: {p}attention.head_count varies among attention layers ({distinct}), which a DeciLM "
+                        "config cannot express")
+    key_length = _uniform_int(meta, p + "attention.key_length", 0, minimum=0) or None
+    if distinct:
+        heads = distinct[0]
+        head_dim = key_length or _uniform_int(meta, p + "rope.dimension_count", hidden // heads)
+    elif key_length and hidden % key_length == 0:  # no attention layer at all: the heads only fill the base config
+        heads, head_dim = hidden // key_length, key_length
+    else:
+        raise GGUFError(f"{path}: no layer has attention and {p}attention.key_length does not give the head count")
+    if _uniform_int(meta, p + "attention.value_length", head_dim) != head_dim:
+        raise GGUFError(f"{path}: {p}attention.value_length differs from key_length {head_dim}")
+    blocks = []
+    for i, (h, kv, f) in enumerate(zip(n_head, n_kv, n_ff)):
+        if h == 0 and kv:
+            raise GGUFError(f"{path}: layer {i} has {kv} KV heads but no query heads")
+        if kv and heads % kv:
+            raise GGUFError(f"{path}: layer {i}: {kv} KV heads do not divide the {heads} query heads")
+        att = AttentionSpec("none") if h == 0 else AttentionSpec("linear") if kv == 0 else AttentionSpec("gqa", kv)
+        blocks.append(BlockSpec(att, FFNSpec("mlp", f) if f else FFNSpec("none")))
+    return heads, head_dim, blocks
+
+
 def build_hf_config(meta: dict, tensors: dict[str, Any], rope_freqs: np.ndarray | None, dtype: np.dtype,
-                     path: Path) -> dict:
-    """A transformers ``LlamaConfig`` dict from the metadata; tensor shapes fill in what metadata may omit."""
+                    path: Path) -> dict:
+    """A transformers ``LlamaConfig`` dict from the metadata (a DeciLM one, with ``block_configs``, for ``deci``);
+    tensor shapes fill in what metadata may omit."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' can be converted)")
-    if _uniform_int(meta, "llama.expert_count", 0, minimum=0) > 0:
-        raise GGUFError(f"{path}: mixture-of-experts Llama GGUFs are not supported")
+    if arch not in ("llama", "deci"):
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'deci' can be "
+                        "converted)")
+    p = f"{arch}."
+    if _uniform_int(meta, p + "expert_count", 0, minimum=0) > 0:
+        raise GGUFError(f"{path}: mixture-of-experts {arch} GGUFs are not supported")
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: no token_embd.weight tensor")
-    hidden = _uniform_int(meta, "llama.embedding_length")
-    heads = _uniform_int(meta, "llama.attention.head_count")
-    kv_heads = _uniform_int(meta, "llama.attention.head_count_kv", heads)
-    head_dim = _uniform_int(meta, "llama.attention.key_length",
-                            _uniform_int(meta, "llama.rope.dimension_count", hidden // heads))
-    rope_dims = _uniform_int(meta, "llama.rope.dimension_count", head_dim)
+    hidden = _uniform_int(meta, p + "embedding_length")
+    layers = _uniform_int(meta, p + "block_count")
+    blocks = None
+    if arch == "deci":
+        heads, head_dim, blocks = _deci_blocks(meta, layers, hidden, path)
+        kv_heads = intermediate = None  # per layer, in block_configs
+    else:
+        heads = _uniform_int(meta, p + "attention.head_count")
+        kv_heads = _uniform_int(meta, p + "attention.head_count_kv", heads)
+        head_dim = _uniform_int(meta, p + "attention.key_length",
+                                _uniform_int(meta, p + "rope.dimension_count", hidden // heads))
+        intermediate = _uniform_int(meta, p + "feed_forward_length")
+        if layers > len(tensors):  # every layer has 9 tensors; an absurd count would only loop (and allocate) later
+            raise GGUFError(f"{path}: llama.block_count is {layers} but the file has only {len(tensors)} tensors")
+    rope_dims = _uniform_int(meta, p + "rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise GGUFError(f"{path}: partial rotary embeddings (rope dims {rope_dims} < head_dim {head_dim}) "
                         "are not supported")
     vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF order: [hidden, vocab]
-    if "llama.vocab_size" in meta and _uniform_int(meta, "llama.vocab_size") != vocab:
-        raise GGUFError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} != token_embd rows {vocab}")
-    theta = _positive_float(meta, "llama.rope.freq_base", 10000.0)
-    layers = _uniform_int(meta, "llama.block_count")
-    if layers > len(tensors):  # every layer has 9 tensors; an absurd count would only loop (and allocate) later
-        raise GGUFError(f"{path}: llama.block_count is {layers} but the file has only {len(tensors)} tensors")
+    if p + "vocab_size" in meta and _uniform_int(meta, p + "vocab_size") != vocab:
+        raise GGUFError(f"{path}: {p}vocab_size {meta[p + 'vocab_size']} != token_embd rows {vocab}")
+    theta = _positive_float(meta, p + "rope.freq_base", 10000.0)
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": _uniform_int(meta, "llama.feed_forward_length"),
+        "intermediate_size": intermediate,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _positive_float(meta, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+        "rms_norm_eps": _positive_float(meta, p + "attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": theta,
-        "max_position_embeddings": _uniform_int(meta, "llama.context_length", 2048),
+        "max_position_embeddings": _uniform_int(meta, p + "context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": False,
         "mlp_bias": False,
     }
-    scaling = _rope_scaling(meta, "llama", rope_freqs, theta, head_dim)
+    if blocks is not None:
+        from types import SimpleNamespace
+
+        config.update(architectures=[DECI_ARCHITECTURE_NAME], model_type=DECI_MODEL_TYPE)
+        base = SimpleNamespace(num_heads=heads, hidden_size=hidden)
+        config["block_configs"] = []
+        for i, block in enumerate(blocks):
+            try:  # DeciLM writes a width as ffn_mult, from which only multiples of 256 come back
+                config["block_configs"] += to_decilm(base, [block])
+            except ValueError as e:
+                raise GGUFError(f"{path}: layer {i} ({block.describe()}): {e}") from None
+    scaling = _rope_scaling(meta, arch, rope_freqs, theta, head_dim)
     if scaling is not None:
         config["rope_scaling"] = scaling
     for hf_key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):

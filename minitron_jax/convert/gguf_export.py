@@ -1,4 +1,5 @@
-"""(config, params, tokenizer) → a llama.cpp GGUF file (``llama`` architecture), F32 / F16 / BF16 or block-quantized.
+"""(config, params, tokenizer) → a llama.cpp GGUF file (``llama`` architecture, or ``deci`` for a heterogeneous
+model), F32 / F16 / BF16 or block-quantized.
 
     summary = save_gguf("student.Q8_0.gguf", config, params, tokenizer=tok, quant="q8_0",
                         metadata={"name": "SmolLM2 pruned", "license": "apache-2.0"})
@@ -22,6 +23,14 @@ The inverse of :mod:`minitron_jax.convert.gguf` (which reads such a file back), 
   chat template). ``tokenizer.ggml.pre`` names llama.cpp's pre-tokenizer regex: taken from ``metadata`` when given
   (:func:`gguf_source_metadata` reads it from a source GGUF), else recognized from the tokenizer's pre-tokenizer.
 
+- **Heterogeneous models** (a :class:`~minitron_jax.hetero.HeteroConfig`) are written in llama.cpp's ``deci``
+  architecture (Nemotron-NAS / DeciLM): per-layer arrays ``deci.attention.head_count`` (0: attention removed),
+  ``deci.attention.head_count_kv`` (0 with query heads: linear attention, its [D, D] matrix stored as the layer's
+  ``attn_output``) and ``deci.feed_forward_length`` (0: FFN removed); each layer has only its own block's tensors
+  (:func:`~minitron_jax.convert.gguf.deci_layer_tensors`). Blocks llama.cpp would not run as we do are refused
+  before anything is written (:func:`deci_problems`). A uniform :class:`~minitron_jax.config.LlamaConfig` is
+  written as ``llama``, as before.
+
 The file is written to a temporary sibling and renamed into place, under the destination's lock; nothing is
 written when a check fails (NaN/inf params, a quant type whose block does not divide a tensor's rows, an
 unsupported tokenizer), and a failure while writing leaves no file behind.
@@ -39,14 +48,18 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax.blocks import DECI_FFN_MULTIPLE
 from minitron_jax.config import LlamaConfig
-from minitron_jax.convert.gguf import GLOBAL_NAMES, LAYER_NAMES, permute_qk
+from minitron_jax.convert.gguf import GLOBAL_NAMES, LAYER_NAMES, GGUFError, deci_layer_tensors, permute_qk
 from minitron_jax.convert.gguf_config import llama3_rope_freqs
 from minitron_jax.convert.gguf_header import GGUF_MAGIC
 from minitron_jax.convert.gguf_tokenizer import PRE_TOKENIZER_SPLITS
-from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors
+from minitron_jax.convert.hf import LAYER_NAMES as HF_LAYER_NAMES
+from minitron_jax.convert.hf import TOP_NAMES as HF_TOP_NAMES
+from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors, to_hf
 from minitron_jax.exitcodes import BadInputError, NonFiniteError
 from minitron_jax.fsutil import atomic_file, check_file_destination, lock_file
+from minitron_jax.hetero import HeteroConfig, unstack_layers
 from minitron_jax.model import Params
 
 # --quant name → (GGML tensor type of the 2-D weights, general.file_type). Only types gguf-py can quantize in numpy.
@@ -92,26 +105,102 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
     return QUANT_TYPES[quant][0]
 
 
-def check_quant(config: LlamaConfig, quant: str) -> None:
-    """Raise BadInputError (naming the tensor) if a model of this config cannot be stored as ``quant``: a caller
-    that will export at the end of a long run (the pipeline) asks before it starts, not after."""
+def check_quant(config: LlamaConfig | HeteroConfig, quant: str) -> None:
+    """Raise BadInputError (naming the tensor, or the layer and block) if a model of this config cannot be stored
+    as ``quant`` or run by llama.cpp: a caller that will export at the end of a long run (the pipeline) asks before
+    it starts, not after."""
     if quant not in QUANT_TYPES:
         raise BadInputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     _plan(config, quant)
 
 
-def _plan(config: LlamaConfig, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+def deci_problems(hcfg: HeteroConfig) -> list[str]:
+    """Why llama.cpp's ``deci`` graph (or our reader) cannot hold each layer that it cannot, one line per layer:
+
+    - a linear FFN: llama.cpp has no tensor for it (its converter turns ``replace_with_linear`` FFNs into width 0,
+      i.e. a removed FFN, and cannot map the weight);
+    - an FFN removed below a kept attention (gqa or linear): llama.cpp ends such a layer early (``n_ff == 0`` →
+      ``continue`` before ``inpL = cur``), so the attention's output is dropped and the layer does nothing;
+    - a removed layer (none/none) as the last layer: the same early exit skips the selection of the output rows
+      (``inp_out_ids``), so a batch that asks for fewer logits than tokens (generation) gets the wrong rows;
+    - an MLP width that is not a multiple of 256: llama.cpp would run it, but DeciLM writes widths as ``ffn_mult``,
+      from which only multiples of 256 come back, so the file would not read back as the same model.
+
+    (Removed attention, linear attention, GQA with any KV-head count and removed FFN under removed attention are
+    what llama.cpp's deci runs; the last needs a llama.cpp with Nemotron-Ultra support, 2025-04 or later.)"""
+    out = []
+    last = len(hcfg.blocks) - 1
+    for i, b in enumerate(hcfg.blocks):
+        a, f = b.attention.kind, b.ffn.kind
+        where = f"layer {i} ({b.describe()})"
+        if f == "linear":
+            out.append(f"{where}: llama.cpp's deci architecture has no linear FFN (DeciLM replace_with_linear)")
+        elif f == "none" and a != "none":
+            out.append(f"{where}: llama.cpp's deci graph drops the attention output of a layer without FFN "
+                       "(it skips the rest of the layer when feed_forward_length is 0); remove the attention too "
+                       "or keep an FFN")
+        elif f == "none" and i == last:
+            out.append(f"{where}: llama.cpp's deci graph cannot end in a removed layer (its early exit skips the "
+                       "last layer's output-row selection, so generation reads the wrong logits)")
+        elif f == "mlp" and b.ffn.width % DECI_FFN_MULTIPLE:
+            out.append(f"{where}: FFN width {b.ffn.width} is not a multiple of {DECI_FFN_MULTIPLE}, which the "
+                       "DeciLM layout (ffn_mult) needs to read the file back")
+    return out
+
+
+def _deci_specs(hcfg: HeteroConfig) -> list[tuple[str, str | None, int | None, str, tuple[int, ...], int | None]]:
+    """(our key, HF name, layer, gguf name, HF shape, q/k heads) of every tensor of a ``deci`` export, in file order:
+    embedding, then layer by layer, then final norm and output."""
+    b = hcfg.base
+    d, v = b.hidden_size, b.vocab_size
+    specs = [("embed", HF_TOP_NAMES["embed"].template, None, "token_embd.weight", (v, d), None)]
+    for i, spec in enumerate(hcfg.blocks):
+        try:
+            layer = deci_layer_tensors(i, spec, heads=b.num_heads, head_dim=b.head_dim, hidden=d)
+        except GGUFError as e:
+            raise BadInputError(str(e)) from None
+        specs += [(key, hf, i, gg, shape, qk) for key, gg, hf, shape, qk in layer]
+    specs.append(("final_norm", HF_TOP_NAMES["final_norm"].template, None, "output_norm.weight", (d,), None))
+    if not b.tie_word_embeddings:
+        specs.append(("lm_head", HF_TOP_NAMES["lm_head"].template, None, "output.weight", (v, d), None))
+    return specs
+
+
+def _iter_deci_tensors(hcfg: HeteroConfig, params: Params, specs):
+    """(HF name, HF-layout array, q/k heads) for every entry of ``specs``, one at a time."""
+    layers = None
+    for key, hf_name, layer, _gg, _shape, qk in specs:
+        if layer is None:
+            arr = to_hf(np.asarray(params[key]), HF_TOP_NAMES[key])
+        else:
+            if layers is None:
+                layers = unstack_layers(hcfg, params)  # views into the stacked segments, no copies
+            arr = np.asarray(layers[layer][key])
+            # attn_linear is ours [in, out] (h @ W); torch's linear_attn.weight, and llama.cpp, hold [out, in].
+            arr = arr.T if key == "attn_linear" else to_hf(arr, HF_LAYER_NAMES[key])
+        yield hf_name, np.ascontiguousarray(arr), qk
+
+
+def _plan(config: LlamaConfig | HeteroConfig, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
     """(hf name, gguf name, HF shape, GGML type) for every weight, refusing a block size that does not divide a row
-    — before anything is computed or written."""
+    (and, for a heterogeneous model, a block llama.cpp cannot run) — before anything is computed or written."""
     from gguf import GGMLQuantizationType
     from gguf.constants import GGML_QUANT_SIZES
 
-    if config.attention_bias or config.mlp_bias:
+    base = config.base if isinstance(config, HeteroConfig) else config
+    if base.attention_bias or base.mlp_bias:
         raise BadInputError("GGUF export of a Llama with attention/MLP biases is not supported (llama.cpp's "
                             "'llama' layout and our GGUF reader have no bias tensors)")
+    if isinstance(config, HeteroConfig):
+        problems = deci_problems(config)
+        if problems:
+            more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+            raise BadInputError(f"cannot export to llama.cpp's deci GGUF: {problems[0]}{more}")
+        specs = [(hf, gg, shape) for _key, hf, _layer, gg, shape, _qk in _deci_specs(config)]
+    else:
+        specs = [(hf, gguf_name(hf), shape) for hf, _key, _layer, shape in hf_tensor_specs(config)]
     plan = []
-    for hf_name, _key, _layer, shape in hf_tensor_specs(config):
-        name = gguf_name(hf_name)
+    for hf_name, name, shape in specs:
         ttype = tensor_type(name, shape, quant)
         block = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]][0]
         if shape[-1] % block:
@@ -384,7 +473,8 @@ def _size_label(n_params: int) -> str:
     return size_label(n_params, 0, 0, 0)
 
 
-def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, tokenizer: Any, quant: str = "f16",
+def save_gguf(path: str | os.PathLike, config: LlamaConfig | HeteroConfig, params: Params, *, tokenizer: Any,
+              quant: str = "f16",
               metadata: dict | None = None, overwrite: bool = False, sources: Sequence = ()) -> dict[str, Any]:
     """Write a llama.cpp GGUF of the model and return a summary: ``path``, ``quant``, ``bytes`` (file size),
     ``params``, ``tensor_types`` (GGML type → count), ``seconds``.
@@ -392,13 +482,18 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
     ``quant``: a key of :data:`QUANT_TYPES`. ``metadata``: ``general.*`` description (keys with or without the
     prefix: name, basename, organization, license, languages, base_models=[{name, organization, repo_url}]...) and
     optionally ``tokenizer.ggml.pre``. ``sources``: the inputs, which the destination must not be or lie inside.
-    Raises BadInputError (a bad quant/shape/tokenizer/destination), FileExistsError, NonFiniteError (NaN/inf
-    params, or values beyond float16 for f16) before anything is written."""
+    A :class:`~minitron_jax.hetero.HeteroConfig` is written as llama.cpp's ``deci`` (see the module docstring).
+    Raises BadInputError (a bad quant/shape/tokenizer/destination, a block llama.cpp cannot run), FileExistsError,
+    NonFiniteError (NaN/inf params, or values beyond float16 for f16) before anything is written."""
     from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
     from gguf.constants import GGML_QUANT_VERSION
     from gguf.quants import quant_shape_to_byte_shape
 
+    from minitron_jax import hetero
     from minitron_jax.model import count_params
+
+    deci = isinstance(config, HeteroConfig)
+    base = config.base if deci else config
 
     t0 = time.perf_counter()
     if quant not in QUANT_TYPES:
@@ -409,22 +504,22 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
     path = check_gguf_destination(path, overwrite=overwrite, sources=sources)
     plan = _plan(config, quant)
     general, pre = _general_entries(metadata)
-    tok_meta = tokenizer_metadata(tokenizer, config, pre)
+    tok_meta = tokenizer_metadata(tokenizer, base, pre)
     bad = first_nonfinite(params)  # a NaN/inf model loads fine in llama.cpp and generates garbage
     if bad is not None:
         raise NonFiniteError(f"not exporting to {path}: tensor {bad} holds NaN/inf values")
 
-    rs = config.rope_scaling
+    rs = base.rope_scaling
     rope_freqs = None
     if rs is not None and rs.rope_type == "llama3":
-        rope_freqs = llama3_rope_freqs(config.rope_theta, config.head_dim, rs.factor, rs.low_freq_factor,
+        rope_freqs = llama3_rope_freqs(base.rope_theta, base.head_dim, rs.factor, rs.low_freq_factor,
                                        rs.high_freq_factor, rs.original_max_position_embeddings)
     elif rs is not None and rs.rope_type != "linear":
         raise BadInputError(f"RoPE scaling {rs.rope_type!r} has no GGUF export (llama3 and linear do)")
 
-    n_params = count_params(config)
+    n_params = hetero.count_params(config) if deci else count_params(config)
     names = {key for key, _ in general}
-    writer = GGUFWriter(None, "llama")
+    writer = GGUFWriter(None, "deci" if deci else "llama")
     if "general.name" not in names:
         writer.add_name(path.stem)
     if "general.type" not in names:
@@ -437,20 +532,29 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
     writer.add_file_type(QUANT_TYPES[quant][1])
     writer.add_quantization_version(GGML_QUANT_VERSION)
 
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
+    writer.add_vocab_size(base.vocab_size)
+    writer.add_context_length(base.max_position_embeddings)
+    writer.add_embedding_length(base.hidden_size)
     writer.add_block_count(config.num_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if config.num_heads * config.head_dim != config.hidden_size:
-        # llama.cpp otherwise assumes head_dim = hidden / heads (and a pruned student's 480 / 9 is not even whole).
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
+    if deci:
+        # One entry per layer (what llama.cpp's deci reads): query heads 0 = attention removed, KV heads 0 with
+        # query heads = linear attention, FFN width 0 = FFN removed.
+        blocks = config.blocks
+        writer.add_feed_forward_length([b.ffn.width if b.ffn.kind == "mlp" else 0 for b in blocks])
+        writer.add_head_count([0 if b.attention.kind == "none" else base.num_heads for b in blocks])
+        writer.add_head_count_kv([b.attention.kv_heads if b.attention.kind == "gqa" else 0 for b in blocks])
+    else:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_heads)
+        writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_dimension_count(base.head_dim)
+    writer.add_rope_freq_base(base.rope_theta)
+    writer.add_layer_norm_rms_eps(base.rms_norm_eps)
+    if deci or base.num_heads * base.head_dim != base.hidden_size:
+        # llama.cpp otherwise assumes head_dim = hidden / heads (and a pruned student's 480 / 9 is not even whole);
+        # deci always: it would divide by the first layer's head count, which is 0 when that attention is removed.
+        writer.add_key_length(base.head_dim)
+        writer.add_value_length(base.head_dim)
     if rs is not None and rs.rope_type == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rs.factor)
@@ -466,7 +570,17 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
         writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
         types["F32"] += 1
 
-    heads = {"q": config.num_heads, "k": config.num_kv_heads}
+    if deci:
+        tensors = _iter_deci_tensors(config, params, _deci_specs(config))
+    else:
+        heads = {"q": config.num_heads, "k": config.num_kv_heads}
+
+        def llama_tensors():
+            for hf_name, arr in iter_hf_tensors(config, params):
+                which = _QK.get(hf_name.split(".", 3)[-1]) if hf_name.startswith("model.layers.") else None
+                yield hf_name, arr, heads[which] if which is not None else None
+
+        tensors = llama_tensors()
     # The lock creates a missing destination directory; the write goes to a temporary sibling that replaces
     # ``path`` only once whole and fsynced (a failure leaves an existing GGUF as it was, and no temporary file).
     with lock_file(path):
@@ -477,11 +591,10 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params: Params, *, t
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
                 # One tensor at a time (the header already holds every size), so peak memory stays near one tensor.
-                for (hf_name, arr), (plan_hf, name, _shape, ttype) in zip(iter_hf_tensors(config, params), plan):
+                for (hf_name, arr, qk_heads), (plan_hf, name, _shape, ttype) in zip(tensors, plan):
                     assert hf_name == plan_hf, (hf_name, plan_hf)
-                    which = _QK.get(hf_name.split(".", 3)[-1]) if hf_name.startswith("model.layers.") else None
-                    if which is not None:
-                        arr = permute_qk(np.asarray(arr), heads[which])
+                    if qk_heads is not None:  # q per query head, k per (this layer's) KV head
+                        arr = permute_qk(np.asarray(arr), qk_heads)
                     writer.write_tensor_data(_quantized(arr, ttype, name))
                 if rope_freqs is not None:
                     writer.write_tensor_data(rope_freqs)
