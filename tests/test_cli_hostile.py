@@ -26,11 +26,29 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "fake.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
     (root / "notes.yaml").write_text("just: [unclosed\n")
     (root / "afile").write_text("x")
-    return {"root": root, "model": model, **{p.stem: p for p in root.iterdir() if p.is_file()}}
+    hetero_model = _save_tiny_hetero(root / "hetero", model)
+    return {"root": root, "model": model, "hetero": hetero_model,
+            **{p.stem: p for p in root.iterdir() if p.is_file()}}
+
+
+def _save_tiny_hetero(path: Path, uniform: Path) -> Path:
+    """A heterogeneous (DeciLM) model with the tiny model's shared sizes and tokenizer: what the commands that
+    only take a uniform model must refuse in one line."""
+    import jax
+
+    from minitron_jax import hetero
+    from minitron_jax.blocks import BlockSpec
+    from minitron_jax.convert import load_model
+    from minitron_jax.convert.hf import save_hf
+
+    m = load_model(uniform)
+    hcfg = hetero.HeteroConfig(m.config, (BlockSpec.parse("gqa1/mlp256"), BlockSpec.parse("none/mlp256")))
+    save_hf(path, hcfg, hetero.init_params(hcfg, jax.random.PRNGKey(0)), tokenizer=m.tokenizer)
+    return path
 
 
 def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
-    r, m = w["root"], str(w["model"])
+    r, m, h = w["root"], str(w["model"]), str(w["hetero"])
     return [
         # (command, argv, exit code, a word the message must contain)
         ("eval", ["--model", str(r / "nope"), "--text", str(w["text"]), "--seq-len", "8"], 2, "nope"),
@@ -55,6 +73,15 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
         ("distill", ["--export-from", str(r / "norun"), "--out", str(r / "exp")], 2, "norun"),
         ("pipeline", ["--config", str(w["notes"])], 2, "notes.yaml"),
         ("nas", ["--model", m, "--target-params", "-5"], 2, "target"),
+        # Heterogeneous models where only a uniform one can go; the layer-by-layer search's own refusals.
+        ("prune", ["--model", h, "--calib", str(w["text"]), "--out", str(r / "p3"), "--ffn", "32"], 2,
+         "heterogeneous"),
+        ("nas", ["--model", h, "--target-params", "1000"], 2, "heterogeneous"),
+        ("puzzle", ["--parent", h, "--out", str(r / "z1"), "--target-params", "1e9"], 2, "heterogeneous"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z2"), "--target-params", "10"], 2, "target"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z3"), "--target-params", "1e9", "--attention", "gqa5"], 2,
+         "gqa5"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z4")], 2, "target"),
     ]
 
 
@@ -67,10 +94,13 @@ def _main(command: str):
 
 
 def _case_ids():
-    return [f"{i:02d}" for i in range(22)]
+    return [f"{i:02d}" for i in range(N_CASES)]
 
 
-@pytest.mark.parametrize("index", range(22), ids=_case_ids())
+N_CASES = 28
+
+
+@pytest.mark.parametrize("index", range(N_CASES), ids=_case_ids())
 def test_hostile_case(world, index, capsys):
     command, argv, code, word = _cases(world)[index]
     before = sorted(p.name for p in world["root"].iterdir())
@@ -93,6 +123,7 @@ def test_hostile_case(world, index, capsys):
 
 
 def test_case_table_is_complete(world):
-    assert len(_cases(world)) == 22
-    assert {c for c, *_ in _cases(world)} == {"eval", "mmlu", "convert", "prune", "distill", "pipeline", "nas"}
+    assert len(_cases(world)) == N_CASES
+    assert {c for c, *_ in _cases(world)} == {"eval", "mmlu", "convert", "prune", "distill", "pipeline", "nas",
+                                             "puzzle"}
     assert all(code in {int(c) for c in ExitCode} for _, _, code, _ in _cases(world))

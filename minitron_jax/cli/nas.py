@@ -72,12 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from minitron_jax.config import ConfigError, LlamaConfig
     from minitron_jax.convert import read_source_config
     from minitron_jax.train.config import resolve_path
 
     target = parse_params(args.target_params)
     model = resolve_path(args.model)
     config = read_source_config(model)
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError(f"{args.model}: the NAS prunes a uniform Llama model; this one is heterogeneous "
+                          f"({config.describe()}); the layer-by-layer search is python -m minitron_jax.puzzle")
     grids = {"hidden": args.hidden_grid, "ffn": args.ffn_grid, "heads_per_group": args.heads_grid,
              "layers": args.layers_grid}
     cands = enumerate_candidates(config, target, args.tolerance, grids)

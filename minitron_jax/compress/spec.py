@@ -125,6 +125,12 @@ def resolve_heads_per_group(config: LlamaConfig, spec: PruneSpec) -> int | None:
 
 def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
     """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config``."""
+    if not isinstance(config, LlamaConfig):
+        # A heterogeneous model has no single FFN width or KV-head count to slice to: Minitron pruning (and the NAS
+        # built on it) starts from a uniform model; the layer-by-layer search is python -m minitron_jax.puzzle.
+        raise ConfigError(f"Minitron pruning needs a uniform Llama model; this one is heterogeneous "
+                          f"({config.describe()})")
+
     def at_most(name, value, limit, what):
         if value is not None and value > limit:
             raise ConfigError(f"{name}={value} exceeds the model's {what} ({limit}): pruning cannot grow a model")
