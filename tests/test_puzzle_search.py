@@ -2,6 +2,7 @@
 resume), replace-one-block scores (parent 0, removal ≥ 0, agreement with the report), the assembled model, and the
 command (including a refused infeasible target)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from minitron_jax.compress.puzzle.blockwise import (
 )
 from minitron_jax.compress.puzzle.scoring import Scorer, score_variants
 from minitron_jax.compress.puzzle.search import SearchSettings, SearchSpace, run_search
-from minitron_jax.compress.puzzle.targets import Targets
+from minitron_jax.compress.puzzle.targets import CostSettings, Targets
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params, init_params
 
@@ -135,7 +136,7 @@ def _corpus(path: Path, n=120) -> Path:
     return path
 
 
-def test_search_under_a_params_target(tmp_path):
+def test_search_under_a_params_target(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "tests"))
     from utils import tiny_tokenizer
 
@@ -186,9 +187,20 @@ def test_search_under_a_params_target(tmp_path):
     assert r["chosen"]["whole_model"]["parent_lm_loss"] == pytest.approx(scorer.parent_lm_loss(), rel=1e-9)
 
     # a rerun with another target trains nothing and scores nothing; another space is refused
+    # a latency target times every variant on the host (costs.time_block_variants, tested with the solver; faked
+    # here: 1 ms per block, 0.1 ms outside them) and becomes one more constraint
+    from minitron_jax.compress.puzzle import costs
+
+    monkeypatch.setattr(costs, "time_block_variants", lambda config, specs, **kw: {v: 1e-3 for v in specs})
+    monkeypatch.setattr(costs, "time_overhead", lambda config, **kw: 1e-4)
     res2 = run_search(CFG, params, tok, data, tmp_path / "run", space=space,
-                      targets=Targets(params=0.9 * count_params(CFG)), settings=settings, parent_name="tiny")
+                      targets=Targets(params=0.9 * count_params(CFG), latency_s=10.0),
+                      cost_settings=CostSettings(weight_dtype="float32"),  # timed in f32: no bf16 emulation on CPU
+                      settings=dataclasses.replace(settings, timing_seq_len=8), parent_name="tiny")
     assert res2.report["blockwise"]["trained_now"] == 0 and res2.report["scores"]["evaluations"] == 0
+    assert set(res2.report["timings_s"]) == set(space.names())
+    lat = res2.report["chosen"]["targets"]["target-latency"]
+    assert lat["achieved"] == pytest.approx(1e-4 + CFG.num_layers * 1e-3) and lat["limit"] == 10.0
     with pytest.raises(ValueError, match="another search space"):
         run_search(CFG, params, tok, data, tmp_path / "run", space=SearchSpace.parse(CFG, "gqa2,none", "mlp512,none"),
                    targets=Targets(params=count_params(CFG)), settings=settings)
