@@ -81,3 +81,28 @@ def test_heterogeneous_model_round_trips_through_an_orbax_checkpoint(tmp_path):
     assert loaded.format == "orbax" and loaded.config == hcfg
     assert isinstance(loaded.params["segments"], list) and len(loaded.params["segments"]) == 4
     jax.tree.map(np.testing.assert_array_equal, params, loaded.params)
+
+
+def test_tokenizer_of_a_deci_directory_loads_without_a_remote_code_prompt(tmp_path, monkeypatch, capfd):
+    """A DeciLM config.json (auto_map) must not make AutoTokenizer ask about remote code: a script's stdin is
+    closed, the prompt hits EOF and the load crashes (seen converting a DeciLM HF directory to GGUF)."""
+    import io
+
+    from utils import tiny_tokenizer
+
+    from minitron_jax.convert import load_tokenizer
+    from minitron_jax.convert.hf import save_hf
+
+    hcfg = hetero.HeteroConfig(BASE.replace(vocab_size=300), BLOCKS)
+    tok = tiny_tokenizer()
+    save_hf(tmp_path / "hf", hcfg, hetero.init_params(hcfg, jax.random.PRNGKey(0)), tokenizer=tok)
+    # As a tokenizer built from a GGUF saves itself under transformers 5: a class name AutoTokenizer does not map,
+    # so it looks at config.json.
+    tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "TokenizersBackend"}))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    capfd.readouterr()
+    loaded = load_tokenizer(tmp_path / "hf")
+    assert loaded("the quick brown fox").input_ids == tok("the quick brown fox").input_ids
+    out, err = capfd.readouterr()
+    assert "custom code" not in out + err and "nemotron-nas" not in out + err

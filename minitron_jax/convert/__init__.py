@@ -144,9 +144,25 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if _is_deci_dir(path) and (path / "tokenizer.json").is_file():
+        # AutoTokenizer falls back to config.json to pick a class, and a DeciLM config.json (auto_map: our shipped
+        # modeling file) makes it ask whether to run remote code — a prompt that a script answers with EOF and a
+        # crash. The tokenizer itself is a plain fast tokenizer (tokenizer.json): load it as one.
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _is_deci_dir(path: Path) -> bool:
+    import json
+
+    from minitron_jax.hetero import is_deci_config
+
+    try:
+        return is_deci_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def _to_numpy(tree):
