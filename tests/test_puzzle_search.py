@@ -34,7 +34,8 @@ P = BlockSpec.parse
 CFG = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=16, max_position_embeddings=256)
 SEQ = 32
-SPACE = SearchSpace.parse(CFG, "gqa2,gqa1,linear,none", "mlp512,mlp256,linear,none")
+# Every kind of block, so "any" runtime: vLLM and llama.cpp run no linear FFN (runtimes.py, tested below).
+SPACE = SearchSpace.parse(CFG, "gqa2,gqa1,linear,none", "mlp512,mlp256,linear,none", "any")
 FAST = BlockwiseSettings(steps=12, batch_windows=4, lr=3e-3, warmup_steps=2, eval_batches=2)
 
 
@@ -151,6 +152,13 @@ def test_search_under_a_params_target(tmp_path, monkeypatch):
                      settings=settings, parent_name="tiny")
     r = json.loads((tmp_path / "run" / "report.json").read_text())
     assert r["chosen"]["params"] <= target and r["chosen"]["params"] == hetero.count_params(res.hcfg)
+    # The default runtimes (vLLM and llama.cpp) run every chosen block: both exporters take the model.
+    from minitron_jax.convert.deci_hf import vllm_problems
+    from minitron_jax.convert.gguf_export import deci_problems
+
+    assert r["space"]["runtimes"] == ["vllm", "llama.cpp"]
+    assert not deci_problems(res.hcfg) and not vllm_problems(res.hcfg)
+    assert all(not (b.endswith("/none") and not b.startswith("none/")) for b in r["chosen"]["blocks"])
     assert r["chosen"]["targets"]["target-params"]["achieved"] == r["chosen"]["params"]
     assert len(r["runner_ups"]) == 2 and all(s["summed_kl"] >= r["chosen"]["summed_kl"] for s in r["runner_ups"])
     assert (tmp_path / "run" / "architecture.png").stat().st_size > 1000
@@ -263,3 +271,41 @@ def test_smollm2_search_small_budget(smollm2_assets, tmp_path):
     ids = jnp.asarray(m.tokenizer("The capital of France is")["input_ids"])[None]
     logits = hetero.forward(back.config, back.params, ids)
     assert bool(jnp.isfinite(logits).all())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Runtimes: the search never chooses a block the deployment runtime cannot run
+# ------------------------------------------------------------------------------------------------------------------
+def test_runtimes_mask_what_vllm_and_llama_cpp_cannot_run():
+    from minitron_jax import hetero
+    from minitron_jax.convert.deci_hf import vllm_problems
+    from minitron_jax.convert.gguf_export import deci_problems
+
+    space = SearchSpace.parse(CFG)  # default options, default runtimes (vLLM and llama.cpp)
+    names = space.names()
+    # vLLM builds no linear sub-block: the default options leave linear out instead of training it for nothing.
+    assert all("linear" not in n for n in names) and space.runtimes == ("vllm", "llama.cpp")
+    mask, why = space.allowed(CFG)
+    L = CFG.num_layers
+    for v, spec in enumerate(space.variants()):
+        for i in range(L):
+            # The mask is exactly what the exporters refuse, asked about a model made of this block.
+            refused = [p for p in vllm_problems(hetero.HeteroConfig(CFG, (spec,) * L))
+                       + deci_problems(hetero.HeteroConfig(CFG, (spec,) * L)) if p.startswith(f"layer {i} ")]
+            assert mask[i, v] == (not refused), (i, spec.describe())
+    gqa_none = names.index("gqa2/none")
+    none_none = names.index("none/none")
+    assert not mask[:, gqa_none].any() and "drops the attention output" in why[(0, gqa_none)]
+    assert mask[: L - 1, none_none].all() and not mask[L - 1, none_none]
+    assert SearchSpace.parse(CFG, runtimes="any").allowed(CFG)[0].all()
+    assert "linear" in SearchSpace.parse(CFG, runtimes="llama.cpp").describe()["attention"]
+
+
+def test_an_option_no_runtime_would_run_is_refused_naming_the_runtime():
+    with pytest.raises(ValueError, match="vLLM's nemotron_nas builds no linear"):
+        SearchSpace.parse(CFG, "gqa2,linear", "mlp512,none").check(CFG)
+    with pytest.raises(ValueError, match="llama.cpp's deci architecture has no linear FFN"):
+        SearchSpace.parse(CFG, "gqa2", "mlp512,linear", "llama.cpp").check(CFG)
+    with pytest.raises(ValueError, match="not one of vllm, llama.cpp"):
+        SearchSpace.parse(CFG, runtimes="tensorrt")
+    SearchSpace.parse(CFG, "gqa2,linear", "mlp512,linear", "any").check(CFG)

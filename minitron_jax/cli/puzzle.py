@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("search")
     s.add_argument("--attention", help="attention options (default: the parent's KV heads and its divisors, "
                    "linear, none)")
+    s.add_argument("--runtime", default="vllm,llama.cpp",
+                   help="runtimes the chosen model must run on: vllm, llama.cpp (comma-separated) or any; blocks a "
+                        "runtime cannot run are never chosen (vLLM: no linear sub-blocks; llama.cpp: no linear FFN, "
+                        "no attention without FFN, no removed last layer). Default: both")
     s.add_argument("--ffn", help="FFN options (default: the parent's width, 2/3 and 1/3 of it, linear, none)")
     s.add_argument("--scoring", choices=("additive", "joint"), default="additive",
                    help="score each half inside the parent layer and add (default), or every variant whole")
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = read_source_config(parent)
         if not isinstance(cfg, LlamaConfig):
             raise ValueError(f"{args.parent} is already heterogeneous; the parent must be a uniform model")
-        space = SearchSpace.parse(cfg, args.attention, args.ffn)
+        space = SearchSpace.parse(cfg, args.attention, args.ffn, args.runtime)
         space.check(cfg)
         check_feasible(cfg, space, targets, cost)  # before minutes of loading and hours of training
     with console.status(f"loading {args.parent} ..."):
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.parent} is already heterogeneous; the parent must be a uniform model")
     if m.tokenizer is None:
         raise ValueError(f"{args.parent} carries no tokenizer; the search tokenizes --data with it")
-    space = SearchSpace.parse(m.config, args.attention, args.ffn)
+    space = SearchSpace.parse(m.config, args.attention, args.ffn, args.runtime)
     console.print(f"parent {m.config.describe()}; space {len(space.variants())} variants per layer "
                   f"({', '.join(space.names())})")
     with PhaseProgress(console) as progress:

@@ -119,6 +119,19 @@ def hf_tensors(hcfg: HeteroConfig, params: Params, dtype=None) -> Iterator[tuple
         yield hf_name, np.ascontiguousarray(to_hf(arr, name))
 
 
+def vllm_problems(hcfg: HeteroConfig) -> list[str]:
+    """Why vLLM's ``nemotron_nas`` model cannot build each layer that it cannot, one line per layer: it builds GQA,
+    MLP and no-op sub-blocks only, so a *linear* attention or FFN (``replace_with_linear``) has no module there
+    (transformers runs it through our modeling file)."""
+    out = []
+    for i, b in enumerate(hcfg.blocks):
+        linear = [part for part, kind in (("attention", b.attention.kind), ("FFN", b.ffn.kind)) if kind == "linear"]
+        if linear:
+            out.append(f"layer {i} ({b.describe()}): vLLM's nemotron_nas builds no linear {' or '.join(linear)} "
+                       "(replace_with_linear)")
+    return out
+
+
 def deci_hf_config(hcfg: HeteroConfig) -> dict[str, Any]:
     """``config.json`` of an exported directory: the DeciLM config plus ``auto_map`` naming the shipped modeling
     files (what ``trust_remote_code`` loads)."""

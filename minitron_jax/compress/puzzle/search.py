@@ -50,6 +50,8 @@ from .blockwise import (
     params_fingerprint,
     parent_spec,
 )
+from .runtimes import DEFAULT_RUNTIMES, parse_runtimes
+from .runtimes import allowed as allowed_blocks
 from .scoring import SCORING_MODES, score_variants, whole_model_scores
 from .solver import solve
 from .targets import CostSettings, Targets, build_constraints
@@ -96,15 +98,39 @@ def default_ffn(config: LlamaConfig) -> list[FFNSpec]:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
+    """Attention options × FFN options, and the runtimes the chosen model must run on (``runtimes.RUNTIMES``; empty:
+    only ours). A runtime removes the (layer, variant) pairs it cannot run (:meth:`allowed`); the default options
+    leave out a sub-block kind that no allowed variant would use (vLLM: linear), so it is not trained for nothing."""
+
     attention: tuple[AttentionSpec, ...]
     ffn: tuple[FFNSpec, ...]
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
 
     @classmethod
-    def parse(cls, config: LlamaConfig, attention: str | None = None, ffn: str | None = None) -> "SearchSpace":
+    def parse(cls, config: LlamaConfig, attention: str | None = None, ffn: str | None = None,
+              runtimes: str | Sequence[str] | None = None) -> "SearchSpace":
+        rts = parse_runtimes(runtimes)
         att = [parse_attention(t) for t in attention.split(",") if t.strip()] if attention else \
             default_attention(config)
         ff = [parse_ffn(t) for t in ffn.split(",") if t.strip()] if ffn else default_ffn(config)
-        return cls(tuple(dict.fromkeys(att)), tuple(dict.fromkeys(ff)))
+        space = cls(tuple(dict.fromkeys(att)), tuple(dict.fromkeys(ff)), rts)
+        unused_att, unused_ffn = space.unusable(config)
+        if not attention:
+            space = dataclasses.replace(space, attention=tuple(a for a in space.attention if a not in unused_att))
+        if not ffn:
+            space = dataclasses.replace(space, ffn=tuple(f for f in space.ffn if f not in unused_ffn))
+        return space
+
+    def allowed(self, config: LlamaConfig) -> tuple[np.ndarray, dict[tuple[int, int], str]]:
+        """Mask [L, V] of the (layer, variant) pairs every runtime of the space runs, and why the others not."""
+        return allowed_blocks(config, self.variants(), self.runtimes)
+
+    def unusable(self, config: LlamaConfig) -> tuple[set[AttentionSpec], set[FFNSpec]]:
+        """Options no allowed (layer, variant) uses: training them would be wasted."""
+        mask, _ = self.allowed(config)
+        used = [v for v, ok in zip(self.variants(), mask.any(axis=0)) if ok]
+        return ({a for a in self.attention if all(v.attention != a for v in used)},
+                {f for f in self.ffn if all(v.ffn != f for v in used)})
 
     def check(self, config: LlamaConfig) -> None:
         if not self.attention or not self.ffn:
@@ -121,6 +147,15 @@ class SearchSpace:
                 raise ValueError(f"--ffn mlp{f.width}: the chosen model is saved in the DeciLM layout, whose FFN "
                                  f"widths are multiples of {DECI_FFN_MULTIPLE}")
         check_blocks(config, self.variants())
+        unused_att, unused_ffn = self.unusable(config)
+        if unused_att or unused_ffn:
+            names = [o.describe() for o in (*unused_att, *unused_ffn)]
+            _, why = self.allowed(config)
+            example = next((w for (i, v), w in why.items()
+                            if self.variants()[v].attention in unused_att or self.variants()[v].ffn in unused_ffn), "")
+            raise ValueError(f"{', '.join(sorted(names))}: no layer could use it on {' and '.join(self.runtimes)} "
+                             f"({example}); leave it out, or name the runtimes that run it (--runtime llama.cpp, "
+                             "vllm or any)")
 
     def variants(self) -> list[BlockSpec]:
         return [BlockSpec(a, f) for a in self.attention for f in self.ffn]
@@ -129,7 +164,8 @@ class SearchSpace:
         return [v.describe() for v in self.variants()]
 
     def describe(self) -> dict[str, list[str]]:
-        return {"attention": [a.describe() for a in self.attention], "ffn": [f.describe() for f in self.ffn]}
+        return {"attention": [a.describe() for a in self.attention], "ffn": [f.describe() for f in self.ffn],
+                "runtimes": list(self.runtimes) or ["any"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +315,8 @@ def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
         return
     variants = space.variants()
     cons = build_constraints(config, variants, config.num_layers, analytic, cost_settings)
-    solve(np.zeros((config.num_layers, len(variants))), cons, variant_names=space.names())
+    mask, _ = space.allowed(config)
+    solve(np.where(mask, 0.0, np.nan), cons, variant_names=space.names())
 
 
 def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out: str | Path, *,
@@ -348,7 +385,9 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
         t0 = time.perf_counter()
         cons, timings = _constraints(config, variants, targets, cost_settings, settings, log)
         phases["costs_s"] = time.perf_counter() - t0
-        result = solve(-sc.kl, cons, top_n=settings.runner_ups + 1, variant_names=space.names())
+        mask, _ = space.allowed(config)  # what the runtimes cannot run is never chosen
+        result = solve(np.where(mask, -sc.kl, np.nan), cons, top_n=settings.runner_ups + 1,
+                       variant_names=space.names())
         phases["solve_s"] = result.seconds
 
         t0 = time.perf_counter()
