@@ -174,7 +174,7 @@ class HeteroConfig:
         runs = ", ".join(spec.describe() + (f" x{stop - start}" if stop - start > 1 else "")
                          for start, stop, spec in self.segments())
         return (f"L={self.num_layers} D={b.hidden_size} H={b.num_heads} Hd={b.head_dim} V={b.vocab_size}"
-                f"{' tied' if b.tie_word_embeddings else ''} [{runs}]")
+                f"{' tied' if b.tie_word_embeddings else ''} ({runs})")  # not [...]: rich would read it as markup
 
 
 def block_config(base: LlamaConfig, spec: BlockSpec, num_layers: int = 1) -> LlamaConfig:

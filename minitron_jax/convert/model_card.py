@@ -82,8 +82,8 @@ _LABEL_KEY = "model"
 _COUNT_SUFFIX = "_n"
 
 # Method steps in the order the pipeline runs them; other keys follow in the order given.
-_STEPS = (("importance", "Importance"), ("pruning", "Pruning"), ("distillation", "Distillation"),
-          ("sft", "Supervised fine-tuning"))
+_STEPS = (("importance", "Importance"), ("pruning", "Pruning"), ("layer-by-layer search", "Layer-by-layer search"),
+          ("distillation", "Distillation"), ("sft", "Supervised fine-tuning"))
 _STEP_KEYS = {
     "samples": "Calibration samples", "seq_len": "Sequence length", "metric": "Metric", "metrics": "Metrics",
     "data": "Data", "hidden": "Hidden size", "ffn": "FFN size", "heads": "Attention heads",

@@ -95,6 +95,9 @@ class StudentSpec:
     teacher, the paper's loss; ``ce``: next-token cross-entropy on the same tokens, no teacher signal)."""
 
     prune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Instead of ``prune``: the layer-by-layer (Puzzle) search (``compress.puzzle``), each layer its own block, for
+    # targets (``target_params``, ``target_memory`` GB, ``target_flops``) — keys of :func:`puzzle_plan`.
+    puzzle: dict[str, Any] = dataclasses.field(default_factory=dict)
     init: str = "pruned"
     loss: str = "kd"
     seed: int = 0  # random init seed
@@ -240,6 +243,16 @@ def validate(pc: PipelineConfig) -> None:
              f"student name {s!r} must be letters, digits, '_' or '-'")
         need(spec.init in STUDENT_INITS, f"students.{s}.init must be one of {STUDENT_INITS}, got {spec.init!r}")
         need(spec.loss in STUDENT_LOSSES, f"students.{s}.loss must be one of {STUDENT_LOSSES}, got {spec.loss!r}")
+        need(not (spec.prune and spec.puzzle), f"students.{s} has both prune and puzzle: give one (prune: uniform "
+             "sizes; puzzle: a layer-by-layer search for a target)")
+        if spec.puzzle:
+            need(spec.init == "pruned", f"students.{s}.init must be pruned for a puzzle student (its blocks are "
+                 f"trained from the teacher's layers), got {spec.init!r}")
+            try:
+                puzzle_plan(spec)
+            except ValueError as e:
+                raise PipelineConfigError(f"students.{s}.puzzle: {e}") from None
+            continue
         need(bool(spec.prune), f"students.{s}.prune is empty: give target sizes (hidden, ffn, drop_layers, ...)")
         try:
             prune_spec(pc, spec)
@@ -313,6 +326,57 @@ def prune_spec(pc: PipelineConfig, student: StudentSpec):
     return PruneSpec.from_dict({**sizes, "importance": "activation", "seq_agg": i.seq_agg, "batch_agg": i.batch_agg,
                                 "preact": i.preact, "calib_samples": i.calib_samples, "seq_len": i.seq_len,
                                 "batch_size": i.batch_size, "dtype": i.dtype})
+
+
+PUZZLE_TARGET_KEYS = {"target_params": "params", "target_memory": "memory_gb", "target_flops": "flops_per_token"}
+PUZZLE_COST_KEYS = ("context", "batch", "weight_dtype", "kv_dtype")
+PUZZLE_SEARCH_KEYS = ("seq_len", "calib_tokens", "eval_windows", "scoring", "runner_ups", "importance")
+PUZZLE_BLOCKWISE_KEYS = ("steps", "batch_windows", "lr", "warmup_steps", "seed")
+
+
+def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
+    """A puzzle student's search, from its section: ``targets`` (:class:`~minitron_jax.compress.puzzle.targets.
+    Targets`), ``cost`` (CostSettings: the serving point of the memory/FLOPs targets), ``settings``
+    (SearchSettings), the ``attention`` / ``ffn`` option strings (None: derived from the teacher) and ``runtime``
+    (None: vLLM and llama.cpp; ``any``; see ``compress.puzzle.runtimes``). Latency and
+    throughput targets are timed on the host and left to ``python -m minitron_jax.puzzle``: a pipeline stage's
+    result must not depend on how busy the machine was."""
+    from minitron_jax.compress.puzzle.blockwise import BlockwiseSettings
+    from minitron_jax.compress.puzzle.search import SearchSettings
+    from minitron_jax.compress.puzzle.targets import CostSettings, Targets
+    from minitron_jax.dtypes import dtype as dtype_of
+
+    sec = {k.replace("-", "_"): v for k, v in student.puzzle.items()}
+    allowed = {*PUZZLE_TARGET_KEYS, *PUZZLE_COST_KEYS, *PUZZLE_SEARCH_KEYS, *PUZZLE_BLOCKWISE_KEYS, "attention", "ffn",
+               "runtime"}
+    unknown = sorted(set(sec) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} (a puzzle section takes {', '.join(sorted(allowed))})")
+    targets = {}
+    for key, field in PUZZLE_TARGET_KEYS.items():
+        if sec.get(key) is not None:
+            v = sec[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{key} must be a positive number, got {v!r}")
+            targets[field] = float(v)
+    if not targets:
+        raise ValueError(f"give at least one target: {', '.join(PUZZLE_TARGET_KEYS)}")
+    cost = CostSettings(**{k: sec[k] for k in PUZZLE_COST_KEYS if k in sec})
+    for name in ("weight_dtype", "kv_dtype"):
+        dtype_of(getattr(cost, name))
+    if cost.context < 1 or cost.batch < 1:
+        raise ValueError("context and batch must be >= 1")
+    blockwise = BlockwiseSettings(**{k: sec[k] for k in PUZZLE_BLOCKWISE_KEYS if k in sec})
+    settings = SearchSettings(**{k: sec[k] for k in PUZZLE_SEARCH_KEYS if k in sec}, blockwise=blockwise)
+    settings.check()
+    options = {}
+    for k in ("attention", "ffn", "runtime"):
+        v = sec.get(k)
+        options[k] = ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
+    from minitron_jax.compress.puzzle.runtimes import parse_runtimes
+
+    parse_runtimes(options["runtime"])  # an unknown runtime name is refused with the config, not at the stage
+    return {"targets": Targets(**targets), "cost": cost, "settings": settings, **options}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

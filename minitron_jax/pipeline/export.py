@@ -31,7 +31,19 @@ def card_method(pc, student: str, importance: Mapping[str, Any], teacher_arch: M
     dicts as the stages record them: layers, hidden, ffn, heads, kv_heads)."""
     spec = pc.students[student]
     method: dict[str, dict] = {}
-    if spec.init == "pruned":
+    if spec.puzzle:
+        # The layer-by-layer search made this student: its own calibration and blockwise distillation, not the
+        # importance stage's slicing.
+        s = spec.puzzle
+        method["layer-by-layer search"] = {
+            "blocks": pruned["arch"].get("blocks"),
+            "method": "blockwise local distillation of every block variant, replace-one-block KL, exact MIP "
+                      "(Puzzle)",
+            "summed replace-one-block KL": (None if pruned.get("summed_kl") is None
+                                            else f"{pruned['summed_kl']:.4g}"),
+            "targets": ", ".join(f"{k} ≤ {v:g}" for k, v in s.items() if k.startswith("target_")),
+            "runtimes": s.get("runtime") or "vllm, llama.cpp"}
+    elif spec.init == "pruned":
         i = pc.importance
         method["importance"] = {"calibration samples": importance.get("windows"),
                                 "sequence length": importance.get("seq_len"),
@@ -39,12 +51,14 @@ def card_method(pc, student: str, importance: Mapping[str, Any], teacher_arch: M
                                           f"{i.batch_agg} over samples"}
     # Each pruned axis as (before, after), which the card writes "576 → 480".
     prune: dict[str, Any] = {k: (teacher_arch[k], pruned["arch"][k]) for k in ("layers", "hidden", "ffn", "heads")
-                             if k in teacher_arch and teacher_arch[k] != pruned["arch"].get(k, teacher_arch[k])}
+                             if k in teacher_arch and pruned["arch"].get(k) is not None
+                             and teacher_arch[k] != pruned["arch"].get(k, teacher_arch[k])}
     kept = pruned.get("kept") or {}
     if kept.get("dropped_layers"):
         prune["dropped layers"] = kept["dropped_layers"]
-    prune["init"] = spec.init
-    method["pruning"] = prune
+    if not spec.puzzle:
+        prune["init"] = spec.init
+        method["pruning"] = prune
     method["distillation"] = {"teacher": teacher_name,
                               "loss": "forward KL on logits (T=1)" if spec.loss == "kd" else "next-token CE",
                               "steps": distilled.get("steps"), "tokens": distilled.get("tokens")}
@@ -110,7 +124,13 @@ def export_student(out: Path, *, name: str, model_path: str, source: str, teache
     ``teacher_path``: its HF directory (the architecture before). ``quant``: the GGUF's type, None for no GGUF.
     ``source_fields``: ``model_card.source_card_fields(source)`` when the caller already read them."""
     from minitron_jax.convert import load_model, read_source_config
-    from minitron_jax.convert.model_card import ModelCard, architecture_of, source_card_fields, write_model_card
+    from minitron_jax.convert.model_card import (
+        ModelCard,
+        architecture_of,
+        is_remote_code,
+        source_card_fields,
+        write_model_card,
+    )
     from minitron_jax.fsutil import atomic_directory
 
     t0 = time.perf_counter()
@@ -122,7 +142,8 @@ def export_student(out: Path, *, name: str, model_path: str, source: str, teache
     gguf_name = f"{name}-{quant}.gguf" if quant else None
     files = {"hf": "hf/"} | ({"gguf": gguf_name} if gguf_name else {})
     common = dict(name=name, **fields, architecture_before=before, architecture_after=after, method=method,
-                  evaluation=list(evaluation), eval_setup=eval_setup, chat_template=chat)
+                  evaluation=list(evaluation), eval_setup=eval_setup, chat_template=chat,
+                  remote_code=is_remote_code(m.config))  # a heterogeneous student loads with trust_remote_code
     summary: dict[str, Any] = {"path": str(out), "hf": str(out / "hf"), "gguf": None, "quant": quant}
     with atomic_directory(out, overwrite=True, sources=[model_path]) as tmp:
         # The HF directory as the trainer exported it (same bytes; no second conversion that could differ).

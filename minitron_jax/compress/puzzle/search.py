@@ -115,10 +115,13 @@ class SearchSpace:
         ff = [parse_ffn(t) for t in ffn.split(",") if t.strip()] if ffn else default_ffn(config)
         space = cls(tuple(dict.fromkeys(att)), tuple(dict.fromkeys(ff)), rts)
         unused_att, unused_ffn = space.unusable(config)
-        if not attention:
-            space = dataclasses.replace(space, attention=tuple(a for a in space.attention if a not in unused_att))
-        if not ffn:
-            space = dataclasses.replace(space, ffn=tuple(f for f in space.ffn if f not in unused_ffn))
+        # (Nothing left means the given options are wrong in themselves: check() then says how, so keep them.)
+        kept_att = tuple(a for a in space.attention if a not in unused_att)
+        kept_ffn = tuple(f for f in space.ffn if f not in unused_ffn)
+        if not attention and kept_att:
+            space = dataclasses.replace(space, attention=kept_att)
+        if not ffn and kept_ffn:
+            space = dataclasses.replace(space, ffn=kept_ffn)
         return space
 
     def allowed(self, config: LlamaConfig) -> tuple[np.ndarray, dict[tuple[int, int], str]]:
