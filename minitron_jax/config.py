@@ -230,14 +230,7 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LlamaConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf(data)
+        return cls.from_hf(read_config_json(path))
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
@@ -246,6 +239,17 @@ class LlamaConfig:
         return (f"L={self.num_layers} D={self.hidden_size} F={self.intermediate_size} H={self.num_heads} "
                 f"K={self.num_kv_heads} Hd={self.head_dim} V={self.vocab_size}"
                 f"{' tied' if self.tie_word_embeddings else ''}")
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The dict of a ``config.json``: FileNotFoundError / ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minitron_jax import model, sharding
 from minitron_jax.blocks import BlockSpec, check_blocks, from_decilm, segments, to_decilm, uniform_blocks
-from minitron_jax.config import ConfigError, LlamaConfig
+from minitron_jax.config import ConfigError, LlamaConfig, read_config_json
 
 Params = dict[str, Any]
 
@@ -591,13 +591,7 @@ def config_from_hf(hf: dict[str, Any]) -> "LlamaConfig | HeteroConfig":
 
 def config_from_json_file(path) -> "LlamaConfig | HeteroConfig":
     """:func:`config_from_hf` of a ``config.json``; FileNotFoundError / ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    data = read_config_json(path)
     try:
         return config_from_hf(data)
     except ConfigError as e:
