@@ -90,8 +90,7 @@ def test_tokenizer_of_a_deci_directory_loads_without_a_remote_code_prompt(tmp_pa
 
     from utils import tiny_tokenizer
 
-    from minitron_jax.convert import load_tokenizer
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import load_tokenizer, save_hf
 
     hcfg = hetero.HeteroConfig(BASE.replace(vocab_size=300), BLOCKS)
     tok = tiny_tokenizer()

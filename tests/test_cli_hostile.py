@@ -38,8 +38,7 @@ def _save_tiny_hetero(path: Path, uniform: Path) -> Path:
 
     from minitron_jax import hetero
     from minitron_jax.blocks import BlockSpec
-    from minitron_jax.convert import load_model
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import load_model, save_hf
 
     m = load_model(uniform)
     hcfg = hetero.HeteroConfig(m.config, (BlockSpec.parse("gqa1/mlp256"), BlockSpec.parse("none/mlp256")))
@@ -78,7 +77,9 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
          "heterogeneous"),
         ("nas", ["--model", h, "--target-params", "1000"], 2, "heterogeneous"),
         ("puzzle", ["--parent", h, "--out", str(r / "z1"), "--target-params", "1e9"], 2, "heterogeneous"),
-        ("puzzle", ["--parent", m, "--out", str(r / "z2"), "--target-params", "10"], 2, "target"),
+        # (--runtime any: the tiny model's FFN of 96 is no width DeciLM, hence vLLM or llama.cpp, can hold)
+        ("puzzle", ["--parent", m, "--out", str(r / "z2"), "--target-params", "10", "--runtime", "any"], 2, "target"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z5"), "--target-params", "1e9"], 2, "llama.cpp"),
         ("puzzle", ["--parent", m, "--out", str(r / "z3"), "--target-params", "1e9", "--attention", "gqa5"], 2,
          "gqa5"),
         ("puzzle", ["--parent", m, "--out", str(r / "z4")], 2, "target"),
@@ -97,7 +98,7 @@ def _case_ids():
     return [f"{i:02d}" for i in range(N_CASES)]
 
 
-N_CASES = 28
+N_CASES = 29
 
 
 @pytest.mark.parametrize("index", range(N_CASES), ids=_case_ids())

@@ -14,7 +14,7 @@ from minitron_jax import hetero as X
 from minitron_jax import model as M
 from minitron_jax.blocks import BlockSpec
 from minitron_jax.config import ConfigError, LlamaConfig, RopeScaling
-from minitron_jax.convert import load_model
+from minitron_jax.convert import load_model, save_hf
 from minitron_jax.convert import orbax as checkpoint
 from minitron_jax.convert.deci_hf import (
     MODELING_FILES,
@@ -24,7 +24,7 @@ from minitron_jax.convert.deci_hf import (
     params_from_hf_tensors,
     save_deci_hf,
 )
-from minitron_jax.convert.hf import ConversionError, SafetensorsDir, save_hf
+from minitron_jax.convert.hf import ConversionError, SafetensorsDir
 from minitron_jax.exitcodes import BadInputError, NonFiniteError
 
 BASE = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=1, num_layers=1, num_heads=8, num_kv_heads=8,

@@ -339,7 +339,7 @@ def _tiny_hf(tmp_path):
     from utils import tiny_tokenizer
 
     from minitron_jax.config import LlamaConfig
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import save_hf
     from minitron_jax.model import init_params
 
     config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

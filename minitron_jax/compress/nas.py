@@ -198,8 +198,7 @@ def _search(model_path: str, target_params: int, *, out: str | Path, train_text:
     import jax
 
     from minitron_jax.compress.importance_cache import CalibrationSettings, Importance
-    from minitron_jax.convert import load_model
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import load_model, save_hf
     from minitron_jax.data import CACHE_FORMAT_VERSION, read_text
     from minitron_jax.progress import PhaseProgress
     from minitron_jax.sharding import make_mesh

@@ -323,7 +323,7 @@ def save_pruned(out: str | Path, config: LlamaConfig, params: Params, tokenizer,
     """The HF model, importance.npz and prune_report.json of a :func:`prune_from_spec` result, assembled in a
     temporary sibling and renamed into place, so ``out`` is either untouched or complete. ``report["importance"]``
     goes to the npz and is removed from ``report``; the rest is the JSON."""
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import save_hf
     from minitron_jax.convert.model_card import derived_card
     from minitron_jax.fsutil import atomic_directory
 

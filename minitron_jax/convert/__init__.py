@@ -76,6 +76,20 @@ def load_model(path: str | Path, dtype=None, *, with_tokenizer: bool = True,
     return LoadedModel(config, params, tokenizer, path, fmt)
 
 
+def save_hf(path: str | Path, config: AnyConfig, params: Params, **kwargs) -> Path:
+    """An HF directory of either kind of model: ``LlamaForCausalLM`` for a :class:`LlamaConfig`
+    (:func:`minitron_jax.convert.hf.save_hf`); the Nemotron-NAS (``DeciLMForCausalLM``) layout with its modeling
+    files for a :class:`~minitron_jax.hetero.HeteroConfig` (:func:`minitron_jax.convert.deci_hf.save_deci_hf`).
+    Keyword arguments are ``hf.save_hf``'s (tokenizer, dtype, overwrite, sources, card, ...): atomic, refusing NaN."""
+    if isinstance(config, HeteroConfig):
+        from minitron_jax.convert.deci_hf import save_deci_hf
+
+        return save_deci_hf(path, config, params, **kwargs)
+    from minitron_jax.convert.hf import save_hf as save_llama_hf
+
+    return save_llama_hf(path, config, params, **kwargs)
+
+
 def load_gguf_params(path: Path, dtype=None, progress=None) -> tuple[AnyConfig, Params]:
     """A GGUF's (config, params): its metadata read as an HF config dict (Llama, or DeciLM for llama.cpp's
     ``deci``) and its tensors served under HF names, so the HF readers build the params."""

@@ -159,7 +159,7 @@ def save_deci_hf(path: str | Path, hcfg: HeteroConfig, params: Params, *, tokeni
     """Write a DeciLM HF directory: ``config.json`` (with ``auto_map``), safetensors (sharded above
     ``max_shard_bytes``), ``generation_config.json``, the tokenizer (an object or copied from ``tokenizer_dir``),
     the modeling files and ``card`` as ``README.md`` — atomically, refusing NaN/inf params, exactly as
-    :func:`minitron_jax.convert.hf.save_hf` writes a Llama (which calls this for a :class:`HeteroConfig`)."""
+    :func:`minitron_jax.convert.save_hf` calls this for a :class:`HeteroConfig` (and hf.save_hf for a Llama)."""
     if not isinstance(hcfg, HeteroConfig):
         raise TypeError(f"save_deci_hf needs a HeteroConfig, got {type(hcfg).__name__}")
     for i, block in enumerate(hcfg.blocks):

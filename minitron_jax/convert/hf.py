@@ -341,9 +341,8 @@ def save_hf(path: str | Path, config: Any, params: Params, *, tokenizer: Any = N
             overwrite: bool = False, generation_config: dict | None = None,
             progress: Callable[[str], None] | None = None, sources: Sequence[str | Path | None] = (),
             card: Any = None) -> Path:
-    """Write an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``LlamaForCausalLM`` for a
-    :class:`LlamaConfig`; for a heterogeneous :class:`~minitron_jax.hetero.HeteroConfig`, the Nemotron-NAS
-    (``DeciLMForCausalLM``) layout with its modeling files (:func:`minitron_jax.convert.deci_hf.save_deci_hf`).
+    """Write an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads as ``LlamaForCausalLM`` (or
+    Mistral, see ``LlamaConfig.hf_architecture``). Either kind of model: :func:`minitron_jax.convert.save_hf`.
 
     Written into a temporary sibling directory and renamed into place at the end, so a crash never leaves a
     half-written model at ``path``. Shards above ``max_shard_bytes`` with a ``model.safetensors.index.json``.
@@ -351,15 +350,13 @@ def save_hf(path: str | Path, config: Any, params: Params, *, tokenizer: Any = N
     inputs, e.g. the model converted) must not be, contain or lie inside ``path``: see ``fsutil.check_destination``.
     ``card``: a :class:`~minitron_jax.convert.model_card.ModelCard` written as the directory's ``README.md``, inside
     the same atomic write (a model never appears without its card)."""
-    from minitron_jax.hetero import HeteroConfig
-
+    if not isinstance(config, LlamaConfig):
+        # (convert.save_hf dispatches; this module stays below deci_hf, which builds on its tables.)
+        raise TypeError(f"hf.save_hf writes a uniform Llama; use minitron_jax.convert.save_hf for a "
+                        f"{type(config).__name__}")
     kwargs = dict(tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
                   overwrite=overwrite, generation_config=generation_config, progress=progress, sources=sources,
                   card=card)
-    if isinstance(config, HeteroConfig):
-        from minitron_jax.convert.deci_hf import save_deci_hf
-
-        return save_deci_hf(path, config, params, **kwargs)
     return write_hf_directory(path, config.to_hf(), iter_hf_tensors(config, params, dtype), params, **kwargs)
 
 

@@ -54,7 +54,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
 
     from minitron_jax.arch import count_params  # either kind of model
     from minitron_jax.convert import orbax as checkpoint
-    from minitron_jax.convert.hf import DEFAULT_SHARD_BYTES, save_hf
+    from minitron_jax.convert import save_hf
+    from minitron_jax.convert.hf import DEFAULT_SHARD_BYTES
 
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)

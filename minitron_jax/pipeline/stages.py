@@ -420,8 +420,7 @@ class Pipeline:
 
     def _teacher(self) -> dict[str, Any]:
         from minitron_jax.arch import count_params
-        from minitron_jax.convert import detect_format
-        from minitron_jax.convert.hf import save_hf
+        from minitron_jax.convert import detect_format, save_hf
 
         src = self._resolve(self.pc.teacher)
         fmt = detect_format(src)
@@ -478,7 +477,7 @@ class Pipeline:
         from minitron_jax.compress import prune
         from minitron_jax.compress.importance_cache import Importance
         from minitron_jax.compress.spec import check_spec, target_config
-        from minitron_jax.convert.hf import save_hf
+        from minitron_jax.convert import save_hf
         from minitron_jax.fsutil import atomic_directory
         from minitron_jax.model import count_params, init_params
 

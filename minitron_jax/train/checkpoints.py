@@ -142,7 +142,7 @@ def export_to_hf(source: str | Path, out: str | Path, *, dtype: str | None = Non
     ``load_model`` reads, as an HF directory with its tokenizer."""
     import jax.numpy as jnp
 
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import save_hf
 
     try:
         run_dir, step = locate_run(source)

@@ -415,7 +415,7 @@ def _restore(ckpt: Checkpointer, step: int, abstract_state: TrainState) -> tuple
 def _export(rc: RunConfig, run_dir: Path, student_cfg, params) -> Path:
     import jax.numpy as jnp
 
-    from minitron_jax.convert.hf import save_hf
+    from minitron_jax.convert import save_hf
     from minitron_jax.convert.model_card import derived_card
 
     out = Path(resolve_path(rc.export.path) if rc.export.path else run_dir / "hf")

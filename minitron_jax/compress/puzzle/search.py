@@ -150,6 +150,13 @@ class SearchSpace:
                 raise ValueError(f"--ffn mlp{f.width}: the chosen model is saved in the DeciLM layout, whose FFN "
                                  f"widths are multiples of {DECI_FFN_MULTIPLE}")
         check_blocks(config, self.variants())
+        mask, why = self.allowed(config)
+        stuck = [i for i in range(config.num_layers) if not mask[i].any()]
+        if stuck:
+            example = next(w for (i, _), w in why.items() if i == stuck[0])
+            raise ValueError(f"no block of the space can be layer {stuck[0]}"
+                             f"{f' (nor {len(stuck) - 1} more layers)' if len(stuck) > 1 else ''} on "
+                             f"{' and '.join(self.runtimes)}: {example}; widen the space or pass --runtime any")
         unused_att, unused_ffn = self.unusable(config)
         if unused_att or unused_ffn:
             names = [o.describe() for o in (*unused_att, *unused_ffn)]
