@@ -79,7 +79,10 @@ def _poison_step_at(monkeypatch, bad_step: int):
             if int(jax.device_get(state.step)) == bad_step:
                 model = dict(state.params["model"], final_norm=state.params["model"]["final_norm"] * jnp.nan)
                 state = state._replace(params=dict(state.params, model=model))
-                metrics = dict(metrics, finite=metrics["finite"] & all_finite((state.params, state.opt_state)))
+                # Jitted, as inside the step: dozens of eager ops over the 8-fake-device state aborted the worker
+                # twice under a loaded machine (SIGABRT inside an eager multiply; not reproduced alone).
+                metrics = dict(metrics, finite=metrics["finite"]
+                               & jax.jit(all_finite)((state.params, state.opt_state)))
             return state, metrics
 
         return ts._replace(step=step)
@@ -124,7 +127,7 @@ def test_the_step_reports_whether_its_result_is_finite(tiny):  # noqa: F811
         return state, jax.device_get(metrics)
 
     state, metrics = one_step(init_train_state(rc, mesh, s_cfg, t_cfg, s_params), t_params)
-    assert bool(metrics["finite"]) and bool(all_finite(state))
+    assert bool(metrics["finite"]) and bool(jax.jit(all_finite)(state))
 
     def inf_second_moment(x):  # Adam's nu of one leaf: its update becomes mu / inf = 0
         return x.at[0].set(jnp.inf) if x.ndim == 1 and x.shape == s_params["final_norm"].shape else x
@@ -133,8 +136,8 @@ def test_the_step_reports_whether_its_result_is_finite(tiny):  # noqa: F811
     opt_state = jax.tree_util.tree_map_with_path(
         lambda path, x: inf_second_moment(x) if "nu" in jax.tree_util.keystr(path) else x, state.opt_state)
     state, metrics = one_step(state._replace(opt_state=opt_state), t_params)
-    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and bool(all_finite(state.params))
-    assert not bool(metrics["finite"]) and not bool(all_finite(state.opt_state))
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and bool(jax.jit(all_finite)(state.params))
+    assert not bool(metrics["finite"]) and not bool(jax.jit(all_finite)(state.opt_state))
 
     nan_teacher = dict(t_params, final_norm=t_params["final_norm"] * np.nan)
     _, metrics = one_step(init_train_state(rc, mesh, s_cfg, t_cfg, s_params), nan_teacher)
