@@ -63,7 +63,13 @@ def allowed(config: LlamaConfig, variants: Sequence[BlockSpec], runtimes: Sequen
     for runtime in runtimes:
         check = _problems(runtime)
         for v, spec in enumerate(variants):
-            for line in check(HeteroConfig(config, (spec,) * L)):
+            try:
+                model = HeteroConfig(config, (spec,) * L)
+            except ValueError as e:  # not a block of this parent at all: SearchSpace.check says why, in its words
+                mask[:, v] = False
+                why.setdefault((0, v), str(e))
+                continue
+            for line in check(model):
                 m = _LAYER.match(line)
                 if m:
                     i = int(m.group(1))
