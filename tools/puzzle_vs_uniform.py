@@ -47,6 +47,9 @@ def run_all(config: Path, out: Path, overrides: list[str], seeds: list[int]) -> 
             raise SystemExit(f"{config} lacks the student(s) {', '.join(sorted(missing))} this compares")
         if seed:
             (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+            # A run directory is recognised by its pipeline.yaml (the pipeline rewrites it at the start).
+            if not (run_dir / "pipeline.yaml").exists():
+                shutil.copy2(out / "base" / "pipeline.yaml", run_dir / "pipeline.yaml")
             for marker in (out / "base" / "stages").glob("*.json"):
                 if marker.stem.startswith(UPSTREAM) and not (run_dir / "stages" / marker.name).exists():
                     shutil.copy2(marker, run_dir / "stages" / marker.name)
