@@ -54,12 +54,11 @@ from minitron_jax.convert.gguf import GLOBAL_NAMES, LAYER_NAMES, GGUFError, deci
 from minitron_jax.convert.gguf_config import llama3_rope_freqs
 from minitron_jax.convert.gguf_header import GGUF_MAGIC
 from minitron_jax.convert.gguf_tokenizer import PRE_TOKENIZER_SPLITS
-from minitron_jax.convert.hf import LAYER_NAMES as HF_LAYER_NAMES
 from minitron_jax.convert.hf import TOP_NAMES as HF_TOP_NAMES
-from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors, to_hf
+from minitron_jax.convert.hf import first_nonfinite, hf_tensor_specs, iter_hf_tensors
 from minitron_jax.exitcodes import BadInputError, NonFiniteError
 from minitron_jax.fsutil import atomic_file, check_file_destination, lock_file
-from minitron_jax.hetero import HeteroConfig, unstack_layers
+from minitron_jax.hetero import HeteroConfig
 from minitron_jax.model import Params
 
 # --quant name → (GGML tensor type of the 2-D weights, general.file_type). Only types gguf-py can quantize in numpy.
@@ -164,21 +163,6 @@ def _deci_specs(hcfg: HeteroConfig) -> list[tuple[str, str | None, int | None, s
     if not b.tie_word_embeddings:
         specs.append(("lm_head", HF_TOP_NAMES["lm_head"].template, None, "output.weight", (v, d), None))
     return specs
-
-
-def _iter_deci_tensors(hcfg: HeteroConfig, params: Params, specs):
-    """(HF name, HF-layout array, q/k heads) for every entry of ``specs``, one at a time."""
-    layers = None
-    for key, hf_name, layer, _gg, _shape, qk in specs:
-        if layer is None:
-            arr = to_hf(np.asarray(params[key]), HF_TOP_NAMES[key])
-        else:
-            if layers is None:
-                layers = unstack_layers(hcfg, params)  # views into the stacked segments, no copies
-            arr = np.asarray(layers[layer][key])
-            # attn_linear is ours [in, out] (h @ W); torch's linear_attn.weight, and llama.cpp, hold [out, in].
-            arr = arr.T if key == "attn_linear" else to_hf(arr, HF_LAYER_NAMES[key])
-        yield hf_name, np.ascontiguousarray(arr), qk
 
 
 def _plan(config: LlamaConfig | HeteroConfig, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
@@ -571,7 +555,11 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig | HeteroConfig, param
         types["F32"] += 1
 
     if deci:
-        tensors = _iter_deci_tensors(config, params, _deci_specs(config))
+        from minitron_jax.convert.deci_hf import hf_tensors
+
+        # deci_hf's tensors (HF layout, one at a time), in the order of the plan (checked tensor by tensor below).
+        qk = {hf: heads for _key, hf, _layer, _gg, _shape, heads in _deci_specs(config)}
+        tensors = ((hf_name, arr, qk[hf_name]) for hf_name, arr in hf_tensors(config, params))
     else:
         heads = {"q": config.num_heads, "k": config.num_kv_heads}
 
