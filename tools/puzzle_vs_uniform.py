@@ -1,16 +1,19 @@
-"""Uniform Minitron width pruning vs the layer-by-layer (Puzzle) search at one parameter budget; writes the
+"""Uniform Minitron width pruning vs the layer-by-layer (Puzzle) search at the uniform student's budget; writes the
 comparison into docs/puzzle.md.
 
     python tools/puzzle_vs_uniform.py [--seeds 1,2] [key=value ...]   # overrides apply to every run
 
-Runs ``minitron_jax.pipeline`` on ``configs/smollm2_135m_puzzle.yaml`` (students ``uniform`` and ``puzzle``, the
-same distillation tokens) once, then once more per extra distillation seed (``distill.seed``: another training-data
-order; the held-out windows stay the same). A seed's run reuses the first run's data, teacher, importance, pruning
-and search stages (their done-markers are copied: their keys do not depend on the distillation seed), so the search
-runs once. Per seed it compares the two distilled students by held-out NLL paired per window (as
-``tools/findings.py`` does), and across seeds it sets the gap between them against each student's own
-seed-to-seed spread. The table goes between the markers of ``docs/puzzle.md``; the searched architecture's picture
-is copied to ``docs/figures/puzzle_architecture.png`` and the numbers to ``docs/figures/puzzle_vs_uniform.json``.
+Runs ``minitron_jax.pipeline`` on ``configs/smollm2_135m_puzzle.yaml`` (the student ``uniform`` and one or more
+searched students whose names start with ``puzzle``, e.g. one at the uniform student's parameter count and one at
+its serving memory; the same distillation tokens) once, then once more per extra distillation seed
+(``distill.seed``: another training-data order; the held-out windows stay the same). A seed's run reuses the first
+run's data, teacher, importance, pruning and search stages (their done-markers are copied: their keys do not depend
+on the distillation seed), so each search runs once. Per seed it compares each searched student with the uniform one
+by held-out NLL paired per window (as ``tools/findings.py`` does), and across seeds it sets the gap between them
+against each student's own seed-to-seed spread. Each student's serving memory (weights + KV cache,
+``compress.puzzle.costs``, at ``--context`` tokens, batch 1, bf16) is printed beside its parameter count. The tables
+go between the markers of ``docs/puzzle.md``; each search's picture is copied to
+``docs/figures/<student>_architecture.png`` and the numbers to ``docs/figures/puzzle_vs_uniform.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from findings import SIGMAS, _seed_list, paired, verdict, write_results_md  # noqa: E402
+from findings import SIGMAS, _seed_list, paired, verdict  # noqa: E402
 
 CONFIG = REPO / "configs" / "smollm2_135m_puzzle.yaml"
 BEGIN = "<!-- BEGIN PUZZLE VS UNIFORM (written by tools/puzzle_vs_uniform.py) -->"
@@ -42,9 +45,8 @@ def run_all(config: Path, out: Path, overrides: list[str], seeds: list[int]) -> 
     for seed in [0, *seeds]:
         run_dir = out / ("base" if seed == 0 else f"seed{seed}")
         pc = load_pipeline_config(config, overrides + [f"run_dir={run_dir}", f"distill.seed={seed}"])
-        missing = {"uniform", "puzzle"} - set(pc.students)
-        if missing:
-            raise SystemExit(f"{config} lacks the student(s) {', '.join(sorted(missing))} this compares")
+        if "uniform" not in pc.students or not searched(pc.students):
+            raise SystemExit(f"{config} needs a student 'uniform' and at least one whose name starts with 'puzzle'")
         if seed:
             (run_dir / "stages").mkdir(parents=True, exist_ok=True)
             # A run directory is recognised by its pipeline.yaml (the pipeline rewrites it at the start).
@@ -60,15 +62,36 @@ def run_all(config: Path, out: Path, overrides: list[str], seeds: list[int]) -> 
     return reports
 
 
+def searched(students) -> list[str]:
+    return sorted(s for s in students if s.startswith("puzzle"))
+
+
 def _row(report: dict, model: str) -> dict:
     return next(r for r in report["rows"] if r["model"] == model)
 
 
-def compare(reports: dict[int, dict]) -> dict:
+def serving_memory(row: dict, context: int) -> float | None:
+    """Weights + KV cache in bytes (bf16, batch 1, ``context`` tokens) of a row's distilled model, read from its
+    saved config; None when the directory is gone."""
+    from minitron_jax.arch import base_config, is_hetero
+    from minitron_jax.blocks import uniform_blocks
+    from minitron_jax.compress.puzzle.costs import model_cost
+    from minitron_jax.compress.puzzle.targets import CostSettings
+    from minitron_jax.hetero import config_from_json_file
+
+    path = Path(row.get("export") or "") / "config.json"
+    if not path.is_file():
+        return None
+    cfg = config_from_json_file(path)
+    blocks = cfg.blocks if is_hetero(cfg) else uniform_blocks(cfg)
+    return model_cost(base_config(cfg), blocks, **CostSettings(context=context).block_kwargs()).memory_bytes
+
+
+def compare_one(reports: dict[int, dict], student: str) -> dict:
     per_seed = []
     for seed, rep in sorted(reports.items()):
-        u, p = _row(rep, "uniform"), _row(rep, "puzzle")
-        d = paired(p["window_nll"], u["window_nll"])  # > 0: the puzzle student is better
+        u, p = _row(rep, "uniform"), _row(rep, student)
+        d = paired(p["window_nll"], u["window_nll"])  # > 0: the searched student is better
         per_seed.append({"seed": seed, "ppl_uniform": u["ppl"], "ppl_puzzle": p["ppl"], "paired": d,
                          "verdict": verdict(d)})
     ppl_u = [s["ppl_uniform"] for s in per_seed]
@@ -82,38 +105,59 @@ def compare(reports: dict[int, dict]) -> dict:
     return {"per_seed": per_seed, "mean_ppl_gap": gap, "seed_spread": spread, "verdict": overall}
 
 
-def markdown(result: dict, reports: dict[int, dict], command: str, meta: dict) -> str:
+def compare(reports: dict[int, dict]) -> dict[str, dict]:
+    return {s: compare_one(reports, s) for s in searched({r["model"] for r in reports[0]["rows"]})}
+
+
+def markdown(results: dict[str, dict], reports: dict[int, dict], command: str, meta: dict, context: int) -> str:
     base = reports[0]
-    u, p, t = _row(base, "uniform"), _row(base, "puzzle"), _row(base, "teacher")
+    t = _row(base, "teacher")
     d = base["distill"]
     lines = [BEGIN, "",
              f"Command: `{command}` ({meta['when']}; {meta['machine']}; {meta['load']}; all runs' stages: "
              f"{meta['wall_min']:.0f} min).", "",
              f"Budget per student: {d['steps']} steps × {d['batch_size']} × {d['seq_len']} tokens = "
              f"{d['steps'] * d['batch_size'] * d['seq_len']:,} distillation tokens (forward KL from the teacher, "
-             f"the same rows in the same order for both within a seed). Held-out perplexity on "
+             f"the same rows in the same order for every student within a seed). Held-out perplexity on "
              f"{base['eval']['heldout_tokens']:,} tokens of Wikipedia passages never trained on or searched on. "
-             f"Teacher: {t['params'] / 1e6:.1f}M params, perplexity {t['ppl']:.2f}.", "",
-             "| student | params | architecture | ppl after pruning/search | ppl after distillation | MMLU |",
-             "|---|---:|---|---:|---:|---:|"]
-    for name, r in (("uniform (Minitron width)", u), ("puzzle (layer-by-layer search)", p)):
+             f"Teacher: {t['params'] / 1e6:.1f}M params, perplexity {t['ppl']:.2f}. Memory: weights + KV cache "
+             f"in bf16 at batch 1 and a {context:,}-token context (`compress.puzzle.costs`).", "",
+             "| student | params | memory | architecture | ppl after pruning/search | ppl after distillation | MMLU |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for name in ["uniform", *results]:
+        r = _row(base, name)
         a = r["arch"]
         arch = a.get("blocks") or f"L{a['layers']} D{a['hidden']} F{a['ffn']} H{a['heads']} K{a['kv_heads']}"
         mmlu = "–" if r.get("mmlu") is None else f"{r['mmlu']:.3f}"
-        lines.append(f"| {name} | {r['params']:,} | {arch} | {r['ppl_pruned']:.1f} | {r['ppl']:.2f} | {mmlu} |")
-    lines += ["",
-              "| seed | ppl uniform | ppl puzzle | ΔNLL (uniform − puzzle) ± s.e. | windows puzzle wins | verdict |",
-              "|---:|---:|---:|---:|---:|---|"]
-    for s in result["per_seed"]:
-        q = s["paired"]
-        lines.append(f"| {s['seed']} | {s['ppl_uniform']:.2f} | {s['ppl_puzzle']:.2f} | {q['mean']:+.3f} ± "
-                     f"{q['se']:.3f} | {q['a_wins']}/{q['windows']} | {s['verdict']} |")
-    lines += ["", f"**{result['verdict']}**: mean perplexity gap (uniform − puzzle) {result['mean_ppl_gap']:+.2f} "
-                  f"against a seed-to-seed spread of {result['seed_spread']:.2f} (the larger of the two students' "
-                  f"max − min over seeds). Per seed, *held*: ΔNLL beyond {SIGMAS:g} standard errors in the "
-                  "puzzle student's favour over the same held-out windows.", "",
-              "![searched architecture](figures/puzzle_architecture.png)", "", END]
+        mem = serving_memory(r, context)
+        mem_s = "–" if mem is None else f"{mem / 1e6:,.1f} MB"
+        lines.append(f"| {name} | {r['params']:,} | {mem_s} | {arch} | {r['ppl_pruned']:.1f} | {r['ppl']:.2f} "
+                     f"| {mmlu} |")
+    for name, result in results.items():
+        lines += ["", f"**{name}** against **uniform**:", "",
+                  f"| seed | ppl uniform | ppl {name} | ΔNLL (uniform − {name}) ± s.e. | windows {name} wins "
+                  "| verdict |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        for s in result["per_seed"]:
+            q = s["paired"]
+            lines.append(f"| {s['seed']} | {s['ppl_uniform']:.2f} | {s['ppl_puzzle']:.2f} | {q['mean']:+.3f} ± "
+                         f"{q['se']:.3f} | {q['a_wins']}/{q['windows']} | {s['verdict']} |")
+        lines += ["", f"**{result['verdict']}**: mean perplexity gap (uniform − {name}) "
+                      f"{result['mean_ppl_gap']:+.2f} against a seed-to-seed spread of {result['seed_spread']:.2f} "
+                      f"(the larger of the two students' max − min over seeds). Per seed, *held*: ΔNLL beyond "
+                      f"{SIGMAS:g} standard errors in the searched student's favour over the same held-out windows."]
+    lines += ["", *[f"![{n}'s architecture](figures/{n}_architecture.png)" for n in results], "", END]
     return "\n".join(lines)
+
+
+def write_block(path: Path, block: str) -> None:
+    """Replace the text between this tool's markers in ``path`` (append the block when the markers are absent)."""
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -124,28 +168,34 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=_seed_list, default=[], help="extra distillation seeds, e.g. 1,2")
     ap.add_argument("--docs", default=str(REPO / "docs"))
     ap.add_argument("--load", default="machine otherwise idle")
+    ap.add_argument("--context", type=int, default=4096, help="context of the memory column (tokens)")
     args = ap.parse_args(argv)
     out = Path(args.out).absolute()
     reports = run_all(Path(args.config), out, args.overrides, args.seeds)
-    result = compare(reports)
+    results = compare(reports)
     docs = Path(args.docs)
     figures = docs / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    picture = out / "base" / "puzzle" / "puzzle" / "architecture.png"
-    if picture.is_file():
-        shutil.copy2(picture, figures / "puzzle_architecture.png")
+    for name in results:
+        picture = out / "base" / "puzzle" / name / "architecture.png"
+        if picture.is_file():
+            shutil.copy2(picture, figures / f"{name}_architecture.png")
     command = ("python tools/puzzle_vs_uniform.py" + (f" --config {args.config}" if Path(args.config) != CONFIG else "")
                + (f" --seeds {','.join(map(str, args.seeds))}" if args.seeds else "")
                + "".join(f" {o}" for o in args.overrides))
     meta = {"when": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60, "load": args.load}
-    block = markdown(result, reports, command, meta)
-    write_results_md(docs / "puzzle.md", block)
-    search_report = out / "base" / "puzzle" / "puzzle" / "report.json"
+    block = markdown(results, reports, command, meta, args.context)
+    write_block(docs / "puzzle.md", block)
+    searches = {}
+    for name in results:
+        f = out / "base" / "puzzle" / name / "report.json"
+        searches[name] = json.loads(f.read_text()) if f.is_file() else None
+    memory = {name: serving_memory(_row(reports[0], name), args.context) for name in ["uniform", *results]}
     (figures / "puzzle_vs_uniform.json").write_text(json.dumps(
-        {"command": command, "meta": meta, "result": result,
-         "search": json.loads(search_report.read_text()) if search_report.is_file() else None,
+        {"command": command, "meta": meta, "results": results, "searches": searches,
+         "memory_bytes": {"context": args.context, **memory},
          "rows": {seed: rep["rows"] for seed, rep in reports.items()}}, indent=1, default=str) + "\n")
     print(block)
     return 0
