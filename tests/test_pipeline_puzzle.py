@@ -60,6 +60,9 @@ def test_puzzle_student_is_searched_distilled_evaluated_and_exported(puzzle_run)
     search = run_dir / "puzzle" / "puzzle"
     for name in ("report.json", "report.md", "architecture.png"):
         assert (search / name).stat().st_size > 0
+    # the stored activations, blocks and scores are in the shared work directory, not the student's
+    (work,) = (run_dir / "puzzle" / "_search").iterdir()
+    assert (work / "run.json").is_file() and (work / "acts").is_dir() and not (search / "acts").exists()
     # The distilled student is the searched architecture, trained: same blocks, other weights.
     searched = load_model(search / "model", with_tokenizer=False)
     distilled = load_model(row["export"], with_tokenizer=False)
@@ -73,6 +76,21 @@ def test_puzzle_student_is_searched_distilled_evaluated_and_exported(puzzle_run)
     assert load_model(e["gguf"], with_tokenizer=False).config.blocks == distilled.config.blocks
     card = (run_dir / "export" / "puzzle" / "README.md").read_text()
     assert "### Layer-by-layer search" in card and row["arch"]["blocks"] in card and "### Importance" not in card
+
+
+def test_students_that_differ_only_in_targets_share_one_search(tmp_path):
+    """The trained blocks and scores do not depend on the targets or the serving point, so two such students
+    share one work directory; another search setting gets its own."""
+    from minitron_jax.pipeline.config import StudentSpec
+    from minitron_jax.pipeline.stages import Pipeline
+
+    def key(**puzzle):
+        return Pipeline._search_key(StudentSpec(puzzle={**SEARCH, **puzzle}), "teacher", "data")
+
+    shared = key(target_params=1e6)
+    assert key(target_memory=0.5, context=2048) == shared and key(target_flops=1e6, runner_ups=3) == shared
+    assert key(target_params=1e6, steps=4) != shared and key(target_params=1e6, runtime="any") != shared
+    assert Pipeline._search_key(StudentSpec(puzzle={**SEARCH, "target_params": 1e6}), "other", "data") != shared
 
 
 def test_rerun_skips_the_search(puzzle_run):

@@ -213,6 +213,23 @@ def test_search_under_a_params_target(tmp_path, monkeypatch):
         run_search(CFG, params, tok, data, tmp_path / "run", space=SearchSpace.parse(CFG, "gqa2,none", "mlp512,none"),
                    targets=Targets(params=count_params(CFG)), settings=settings)
 
+    # a search for another target with the stored work in another directory (the pipeline's puzzle students share
+    # one): nothing trained or scored again, and its own directory holds only its choice
+    res3 = run_search(CFG, params, tok, data, tmp_path / "other", space=space, targets=Targets(params=target),
+                      settings=settings, parent_name="tiny", work=tmp_path / "run")
+    assert res3.report["blockwise"]["trained_now"] == 0 and res3.report["scores"]["evaluations"] == 0
+    assert res3.hcfg == res.hcfg
+    assert {p.name for p in (tmp_path / "other").iterdir()} == {"model", "hf", "report.json", "report.md",
+                                                                "architecture.png"}
+    from minitron_jax.exitcodes import BadInputError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInputError, match="notes.txt"):
+        run_search(CFG, params, tok, data, tmp_path / "mine", space=space, targets=Targets(params=target),
+                   settings=settings, work=tmp_path / "run")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
 
 def _cli(*args, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu")

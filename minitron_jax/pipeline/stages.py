@@ -132,18 +132,26 @@ class Pipeline:
                                                 nondefault(pc.importance), self._depth_needs()],
                                  lambda: self._importance(active.result["path"], data.result["calib"]))
             pruned, distilled = {}, {}
+            work_dirs = set()
             for s, spec in pc.students.items():
                 if spec.puzzle:
                     # The layer-by-layer search trains its own blocks from the teacher on the calibration text
-                    # (the importance stage's channel ranking is recomputed inside it on its own windows).
+                    # (the importance stage's channel ranking is recomputed inside it on its own windows). What it
+                    # trains and scores does not depend on the targets, so students that differ only in their
+                    # targets share one work directory: the blocks are trained and scored once, each student
+                    # only solves (compress.puzzle.search, ``work``).
                     search_dir = self.run_dir / "puzzle" / s
+                    work = self.run_dir / "puzzle" / "_search" / self._search_key(spec, active.key, data.key)
+                    work_dirs.add(work)
                     pruned[s] = self.stage(
                         f"puzzle.{s}", ["puzzle", active.key, data.key, nondefault(spec)],
-                        lambda s=s, d=search_dir: self._puzzle(s, active.result["path"], data.result["calib"], d),
+                        lambda s=s, d=search_dir, w=work: self._puzzle(s, active.result["path"],
+                                                                       data.result["calib"], d, w),
                         on_redo=lambda d=search_dir: shutil.rmtree(d, ignore_errors=True))
                     continue
                 pruned[s] = self.stage(f"prune.{s}", ["prune", imp_rec.key, nondefault(spec)],
                                        lambda s=s: self._prune(s, active.result["path"], imp_rec.result))
+            self._drop_stale_searches(work_dirs)
             logits = None
             if pc.distill.teacher_top_k is not None:
                 first = next(iter(pc.students))
@@ -513,9 +521,28 @@ class Pipeline:
         return {"path": str(out / "hf"), "params": n, "arch": _arch(config), "init": spec_cfg.init,
                 "kept": kept, "seconds": time.perf_counter() - t0}
 
-    def _puzzle(self, student: str, teacher_path: str, calib_text: str, out: Path) -> dict[str, Any]:
+    @staticmethod
+    def _search_key(spec, teacher_key: str, data_key: str) -> str:
+        """What a puzzle student's trained blocks and scores depend on: the teacher, the data, the space (attention,
+        FFN options, runtimes) and the search settings, not the targets or the serving point."""
+        plan = puzzle_plan(spec)
+        return stage_key("puzzle_search", teacher_key, data_key, plan["attention"], plan["ffn"], plan["runtime"],
+                         plan["settings"].run_key())
+
+    def _drop_stale_searches(self, keep: set[Path]) -> None:
+        """Remove search work directories no student of this config uses any more (another teacher, data or
+        search settings): each holds gigabytes of stored activations."""
+        root = self.run_dir / "puzzle" / "_search"
+        if root.is_dir():
+            for d in root.iterdir():
+                if d.is_dir() and d not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def _puzzle(self, student: str, teacher_path: str, calib_text: str, out: Path, work: Path) -> dict[str, Any]:
         """``puzzle.<s>``: the layer-by-layer search (``compress.puzzle.search``) from the teacher, resumable in
-        ``puzzle/<s>/``; its chosen model (an Orbax checkpoint of a HeteroConfig) is what distillation starts from."""
+        ``puzzle/_search/<key>/`` (shared by the students that differ only in their targets) with its choice in
+        ``puzzle/<s>/``; the chosen model (an Orbax checkpoint of a HeteroConfig) is what distillation starts
+        from."""
         from minitron_jax.arch import count_params
         from minitron_jax.compress.puzzle.search import SearchSpace, run_search
         from minitron_jax.config import LlamaConfig
@@ -529,7 +556,7 @@ class Pipeline:
         with PhaseProgress(self.console) as progress:
             result = run_search(m.config, m.params, m.tokenizer, calib_text, out, space=space,
                                 targets=plan["targets"], cost_settings=plan["cost"], settings=plan["settings"],
-                                parent_name=str(teacher_path), progress=progress,
+                                parent_name=str(teacher_path), progress=progress, work=work,
                                 log=lambda msg: self.console.print(msg, highlight=False))
         hcfg = result.hcfg
         n = count_params(hcfg)

@@ -20,11 +20,15 @@ Phases (each timed in the report):
 
 The run directory holds everything an interrupted run needs to continue (``run.json`` names the parent, data,
 space and training settings; a rerun with another of these is refused, a rerun with other targets reuses every
-trained block and score and only solves again).
+trained block and score and only solves again). The target-independent part (``run.json``, ``acts/``,
+``importance.npz``, ``blocks/``, the scores) can live in a separate ``work`` directory, so that several searches
+of one parent for different targets (the pipeline's puzzle students) train and score once; ``out`` then holds
+only what the targets chose (``model/``, ``hf/``, the report).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -287,6 +291,21 @@ def _check_run(out: Path, record: dict) -> None:
                                 "rerun with the same one or choose a new --out")
 
 
+OUT_ENTRIES = {"model", "hf", "report.json", "report.md", "architecture.png", ".minitron_jax"}
+
+
+def _check_out(out: Path) -> None:
+    """With a separate ``work`` directory, ``out`` holds only a search's results: refuse one with anything else in
+    it (the results are overwritten, and nothing of the user's must be)."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out} is a file, not a directory; choose a new --out")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in OUT_ENTRIES)
+        if other:
+            raise BadInputError(f"{out} holds {', '.join(other[:3])}{' …' if len(other) > 3 else ''}, which are not "
+                                "a search's results; choose a new --out")
+
+
 @dataclasses.dataclass
 class SearchResult:
     hcfg: hetero.HeteroConfig
@@ -333,8 +352,10 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
                space: SearchSpace, targets: Targets, cost_settings: CostSettings | None = None,
                settings: SearchSettings = SearchSettings(), parent_name: str = "parent",
                progress: Callable[[str, int, int], None] | None = None,
-               log: Callable[[str], None] | None = None) -> SearchResult:
-    """The whole search (module docstring); returns the chosen model and the report (also written under ``out``)."""
+               log: Callable[[str], None] | None = None, work: str | Path | None = None) -> SearchResult:
+    """The whole search (module docstring); returns the chosen model and the report (also written under ``out``).
+    ``work`` (default ``out``) holds the stored activations, trained blocks and scores, which do not depend on the
+    targets: searches for other targets pointed at the same ``work`` only solve again."""
     from minitron_jax.convert.orbax import save_model
 
     from .report import write_report
@@ -349,9 +370,12 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
                          "--target-latency or --target-throughput)")
     check_feasible(config, space, targets, cost_settings)
     out = Path(out).absolute()
+    work = out if work is None else Path(work).absolute()
+    if work != out:
+        _check_out(out)
     phases: dict[str, float] = {}
     t_all = time.perf_counter()
-    with lock_directory(out):
+    with lock_directory(work), (lock_directory(out) if work != out else contextlib.nullcontext()):
         t0 = time.perf_counter()
         calib, evalw = split_windows(tokenizer, data_source, settings.seq_len, settings.calib_tokens,
                                      settings.eval_windows, seed=settings.blockwise.seed)
@@ -361,9 +385,10 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
                   "space": space.describe(), "data": fingerprint_arrays(calib, evalw),
                   "settings": settings.run_key()}
         record["parent"].pop("name")  # the same weights from another path are the same parent
-        _check_run(out, record)
+        _check_run(work, record)
+        work.mkdir(parents=True, exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RUN_FILE, record)
+        write_json_atomic(work / RUN_FILE, record)
         phases["data_s"] = time.perf_counter() - t0
         if log:
             log(f"data: {calib.size:,} calibration tokens ({len(calib)} windows), {len(evalw)} held-out windows "
@@ -371,24 +396,24 @@ def run_search(config: LlamaConfig, params: Params, tokenizer, data_source, out:
 
         t0 = time.perf_counter()
         key = f"{parent_fp}:{record['data']}"
-        calib_store = ActivationStore.open_or_build(out / "acts" / "calib", config, params, calib, key=key,
+        calib_store = ActivationStore.open_or_build(work / "acts" / "calib", config, params, calib, key=key,
                                                     batch=settings.activation_batch, progress=progress)
-        eval_store = ActivationStore.open_or_build(out / "acts" / "eval", config, params, evalw, key=key,
+        eval_store = ActivationStore.open_or_build(work / "acts" / "eval", config, params, evalw, key=key,
                                                    batch=settings.eval_batch, with_logp=True, progress=progress)
         phases["activations_s"] = time.perf_counter() - t0
 
         neuron_scores = None
         if settings.importance:
             t0 = time.perf_counter()
-            neuron_scores = _neuron_scores(out, config, params, calib, settings)
+            neuron_scores = _neuron_scores(work, config, params, calib, settings)
             phases["importance_s"] = time.perf_counter() - t0
 
         variants = space.variants()
-        bw = blockwise_distill(config, params, calib_store, variants, out, settings.blockwise,
+        bw = blockwise_distill(config, params, calib_store, variants, work, settings.blockwise,
                                neuron_scores=neuron_scores, progress=progress, log=log)
         phases["blockwise_s"] = bw.seconds
 
-        sc = score_variants(config, params, eval_store, bw, variants, out, mode=settings.scoring,
+        sc = score_variants(config, params, eval_store, bw, variants, work, mode=settings.scoring,
                             batch=settings.eval_batch, progress=progress)
         phases["scoring_s"] = sc.seconds
 
