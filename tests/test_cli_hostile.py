@@ -73,6 +73,7 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
         ("pipeline", ["--config", str(w["notes"])], 2, "notes.yaml"),
         ("nas", ["--model", m, "--target-params", "-5"], 2, "target"),
         # Heterogeneous models where only a uniform one can go; the layer-by-layer search's own refusals.
+        # (prune takes --hidden and the depth options of a heterogeneous model: tests/test_hetero_importance.py)
         ("prune", ["--model", h, "--calib", str(w["text"]), "--out", str(r / "p3"), "--ffn", "32"], 2,
          "heterogeneous"),
         ("nas", ["--model", h, "--target-params", "1000"], 2, "heterogeneous"),
@@ -83,6 +84,14 @@ def _cases(w: dict[str, Path]) -> list[tuple[str, list[str], int, str]]:
         ("puzzle", ["--parent", m, "--out", str(r / "z3"), "--target-params", "1e9", "--attention", "gqa5"], 2,
          "gqa5"),
         ("puzzle", ["--parent", m, "--out", str(r / "z4")], 2, "target"),
+        # --accelerator prices a latency/throughput target (nothing else); an unknown one and an unreachable
+        # decode-step latency are refused before any work
+        ("puzzle", ["--parent", m, "--out", str(r / "z6"), "--target-params", "1e9", "--runtime", "any",
+                    "--accelerator", "h100"], 2, "--target-latency"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z7"), "--target-latency", "1", "--runtime", "any",
+                    "--accelerator", "tpu-v9"], 2, "tpu-v9"),
+        ("puzzle", ["--parent", m, "--out", str(r / "z8"), "--target-latency", "1e-9", "--runtime", "any",
+                    "--accelerator", "h100"], 2, "target-latency"),
     ]
 
 
@@ -98,7 +107,7 @@ def _case_ids():
     return [f"{i:02d}" for i in range(N_CASES)]
 
 
-N_CASES = 29
+N_CASES = 32
 
 
 @pytest.mark.parametrize("index", range(N_CASES), ids=_case_ids())

@@ -93,6 +93,19 @@ def test_students_that_differ_only_in_targets_share_one_search(tmp_path):
     assert Pipeline._search_key(StudentSpec(puzzle={**SEARCH, "target_params": 1e6}), "other", "data") != shared
 
 
+def test_a_latency_target_priced_on_an_accelerator_is_a_plan():
+    from minitron_jax.pipeline.config import StudentSpec, puzzle_plan
+    from minitron_jax.planning.capacity import accelerator
+
+    plan = puzzle_plan(StudentSpec(puzzle={**SEARCH, "target_latency_ms": 2.5, "target_throughput": 300,
+                                           "accelerator": "H100", "context": 8192, "batch": 4}))
+    h100 = accelerator("h100")
+    assert plan["targets"].latency_s == pytest.approx(2.5e-3) and plan["targets"].throughput == 300
+    c = plan["cost"]
+    assert (c.accelerator, c.peak_flops, c.memory_bandwidth) == (h100.name, h100.peak_flops, h100.hbm_bandwidth)
+    assert (c.context, c.batch) == (8192, 4) and "decode-step roofline" in c.describe()
+
+
 def test_rerun_skips_the_search(puzzle_run):
     cfg, run_dir, _, _ = puzzle_run
     proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
@@ -106,6 +119,10 @@ def test_rerun_skips_the_search(puzzle_run):
     ({"target_params": 1e9, "wings": 2}, "unknown key(s) wings"),
     ({"target_params": -5}, "target_params must be a positive number"),
     ({"target_params": 1e9, "ffn": ["mlp100000"]}, "wider than the parent"),
+    ({"target_latency_ms": 5}, "needs an accelerator"),  # host timing would depend on the machine's load
+    ({"target_params": 1e9, "accelerator": "h100"}, "give one of them"),
+    ({"target_latency_ms": 1e-9, "accelerator": "h100"}, "target-latency"),  # unreachable: before any work
+    ({"target_throughput": 10, "accelerator": "tpu-v9"}, "tpu-v9"),
 ])
 def test_bad_puzzle_sections_are_refused_before_any_work(tmp_path, puzzle, message):
     cfg = _puzzle_cfg(tmp_path, puzzle)

@@ -12,6 +12,8 @@ from minitron_jax.compress.puzzle.costs import (
     block_cost,
     compiled_cost,
     cost_matrices,
+    decode_overhead_seconds,
+    decode_step_seconds,
     model_cost,
     model_overhead,
     roofline_seconds,
@@ -319,3 +321,64 @@ def test_compiled_cost_close_to_analytic_flops():
     assert cc.bytes_accessed > 0
     assert roofline_seconds(cc, peak_flops=1e12, memory_bandwidth=1e9) == pytest.approx(
         max(cc.flops / 1e12, cc.bytes_accessed / 1e9))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Latency on a described accelerator (decode-step roofline)
+# ------------------------------------------------------------------------------------------------------------------
+def test_decode_step_roofline_by_hand():
+    from minitron_jax.planning.capacity import accelerator
+
+    h100 = accelerator("h100")
+    kw = dict(peak_flops=h100.peak_flops, memory_bandwidth=h100.hbm_bandwidth, context=2048,
+              weight_bytes_per_param=2, kv_bytes_per_value=2)
+    full, none = P("gqa3/mlp1536"), P("none/mlp1536")
+    one = decode_step_seconds(SMOLLM2, [full, none, full], batch=1, **kw)
+    assert list(one) == [full, none]
+    # batch 1 is memory-bound: every bf16 weight and the layer's whole K and V cache read once
+    params = 576 * (576 + 2 * 3 * 64 + 576) + 3 * 576 * 1536 + 2 * 576
+    kv = 2 * 3 * 64 * 2048 * 2
+    assert one[full] == pytest.approx((2 * params + kv) / h100.hbm_bandwidth)
+    assert one[none] == pytest.approx(2 * (3 * 576 * 1536 + 576) / h100.hbm_bandwidth)
+    # a batch large enough turns it compute-bound: batch × FLOPs/token over the peak
+    big = decode_step_seconds(SMOLLM2, [full], batch=4096, **kw)[full]
+    flops = 2 * params + 4 * 9 * 64 * 2048
+    assert big == pytest.approx(max(4096 * flops / h100.peak_flops, (2 * params + 4096 * kv) / h100.hbm_bandwidth))
+    assert decode_overhead_seconds(SMOLLM2, batch=1, **kw) == pytest.approx(2 * (49152 * 576 + 576)
+                                                                              / h100.hbm_bandwidth)
+    with pytest.raises(ValueError, match="positive"):
+        decode_step_seconds(SMOLLM2, [full], batch=1, **{**kw, "peak_flops": 0})
+
+
+def test_latency_and_throughput_targets_on_an_accelerator():
+    """A decode-step latency target priced on an H100: the chosen model meets it by the same roofline, the
+    throughput target is batch / step seconds, and an unreachable latency is refused before any work."""
+    import dataclasses
+
+    from minitron_jax.compress.puzzle.search import SearchSpace, _accelerator_constraints, check_feasible
+    from minitron_jax.planning.capacity import accelerator
+
+    h100 = accelerator("h100")
+    cost = CostSettings(context=8192, batch=8, accelerator=h100.name, peak_flops=h100.peak_flops,
+                        memory_bandwidth=h100.hbm_bandwidth)
+    space = SearchSpace.parse(SMOLLM2, "gqa3,gqa1,none", "mlp1536,mlp1024,mlp512,none")
+    variants = space.variants()
+    rk = cost.roofline_kwargs()
+    step = decode_step_seconds(SMOLLM2, variants, **rk)
+    over = decode_overhead_seconds(SMOLLM2, **rk)
+    parent = over + 30 * step[P("gqa3/mlp1536")]
+    targets = Targets(latency_s=0.6 * parent, throughput=cost.batch / (0.7 * parent))
+    cons = _accelerator_constraints(SMOLLM2, variants, targets, cost)
+    assert [c.name for c in cons] == ["target-latency", "target-throughput"] and "H100" in cons[0].unit
+    mask, _ = space.allowed(SMOLLM2)
+    rng = np.random.default_rng(0)
+    scores = -rng.uniform(0, 1, mask.shape) * np.array([0 if v == P("gqa3/mlp1536") else 1 for v in variants])
+    res = solve(np.where(mask, scores, np.nan), cons)
+    chosen = [variants[v] for v in res.best.choices]
+    seconds = over + sum(step[v] for v in chosen)
+    assert seconds <= 0.6 * parent and res.best.costs["target-latency"] == pytest.approx(seconds)
+    check_feasible(SMOLLM2, space, targets, cost)  # reachable: no error
+    with pytest.raises(ValueError, match="target-latency"):
+        check_feasible(SMOLLM2, space, Targets(latency_s=0.5 * over), cost)
+    with pytest.raises(ValueError, match="peak_flops"):
+        dataclasses.replace(cost, peak_flops=0.0)

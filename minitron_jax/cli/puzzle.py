@@ -4,7 +4,8 @@ Usage::
 
     python -m minitron_jax.puzzle --parent PATH --out DIR --target-params 70e6
         [--target-memory GB --context N --batch B --kv-dtype D --weight-dtype D] [--target-flops F]
-        [--target-latency MS | --target-throughput TOK_S]  (host timing)
+        [--target-latency MS | --target-throughput TOK_S]  (timed on this host, or with --accelerator h100:
+                                                            one decode step's roofline there)
         [--attention gqa3,gqa1,linear,none] [--ffn mlp1536,mlp1024,mlp512,linear,none]
         [--calib-tokens N] [--steps N] [--eval-windows N] [--runner-ups K] [--data PATH|asset:NAME]
 
@@ -16,6 +17,7 @@ there is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -35,14 +37,20 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--target-memory", type=float, metavar="GB", help="weights + KV cache in GB (1e9 bytes)")
     t.add_argument("--target-flops", type=float, metavar="F", help="forward FLOPs per token at --context")
     t.add_argument("--target-latency", type=float, metavar="MS",
-                   help="ms per forward of --batch × --timing-seq-len tokens on this host")
-    t.add_argument("--target-throughput", type=float, metavar="TOK_S", help="tokens/s of that forward, this host")
-    c = ap.add_argument_group("serving point of the memory/FLOPs targets")
+                   help="ms per forward of --batch × --timing-seq-len tokens on this host; with --accelerator, ms "
+                        "per decode step of --batch tokens at a full --context cache there")
+    t.add_argument("--target-throughput", type=float, metavar="TOK_S",
+                   help="tokens/s of that forward (this host) or of that decode step (--accelerator)")
+    c = ap.add_argument_group("serving point of the memory/FLOPs/latency targets")
     c.add_argument("--context", type=int, default=4096)
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--kv-dtype", default="bfloat16")
     c.add_argument("--weight-dtype", default="bfloat16")
     c.add_argument("--timing-seq-len", type=int, default=256, help="tokens per timed forward (latency targets)")
+    c.add_argument("--accelerator", metavar="NAME",
+                   help="price the latency/throughput targets as one decode step's roofline (weights + KV cache "
+                        "read once, FLOPs at peak) on this accelerator: h100, h200, a100, tpu-v5p; the same "
+                        "result on every machine, no timing")
     s = ap.add_argument_group("search")
     s.add_argument("--attention", help="attention options (default: the parent's KV heads and its divisors, "
                    "linear, none)")
@@ -102,6 +110,14 @@ def run(args: argparse.Namespace) -> int:
                          "--target-latency or --target-throughput")
     cost = CostSettings(context=args.context, batch=args.batch, weight_dtype=args.weight_dtype,
                         kv_dtype=args.kv_dtype)
+    if args.accelerator is not None:
+        from minitron_jax.planning.capacity import accelerator
+
+        if targets.latency_s is None and targets.throughput is None:
+            raise ValueError("--accelerator prices --target-latency / --target-throughput; give one of them")
+        acc = accelerator(args.accelerator)
+        cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
+                                   memory_bandwidth=acc.hbm_bandwidth)
     settings = SearchSettings(seq_len=args.seq_len, calib_tokens=args.calib_tokens, eval_windows=args.eval_windows,
                               runner_ups=args.runner_ups, scoring=args.scoring, importance=not args.no_importance,
                               timing_seq_len=args.timing_seq_len,

@@ -328,7 +328,9 @@ def prune_spec(pc: PipelineConfig, student: StudentSpec):
                                 "batch_size": i.batch_size, "dtype": i.dtype})
 
 
-PUZZLE_TARGET_KEYS = {"target_params": "params", "target_memory": "memory_gb", "target_flops": "flops_per_token"}
+PUZZLE_TARGET_KEYS = {"target_params": "params", "target_memory": "memory_gb", "target_flops": "flops_per_token",
+                      "target_latency_ms": "latency_s", "target_throughput": "throughput"}
+PUZZLE_TIMED_TARGETS = ("target_latency_ms", "target_throughput")  # priced on a described ``accelerator`` only
 PUZZLE_COST_KEYS = ("context", "batch", "weight_dtype", "kv_dtype")
 PUZZLE_SEARCH_KEYS = ("seq_len", "calib_tokens", "eval_windows", "scoring", "runner_ups", "importance")
 PUZZLE_BLOCKWISE_KEYS = ("steps", "batch_windows", "lr", "warmup_steps", "seed")
@@ -338,9 +340,11 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
     """A puzzle student's search, from its section: ``targets`` (:class:`~minitron_jax.compress.puzzle.targets.
     Targets`), ``cost`` (CostSettings: the serving point of the memory/FLOPs targets), ``settings``
     (SearchSettings), the ``attention`` / ``ffn`` option strings (None: derived from the teacher) and ``runtime``
-    (None: vLLM and llama.cpp; ``any``; see ``compress.puzzle.runtimes``). Latency and
-    throughput targets are timed on the host and left to ``python -m minitron_jax.puzzle``: a pipeline stage's
-    result must not depend on how busy the machine was."""
+    (None: vLLM and llama.cpp; ``any``; see ``compress.puzzle.runtimes``). Latency and throughput targets
+    (``target_latency_ms``, ``target_throughput``) need an ``accelerator`` (``planning.capacity.ACCELERATORS``):
+    priced as a decode step's roofline there, they are the same on every machine; timed on the host they are left
+    to ``python -m minitron_jax.puzzle``, since a pipeline stage's result must not depend on how busy the machine
+    was."""
     from minitron_jax.compress.puzzle.blockwise import BlockwiseSettings
     from minitron_jax.compress.puzzle.search import SearchSettings
     from minitron_jax.compress.puzzle.targets import CostSettings, Targets
@@ -348,7 +352,7 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
 
     sec = {k.replace("-", "_"): v for k, v in student.puzzle.items()}
     allowed = {*PUZZLE_TARGET_KEYS, *PUZZLE_COST_KEYS, *PUZZLE_SEARCH_KEYS, *PUZZLE_BLOCKWISE_KEYS, "attention", "ffn",
-               "runtime"}
+               "runtime", "accelerator"}
     unknown = sorted(set(sec) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} (a puzzle section takes {', '.join(sorted(allowed))})")
@@ -358,10 +362,22 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
             v = sec[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{key} must be a positive number, got {v!r}")
-            targets[field] = float(v)
+            targets[field] = float(v) / (1e3 if key == "target_latency_ms" else 1.0)
     if not targets:
         raise ValueError(f"give at least one target: {', '.join(PUZZLE_TARGET_KEYS)}")
+    timed = [k for k in PUZZLE_TIMED_TARGETS if sec.get(k) is not None]
+    if timed and sec.get("accelerator") is None:
+        raise ValueError(f"{', '.join(timed)} needs an accelerator (e.g. accelerator: h100) to be priced on; a "
+                         "pipeline does not time on this host (python -m minitron_jax.puzzle does)")
+    if sec.get("accelerator") is not None and not timed:
+        raise ValueError("accelerator prices target_latency_ms / target_throughput; give one of them")
     cost = CostSettings(**{k: sec[k] for k in PUZZLE_COST_KEYS if k in sec})
+    if sec.get("accelerator") is not None:
+        from minitron_jax.planning.capacity import accelerator
+
+        acc = accelerator(str(sec["accelerator"]))
+        cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
+                                   memory_bandwidth=acc.hbm_bandwidth)
     for name in ("weight_dtype", "kv_dtype"):
         dtype_of(getattr(cost, name))
     if cost.context < 1 or cost.batch < 1:

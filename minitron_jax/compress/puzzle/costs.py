@@ -29,6 +29,8 @@ Timing (:func:`time_block_variants`) runs that one block on random weights, so i
 variant and nothing else.
 :func:`compiled_cost` asks XLA for the same forward's compiled FLOPs and bytes accessed on the local backend, and
 :func:`roofline_seconds` turns those into a time on a described accelerator (peak FLOP/s, memory bandwidth).
+:func:`decode_step_seconds` prices one decode step on such an accelerator from the costs above alone (no
+compile, the same on every machine): what ``--accelerator`` turns the latency and throughput targets into.
 """
 
 from __future__ import annotations
@@ -191,6 +193,33 @@ def time_overhead(base_config: LlamaConfig, *, batch: int, seq_len: int, dtype=j
         jax.block_until_ready(fn(embed, head, norm, tokens))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def decode_step_seconds(base_config: LlamaConfig, specs: Iterable[BlockSpec], *, peak_flops: float,
+                        memory_bandwidth: float, batch: int, context: int, weight_bytes_per_param: float,
+                        kv_bytes_per_value: float) -> dict[BlockSpec, float]:
+    """Seconds one block of each variant takes in one decode step on an accelerator described by its peak FLOP/s
+    and memory bandwidth: ``batch`` new tokens, each at the last position of a full ``context``-token cache. The
+    block reads every weight and its whole KV cache once and computes ``batch × flops_per_token``
+    (:func:`block_cost`); the roofline takes whichever is longer. Layers run one after another, so a model's step
+    is the sum over its blocks (plus :func:`decode_overhead_seconds`): additive, as the solver needs. A lower bound
+    (perfect overlap, peak numbers); at batch 1 it is the weight + cache bytes over the bandwidth."""
+    if peak_flops <= 0 or memory_bandwidth <= 0:
+        raise ValueError("peak_flops and memory_bandwidth must be positive")
+    out = {}
+    for spec in _distinct(specs):
+        c = block_cost(base_config, spec, weight_bytes_per_param=weight_bytes_per_param, context=context,
+                       batch=batch, kv_bytes_per_value=kv_bytes_per_value)
+        out[spec] = max(batch * c.flops_per_token / peak_flops, (c.weight_bytes + c.kv_cache_bytes) / memory_bandwidth)
+    return out
+
+
+def decode_overhead_seconds(base_config: LlamaConfig, *, peak_flops: float, memory_bandwidth: float, batch: int,
+                            weight_bytes_per_param: float, **_unused: Any) -> float:
+    """The decode step's work outside the blocks, priced like :func:`decode_step_seconds`: the lm_head matrix read
+    once (tied or not: the embedding lookup reads only ``batch`` rows) and its ``2·V·D`` FLOPs per token."""
+    V, D = base_config.vocab_size, base_config.hidden_size
+    return max(batch * 2.0 * V * D / peak_flops, (V * D + D) * weight_bytes_per_param / memory_bandwidth)
 
 
 @dataclasses.dataclass(frozen=True)

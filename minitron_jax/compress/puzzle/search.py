@@ -316,6 +316,9 @@ class SearchResult:
 
 def _constraints(config, variants, targets, cost_settings, settings, log):
     timings, overhead, tokens = None, 0.0, None
+    if (targets.latency_s is not None or targets.throughput is not None) and cost_settings.accelerator:
+        return _accelerator_constraints(config, variants, targets, cost_settings), \
+            C.decode_step_seconds(config, variants, **cost_settings.roofline_kwargs())
     if targets.latency_s is not None or targets.throughput is not None:
         import jax.numpy as jnp
 
@@ -334,15 +337,34 @@ def _constraints(config, variants, targets, cost_settings, settings, log):
     return cons, timings
 
 
+def _accelerator_constraints(config, variants, targets, cost_settings):
+    """Every target as a constraint, the latency/throughput ones priced on ``cost_settings``' accelerator: one
+    decode step of ``batch`` tokens, so the throughput target is ``batch / step seconds`` tokens/s."""
+    kw = cost_settings.roofline_kwargs()
+    return build_constraints(config, variants, config.num_layers, targets, cost_settings,
+                             timings=C.decode_step_seconds(config, variants, **kw),
+                             overhead_seconds=C.decode_overhead_seconds(config, **kw),
+                             timed_tokens=cost_settings.batch,
+                             device=f"{cost_settings.accelerator}, decode-step roofline")
+
+
 def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
                    cost_settings: CostSettings | None = None) -> None:
     """Refuse targets no architecture of the space meets (before any training): the solver's message names the
-    smallest reachable value. Latency/throughput targets are checked after timing, in the search itself."""
+    smallest reachable value. Latency/throughput targets timed on the host are checked after timing, in the search
+    itself; priced on a described accelerator, they are checked here with the rest."""
     cost_settings = cost_settings or CostSettings()
+    variants = space.variants()
+    if cost_settings.accelerator:
+        if not targets.given():
+            return
+        cons = _accelerator_constraints(config, variants, targets, cost_settings)
+        mask, _ = space.allowed(config)
+        solve(np.where(mask, 0.0, np.nan), cons, variant_names=space.names())
+        return
     analytic = dataclasses.replace(targets, latency_s=None, throughput=None)
     if not analytic.given():
         return
-    variants = space.variants()
     cons = build_constraints(config, variants, config.num_layers, analytic, cost_settings)
     mask, _ = space.allowed(config)
     solve(np.where(mask, 0.0, np.nan), cons, variant_names=space.names())

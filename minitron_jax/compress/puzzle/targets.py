@@ -13,9 +13,10 @@ solver reports:
                        the linear constraint ``seconds ≤ timed_tokens / throughput``
 =====================  ====================================================================================
 
-The latency targets need measured times per variant: from :func:`.costs.time_block_variants` on the host, or
-:func:`.costs.roofline_seconds` of :func:`.costs.compiled_cost` for a described accelerator; ``device`` names
-where they come from in every message and report line.
+The latency targets need times per variant: measured on the host by :func:`.costs.time_block_variants` (one
+prefill forward of ``batch × seq_len`` tokens), or priced for a described accelerator by
+:func:`.costs.decode_step_seconds` (one decode step: ``batch`` tokens at a full ``context`` cache;
+``CostSettings.accelerator``); ``device`` names where they come from in every message and report line.
 """
 
 from __future__ import annotations
@@ -43,14 +44,27 @@ class CostSettings:
     batch: int = 1
     weight_dtype: str = "bfloat16"
     kv_dtype: str = "bfloat16"
+    # A described accelerator (e.g. planning.capacity.ACCELERATORS["h100"]): the latency and throughput targets
+    # are then one decode step's roofline there (costs.decode_step_seconds), not a timing on this host.
+    accelerator: str | None = None
+    peak_flops: float = 0.0  # FLOP/s
+    memory_bandwidth: float = 0.0  # bytes/s
+
+    def __post_init__(self):
+        if self.accelerator is not None and not (self.peak_flops > 0 and self.memory_bandwidth > 0):
+            raise ValueError(f"accelerator {self.accelerator!r} needs a positive peak_flops and memory_bandwidth")
 
     def block_kwargs(self) -> dict[str, float]:
         return {"weight_bytes_per_param": itemsize(self.weight_dtype), "context": self.context, "batch": self.batch,
                 "kv_bytes_per_value": itemsize(self.kv_dtype)}
 
+    def roofline_kwargs(self) -> dict[str, float]:
+        return {**self.block_kwargs(), "peak_flops": self.peak_flops, "memory_bandwidth": self.memory_bandwidth}
+
     def describe(self) -> str:
+        where = "" if self.accelerator is None else f", latency as a decode-step roofline on {self.accelerator}"
         return (f"context {self.context}, batch {self.batch}, weights {self.weight_dtype}, "
-                f"KV cache {self.kv_dtype}")
+                f"KV cache {self.kv_dtype}{where}")
 
 
 @dataclasses.dataclass(frozen=True)
