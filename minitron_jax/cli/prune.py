@@ -12,7 +12,8 @@ Usage::
 The first form writes DIR (:func:`minitron_jax.compress.prune.save_pruned`: an HF model, ``importance.npz`` and
 ``prune_report.json``); the second plans the importance pass on hardware we do not have
 (:mod:`minitron_jax.planning.importance`, docs/scaling.md). The pruning itself is
-:func:`minitron_jax.compress.prune.prune_from_spec`; see docs/pruning.md.
+:func:`minitron_jax.compress.prune.prune_from_spec`; see docs/pruning.md. A heterogeneous (DeciLM) model takes
+``--hidden`` and the depth options only (``compress.spec.HETERO_OPTIONS``) and is written as a DeciLM directory.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(opts: dict[str, Any]) -> int:
     from rich.console import Console
 
+    from minitron_jax.arch import count_params
     from minitron_jax.convert import detect_format, load_model, read_source_config
     from minitron_jax.data import read_text
     from minitron_jax.fsutil import check_destination
-    from minitron_jax.model import count_params
     from minitron_jax.progress import PhaseProgress
 
     missing = [f"--{k}" for k in ("model", "calib", "out") if not opts.get(k)]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minitron_jax.arch import AnyConfig
 from minitron_jax.compress import importance as imp
 from minitron_jax.compress.importance import DEPTH_METRICS, ActivationStats, Progress, check_choice
-from minitron_jax.config import LlamaConfig
 from minitron_jax.evaluate.perplexity import DTYPES
 from minitron_jax.model import Params
 
@@ -52,7 +52,22 @@ def calibration_windows(tokenizer, text: str, settings: CalibrationSettings) -> 
 
 
 _WIDTH_KEYS = ("heads", "neurons", "channels")
+_OFFSETS = "_offsets"
 _LAYERS_KEY = re.compile(r"layers_(\w+)_(\d+)")
+
+
+def npz_arrays(scores: dict[str, np.ndarray | list]) -> dict[str, np.ndarray]:
+    """Scores as ``importance.npz`` holds them: float32 arrays; a ragged per-layer list (a heterogeneous model's
+    ``heads`` / ``neurons``) as its rows concatenated plus ``<name>_offsets`` [L + 1] (int64), which
+    :meth:`Importance.load` turns back into the list."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in scores.items():
+        if isinstance(v, list):
+            flat, offsets = imp.ragged_flat(v)
+            out[k], out[k + _OFFSETS] = np.asarray(flat, np.float32), offsets
+        else:
+            out[k] = np.asarray(v, np.float32)
+    return out
 
 
 class Importance:
@@ -69,11 +84,16 @@ class Importance:
       aggregation), ``bi`` and ``layers_<metric>_<k>`` for every layer score asked for. A loaded object serves
       those arrays only (it holds no model).
 
+    A heterogeneous model (:class:`~minitron_jax.hetero.HeteroConfig`) gives ``heads`` and ``neurons`` as ragged
+    per-layer lists (an array per layer that has GQA attention / an MLP, None otherwise); the npz stores each as its
+    rows concatenated (``heads``) plus ``heads_offsets`` [L + 1] (int64; :func:`~minitron_jax.compress.importance.
+    ragged_flat`), and :meth:`load` gives the list back. A uniform model's file is what it always was.
+
     ``timings`` holds the seconds of each computation: ``calibration_pass_s`` and ``layers_<metric>_<k>_s`` (0 for a
     request served by the scan of another ``k``).
     """
 
-    def __init__(self, config: LlamaConfig | None, params: Params | None, windows: np.ndarray | None,
+    def __init__(self, config: AnyConfig | None, params: Params | None, windows: np.ndarray | None,
                  settings: CalibrationSettings = CalibrationSettings()):
         self.config, self.params, self.windows, self.settings = config, params, windows, settings
         self.timings: dict[str, float] = {}
@@ -83,13 +103,13 @@ class Importance:
         self._asked: list[tuple[str, int]] = []  # (metric, k) in the order asked for: what save() writes
 
     @classmethod
-    def from_text(cls, config: LlamaConfig, params: Params, tokenizer, text: str,
+    def from_text(cls, config: AnyConfig, params: Params, tokenizer, text: str,
                   settings: CalibrationSettings = CalibrationSettings()) -> Importance:
         """Calibration windows from ``text``; nothing is computed until a score is asked for."""
         return cls(config, params, calibration_windows(tokenizer, text, settings), settings)
 
     @classmethod
-    def calibrate(cls, config: LlamaConfig, params: Params, tokenizer, text: str,
+    def calibrate(cls, config: AnyConfig, params: Params, tokenizer, text: str,
                   settings: CalibrationSettings = CalibrationSettings(), *,
                   progress: Progress | None = None) -> Importance:
         """Calibration windows from ``text`` and the calibration pass over them."""
@@ -170,8 +190,8 @@ class Importance:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`arrays` to ``path`` (an ``.npz``; float32)."""
-        np.savez(path, **{k: np.asarray(v, np.float32) for k, v in self.arrays().items()})
+        """Write :meth:`arrays` to ``path`` (an ``.npz``, by :func:`npz_arrays`)."""
+        np.savez(path, **npz_arrays(self.arrays()))
         return Path(path)
 
     @classmethod
@@ -180,7 +200,8 @@ class Importance:
         out = cls(None, None, None, settings)
         with np.load(path) as z:
             if all(k in z for k in _WIDTH_KEYS):
-                out._width = {k: z[k] for k in _WIDTH_KEYS}
+                out._width = {k: imp.ragged_rows(z[k], z[k + _OFFSETS]) if k + _OFFSETS in z else z[k]
+                              for k in _WIDTH_KEYS}
             if "bi" in z:
                 out._layers[("bi", 1)] = z["bi"]
             for name in z.files:

@@ -13,6 +13,13 @@ attention heads    ``q_per_kv`` [L, K, G'] per layer and KV group, so every grou
 depth              ``layer``    [L'] the layers kept
 =================  ===========  ======================================================================================
 
+A heterogeneous model (:class:`~minitron_jax.hetero.HeteroConfig`) is pruned by hidden size and depth only
+(:data:`~minitron_jax.compress.spec.HETERO_OPTIONS`): :func:`prune_hidden` keeps the same channels on the ``embed``
+axis of every segment (both sides of a linear sub-block's ``[D, D]``), :func:`drop_layers` removes layers and
+rebuilds the segments from the blocks that remain. Its FFN widths and heads are per layer: the layer-by-layer
+search (``python -m minitron_jax.puzzle``) chooses those. The pruned model is heterogeneous and saves as one (an HF
+DeciLM directory, ``convert.save_hf``).
+
 Ranks come from :mod:`minitron_jax.compress.importance` (one
 :class:`~minitron_jax.compress.importance_cache.Importance` object); a :class:`~minitron_jax.compress.spec.PruneSpec`
 + :func:`prune_from_spec` run the whole recipe (calibrate, rank, slice);
@@ -21,7 +28,9 @@ Ranks come from :mod:`minitron_jax.compress.importance` (one
 The command is ``python -m minitron_jax.prune`` (:mod:`minitron_jax.cli.prune`, docs/pruning.md); its output is
 what :func:`save_pruned` writes: a directory with an HF model (with the tokenizer), ``importance.npz`` (``heads``
 [L, H], ``neurons`` [L, F], ``channels`` [D] when width is pruned; ``layers`` [L] when layers are chosen by a metric;
-all on the unpruned model) and ``prune_report.json``, written to a temporary sibling and renamed into place.
+all on the unpruned model) and ``prune_report.json``, written to a temporary sibling and renamed into place. A
+heterogeneous model is written as an HF DeciLM directory (``convert.save_hf``), its ``heads`` / ``neurons`` ragged
+(values + ``<name>_offsets``, ``importance_cache.npz_arrays``).
 """
 
 from __future__ import annotations
@@ -35,11 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax import arch, hetero
 from minitron_jax.compress.importance import Progress
-from minitron_jax.compress.importance_cache import Importance, calibration_windows
+from minitron_jax.compress.importance_cache import Importance, calibration_windows, npz_arrays
 from minitron_jax.compress.spec import PruneSpec, check_drop_list, check_spec, resolve_heads_per_group
 from minitron_jax.config import ConfigError, LlamaConfig
-from minitron_jax.model import Params, axis_sizes, count_params, param_axes
+from minitron_jax.model import Params, axis_sizes, param_axes
 
 REPORT_NAME = "prune_report.json"
 IMPORTANCE_NAME = "importance.npz"
@@ -100,7 +110,11 @@ def keep_along_axis(config: LlamaConfig, params: Params, axis: str, indices,
 
     ``indices`` has shape ``[*sizes of batch_axes, n]``: with ``batch_axes=("layer",)`` each layer keeps its own
     n entries. Every parameter with ``axis`` must also have the batch axes. Order is preserved as given (the
-    ranking helpers return sorted indices, so the original order survives)."""
+    ranking helpers return sorted indices, so the original order survives). Uniform models only: a heterogeneous
+    model's axes differ by segment (:func:`prune_hidden` and :func:`drop_layers` take one)."""
+    if arch.is_hetero(config):
+        raise ConfigError(f"keep_along_axis({axis!r}) slices a uniform model; a heterogeneous one is pruned by "
+                          "prune_hidden and drop_layers")
     sizes = axis_sizes(config)
     batch_axes = tuple(batch_axes)
     idx = _check_indices(indices, axis, sizes[axis], tuple(sizes[b] for b in batch_axes))
@@ -119,13 +133,43 @@ def keep_along_axis(config: LlamaConfig, params: Params, axis: str, indices,
 # ------------------------------------------------------------------------------------------------------------------
 # Width and depth
 # ------------------------------------------------------------------------------------------------------------------
-def prune_hidden(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
-    """Keep hidden channels ``keep`` [D'] in every array touching the residual stream."""
-    return keep_along_axis(config, params, "embed", keep)
+def _take(arr, idx: np.ndarray, axis: int):
+    if isinstance(arr, jax.Array):  # stay on device
+        return jnp.take(arr, jnp.asarray(idx), axis=axis)
+    return np.take(np.asarray(arr), idx, axis=axis)
+
+
+def _stack(xs):
+    return jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack([np.asarray(x) for x in xs])
+
+
+def _refuse_hetero(config, what: str) -> None:
+    if arch.is_hetero(config):
+        raise ConfigError(f"{what} of a heterogeneous model is per layer: choose per-layer widths with "
+                          "python -m minitron_jax.puzzle")
+
+
+def prune_hidden(config: arch.AnyConfig, params: Params, keep) -> tuple[arch.AnyConfig, Params]:
+    """Keep hidden channels ``keep`` [D'] in every array touching the residual stream (a heterogeneous model: in
+    every segment, each ``embed`` axis of an array sliced, so a ``[D, D]`` linear sub-block loses rows and
+    columns)."""
+    if not arch.is_hetero(config):
+        return keep_along_axis(config, params, "embed", keep)
+    idx = _check_indices(keep, "embed", config.hidden_size, ())
+
+    def one(axes, arr):
+        for i, a in enumerate(axes):
+            if a == "embed":
+                arr = _take(arr, idx, i)
+        return arr
+
+    new_config = hetero.HeteroConfig(resized_config(config.base, "embed", len(idx)), config.blocks)
+    return new_config, jax.tree.map(one, hetero.param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def prune_ffn(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
     """Keep FFN neurons: ``keep`` [L, F'] per layer, or [F'] for the same neurons in every layer."""
+    _refuse_hetero(config, "the FFN width")
     keep = np.asarray(keep)
     if keep.ndim == 1:
         keep = np.broadcast_to(keep, (config.num_layers, keep.shape[0]))
@@ -135,16 +179,25 @@ def prune_ffn(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, P
 def prune_heads(config: LlamaConfig, params: Params, keep) -> tuple[LlamaConfig, Params]:
     """Keep query heads within their KV groups: ``keep`` [L, K, G'] (or [K, G'] for every layer) holds positions
     0..G−1 inside each group, so every group keeps G' heads and GQA stays intact."""
+    _refuse_hetero(config, "the number of heads")
     keep = np.asarray(keep)
     if keep.ndim == 2:
         keep = np.broadcast_to(keep, (config.num_layers,) + keep.shape)
     return keep_along_axis(config, params, "q_per_kv", keep, ("layer", "kv_heads"))
 
 
-def drop_layers(config: LlamaConfig, params: Params, drop: Sequence[int]) -> tuple[LlamaConfig, Params]:
-    """Remove the layers ``drop`` (0-based); the others keep their order."""
+def drop_layers(config: arch.AnyConfig, params: Params, drop: Sequence[int]) -> tuple[arch.AnyConfig, Params]:
+    """Remove the layers ``drop`` (0-based); the others keep their order. A heterogeneous model's remaining blocks
+    are regrouped into segments (two runs that the dropped layers separated become one)."""
     drop = check_drop_list(config, drop)
-    return keep_along_axis(config, params, "layer", [i for i in range(config.num_layers) if i not in drop])
+    kept = [i for i in range(config.num_layers) if i not in drop]
+    if not arch.is_hetero(config):
+        return keep_along_axis(config, params, "layer", kept)
+    new_config = hetero.HeteroConfig(config.base, tuple(config.blocks[i] for i in kept))
+    layers = hetero.unstack_layers(config, params)
+    segments = [jax.tree.map(lambda *xs: _stack(xs), *[layers[kept[j]] for j in range(start, stop)])
+                for start, stop, _ in new_config.segments()]
+    return new_config, {**{k: v for k, v in params.items() if k != "segments"}, "segments": segments}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -274,8 +327,8 @@ def prune_from_spec(config: LlamaConfig, params: Params, tokenizer, spec: PruneS
         "kept": _kept_for_report(config, keep),
         "config_before": config.to_hf(),
         "config_after": new_config.to_hf(),
-        "params_before": count_params(config),
-        "params_after": count_params(new_config),
+        "params_before": arch.count_params(config),
+        "params_after": arch.count_params(new_config),
         "options": spec.to_dict(),
         "calibration": None if windows is None else {
             "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "tokens": int(windows.size),
@@ -339,5 +392,5 @@ def save_pruned(out: str | Path, config: LlamaConfig, params: Params, tokenizer,
     with atomic_directory(Path(out), overwrite=overwrite, sources=sources) as tmp:
         # tmp: atomic_directory's empty staging
         save_hf(tmp, config, params, tokenizer=tokenizer, overwrite=True, card=card)
-        np.savez(tmp / IMPORTANCE_NAME, **{k: np.asarray(v, np.float32) for k, v in scores.items()})
+        np.savez(tmp / IMPORTANCE_NAME, **npz_arrays(scores))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -2,7 +2,12 @@
 
 :func:`check_spec` refuses, before any work, a size that cannot be built from a model's config;
 :func:`target_config` gives the pruned config from the sizes alone (no calibration needed);
-:func:`check_drop_list` validates an explicit list of layers to drop. The recipe that runs a spec (calibrate, rank,
+:func:`check_drop_list` validates an explicit list of layers to drop.
+
+A heterogeneous model (:class:`~minitron_jax.hetero.HeteroConfig`) can be pruned by hidden size (``hidden``: one
+residual stream, shared by every layer) and by depth (``drop_layers`` / ``layers``) only: it has no single FFN
+width, KV-head count or query-head count to slice to (:data:`HETERO_OPTIONS`); per-layer widths are what the
+layer-by-layer search (``python -m minitron_jax.puzzle``) chooses. The recipe that runs a spec (calibrate, rank,
 slice) is :func:`minitron_jax.compress.prune.prune_from_spec`.
 """
 
@@ -13,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from minitron_jax.arch import AnyConfig, is_hetero
 from minitron_jax.compress import importance as imp
 from minitron_jax.compress.importance_cache import CalibrationSettings
 from minitron_jax.config import ConfigError, LlamaConfig
@@ -123,13 +129,17 @@ def resolve_heads_per_group(config: LlamaConfig, spec: PruneSpec) -> int | None:
     return spec.heads // config.num_kv_heads
 
 
-def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
-    """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config``."""
-    if not isinstance(config, LlamaConfig):
-        # A heterogeneous model has no single FFN width or KV-head count to slice to: Minitron pruning (and the NAS
-        # built on it) starts from a uniform model; the layer-by-layer search is python -m minitron_jax.puzzle.
-        raise ConfigError(f"Minitron pruning needs a uniform Llama model; this one is heterogeneous "
-                          f"({config.describe()})")
+# What a heterogeneous model can be pruned by: the residual stream and the layer list are shared by every kind of
+# layer; FFN widths and head counts are per layer (and a layer may have none), so there is no one target to slice to.
+HETERO_OPTIONS = ("hidden", "drop_layers", "layers")
+
+
+def check_spec(config: AnyConfig, spec: PruneSpec) -> None:
+    """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config`` (for a
+    heterogeneous model also any option other than :data:`HETERO_OPTIONS`)."""
+    if is_hetero(config):
+        _check_hetero_spec(config, spec)
+        return
 
     def at_most(name, value, limit, what):
         if value is not None and value > limit:
@@ -147,8 +157,38 @@ def check_spec(config: LlamaConfig, spec: PruneSpec) -> None:
     _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
 
 
-def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
-    """The pruned model's config: fixed by the target sizes alone, before any importance is computed."""
+def _check_hetero_spec(hcfg, spec: PruneSpec) -> None:
+    asked = [f"{name}={getattr(spec, name)}" for name in ("ffn", "heads", "heads_per_group")
+             if getattr(spec, name) is not None]
+    if asked:
+        raise ConfigError(f"{', '.join(asked)}: a heterogeneous model ({hcfg.describe()}) can be pruned by "
+                          f"{', '.join(HETERO_OPTIONS)} only (its FFN widths and heads are per layer); choose "
+                          "per-layer widths with python -m minitron_jax.puzzle")
+    if spec.hidden is not None and spec.hidden > hcfg.hidden_size:
+        raise ConfigError(f"hidden={spec.hidden} exceeds the model's hidden size ({hcfg.hidden_size}): pruning "
+                          "cannot grow a model")
+    if spec.drop_layers is not None and spec.drop_layers >= hcfg.num_layers:
+        raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {hcfg.num_layers}-layer model")
+    if spec.layers is not None:
+        check_drop_list(hcfg, spec.layers)
+    # No export check here: the blocks are the model's own (a heterogeneous model on disk is already one its DeciLM
+    # config.json can express), and the hidden size does not enter what that layout needs.
+
+
+def target_config(config: AnyConfig, spec: PruneSpec) -> AnyConfig:
+    """The pruned model's config: fixed by the target sizes alone, before any importance is computed.
+
+    For a heterogeneous model the blocks that remain depend on *which* layers go, so a ``drop_layers`` chosen by a
+    metric has no config before ranking (ConfigError); ``hidden`` and an explicit ``layers`` list have one."""
+    if is_hetero(config):
+        from minitron_jax.hetero import HeteroConfig
+
+        if spec.drop_layers:
+            raise ConfigError(f"which {spec.drop_layers} layers of a heterogeneous model go (and so its blocks) is "
+                              f"known only after ranking by {spec.depth_metric}; give layers= to fix them")
+        drop = set(check_drop_list(config, spec.layers or ()))
+        return HeteroConfig(config.base.replace(hidden_size=spec.hidden or config.hidden_size),
+                            tuple(b for i, b in enumerate(config.blocks) if i not in drop))
     g = resolve_heads_per_group(config, spec)
     n_drop = len(spec.layers) if spec.layers is not None else (spec.drop_layers or 0)
     return config.replace(
@@ -159,7 +199,7 @@ def target_config(config: LlamaConfig, spec: PruneSpec) -> LlamaConfig:
     )
 
 
-def check_drop_list(config: LlamaConfig, drop: Sequence[int]) -> list[int]:
+def check_drop_list(config: AnyConfig, drop: Sequence[int]) -> list[int]:
     """Validated, sorted layer indices to drop (in range, no duplicates, at least one layer left)."""
     drop = [int(i) for i in drop]
     L = config.num_layers
