@@ -355,9 +355,9 @@ def init_block(base_config: LlamaConfig, parent_layer_params: Params, spec: Bloc
     - mlp of width F' ≤ F: the parent's FFN channels ``ffn_keep`` (F' distinct indices; default the first F', which
       is the most important ones once the channels are sorted by importance).
     - linear (attention or FFN): the parent's norm and a **zero** [D, D] matrix, i.e. exactly the identity — the
-      same function as removing the sub-block — from which blockwise distillation trains it. This is the least
-      that needs no data; a least-squares fit of the parent sub-block's output on calibration activations would
-      start closer and is left to the code that has the activations.
+      same function as removing the sub-block. This is the least that needs no data; blockwise distillation, which
+      has the calibration activations, replaces the matrix by a least-squares fit to the parent half
+      (``compress.puzzle.blockwise.lstsq_linear``) before training it.
     - none: no params.
     """
     dtype = parent_layer_params["attn_norm"].dtype

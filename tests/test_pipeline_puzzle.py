@@ -131,3 +131,20 @@ def test_bad_puzzle_sections_are_refused_before_any_work(tmp_path, puzzle, messa
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (run_dir / "stages").exists()
+
+
+def test_a_heterogeneous_teacher_with_a_pruned_student_is_refused_before_any_work(tmp_path):
+    """python -m minitron_jax.prune slices a heterogeneous model's hidden size and depth, but the pipeline's pruned
+    students assume a uniform teacher: refused in one line at the preflight, nothing written."""
+    from test_cli_hostile import _save_tiny_hetero
+
+    cfg = make_tiny_setup(tmp_path)
+    hetero_teacher = _save_tiny_hetero(tmp_path / "hetero", tmp_path / "teacher")
+    data = yaml.safe_load(cfg.read_text())
+    data["teacher"] = str(hetero_teacher)
+    data["students"] = {"narrow": {"prune": {"hidden": 48}}}
+    cfg.write_text(yaml.safe_dump(data))
+    proc = run_pipeline("--config", str(cfg), f"run_dir={tmp_path / 'refused'}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "heterogeneous" in proc.stderr and "students.narrow.prune" in proc.stderr
+    assert not (tmp_path / "refused" / "stages").exists()

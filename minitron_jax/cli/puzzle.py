@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50, help="Adam steps per sub-block")
     s.add_argument("--batch-windows", type=int, default=4, help="windows per Adam step")
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--linear-init", choices=("lstsq", "zero"), default="lstsq",
+                   help="start of a linear sub-block: the least-squares fit to the parent half on the calibration "
+                        "windows (default) or zero (= removal)")
     s.add_argument("--eval-windows", type=int, default=8, help="held-out windows of the scores")
     s.add_argument("--runner-ups", type=int, default=3)
     s.add_argument("--no-importance", action="store_true", help="narrow MLPs keep the parent's first channels "
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                               runner_ups=args.runner_ups, scoring=args.scoring, importance=not args.no_importance,
                               timing_seq_len=args.timing_seq_len,
                               blockwise=BlockwiseSettings(steps=args.steps, batch_windows=args.batch_windows,
-                                                          lr=args.lr, seed=args.seed))
+                                                          lr=args.lr, seed=args.seed,
+                                                          linear_init=args.linear_init))
     settings.check()
     if not Path(data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such file or directory")

@@ -333,7 +333,7 @@ PUZZLE_TARGET_KEYS = {"target_params": "params", "target_memory": "memory_gb", "
 PUZZLE_TIMED_TARGETS = ("target_latency_ms", "target_throughput")  # priced on a described ``accelerator`` only
 PUZZLE_COST_KEYS = ("context", "batch", "weight_dtype", "kv_dtype")
 PUZZLE_SEARCH_KEYS = ("seq_len", "calib_tokens", "eval_windows", "scoring", "runner_ups", "importance")
-PUZZLE_BLOCKWISE_KEYS = ("steps", "batch_windows", "lr", "warmup_steps", "seed")
+PUZZLE_BLOCKWISE_KEYS = ("steps", "batch_windows", "lr", "warmup_steps", "seed", "linear_init")
 
 
 def puzzle_plan(student: StudentSpec) -> dict[str, Any]:

@@ -302,10 +302,19 @@ class Pipeline:
             teacher = read_source_config(self._resolve(self.pc.teacher))
         except (FileNotFoundError, ValueError) as e:
             raise PipelineConfigError(f"teacher {self.pc.teacher}: {e}") from None
+        from minitron_jax.config import LlamaConfig
+
         for s, spec in self.pc.students.items():
             if spec.puzzle:
                 self._preflight_puzzle(s, spec, teacher)
                 continue
+            if not isinstance(teacher, LlamaConfig):
+                # Hidden-size and depth pruning of a heterogeneous model exist (python -m minitron_jax.prune), but
+                # the pipeline's pruned students (random init, depth chosen by a metric, the uniform exporters'
+                # checks) assume a uniform teacher: refused here rather than failing stages later.
+                raise PipelineConfigError(f"students.{s}.prune: the teacher {self.pc.teacher} is heterogeneous; "
+                                          "a pipeline prunes only a uniform teacher (prune it with python -m "
+                                          "minitron_jax.prune --hidden/--drop-layers, or use a puzzle student)")
             ps = prune_spec(self.pc, spec)
             try:
                 check_spec(teacher, ps)

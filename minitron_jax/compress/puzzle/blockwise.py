@@ -59,6 +59,9 @@ HALVES = ("attention", "ffn")
 _NONE_ATT, _NONE_FFN = AttentionSpec("none"), FFNSpec("none")
 
 
+LINEAR_INITS = ("lstsq", "zero")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockwiseSettings:
     """How each sub-block is trained. ``batch_windows`` windows of the calibration set per Adam step;
@@ -70,6 +73,10 @@ class BlockwiseSettings:
     warmup_steps: int = 5
     eval_batches: int = 2
     seed: int = 0
+    # How a linear sub-block starts: "lstsq", the least-squares map from its normed input to the parent half's
+    # residual update on the calibration windows (the best linear replacement there for the parent's norm, so Adam
+    # starts at it), or "zero", the identity (= removal), which 50 Adam steps move little (1 → 0.93 on SmolLM2).
+    linear_init: str = "lstsq"
 
     def check(self) -> None:
         for name in ("steps", "batch_windows", "eval_batches"):
@@ -79,6 +86,9 @@ class BlockwiseSettings:
             raise ValueError(f"blockwise lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"blockwise warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.linear_init not in LINEAR_INITS:
+            raise ValueError(f"blockwise linear_init must be one of {', '.join(LINEAR_INITS)}, got "
+                             f"{self.linear_init!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -377,6 +387,26 @@ class BlockwiseResult:
         return self.halves[(layer, half, option)][1]
 
 
+def lstsq_linear(base: LlamaConfig, norm: np.ndarray, x_all: np.ndarray, y_all: np.ndarray, *,
+                 ridge: float = 1e-6, batch: int = 8) -> np.ndarray:
+    """The [D, D] matrix W minimising Σ‖rms_norm(x; norm) W − (y − x)‖² over every token of ``x_all`` → ``y_all``
+    ([N, T, D]): a linear sub-block's best start for the parent's norm weights. Normal equations accumulated in
+    float64 window batch by window batch (one [B, T, D] batch in memory), with a ridge of ``ridge × mean diagonal``
+    so a rank-deficient input (e.g. a dead channel) still gives a finite answer."""
+    D = x_all.shape[-1]
+    gram = np.zeros((D, D), np.float64)
+    cross = np.zeros((D, D), np.float64)
+    normed = jax.jit(lambda x: model.rms_norm(x, jnp.asarray(norm, jnp.float32), base.rms_norm_eps))
+    for s in range(0, x_all.shape[0], batch):
+        x = np.asarray(x_all[s:s + batch], np.float32)
+        a = np.asarray(normed(jnp.asarray(x)), np.float64).reshape(-1, D)
+        r = (np.asarray(y_all[s:s + batch], np.float64) - x).reshape(-1, D)
+        gram += a.T @ a
+        cross += a.T @ r
+    gram[np.diag_indices(D)] += ridge * max(float(np.trace(gram)) / D, 1e-30)
+    return np.linalg.solve(gram, cross)
+
+
 def ffn_keep_from_scores(scores: np.ndarray | None, layer: int, width: int) -> np.ndarray | None:
     """The ``width`` most important channels of a layer (ascending indices), or None for the parent's order."""
     if scores is None:
@@ -421,6 +451,10 @@ def blockwise_distill(config: LlamaConfig, params: Params, store: ActivationStor
         loaded = load_result(path, p0)
         if loaded is None:
             x_all, y_all = (store.h(i), store.mid(i)) if half == "attention" else (store.mid(i), store.h(i + 1))
+            if option.kind == "linear" and settings.linear_init == "lstsq":
+                norm_key, w_key = ("attn_norm", "attn_linear") if half == "attention" else ("mlp_norm", "ffn_linear")
+                w = lstsq_linear(base, np.asarray(p0[norm_key]), x_all, y_all)
+                p0 = {**p0, w_key: jnp.asarray(w, jnp.asarray(p0[w_key]).dtype)}
             p, info = train_subblock(cache, spec, p0, x_all, y_all, seed=settings.seed * 1_000_003 + i)
             info.update(layer=i, half=half, option=option.describe())
             save_result(path, p, info)
