@@ -103,7 +103,7 @@ def test_a_latency_target_priced_on_an_accelerator_is_a_plan():
     assert plan["targets"].latency_s == pytest.approx(2.5e-3) and plan["targets"].throughput == 300
     c = plan["cost"]
     assert (c.accelerator, c.peak_flops, c.memory_bandwidth) == (h100.name, h100.peak_flops, h100.hbm_bandwidth)
-    assert (c.context, c.batch) == (8192, 4) and "decode-step roofline" in c.describe()
+    assert (c.context, c.batch) == (8192, 4) and "decode roofline" in c.describe()
 
 
 def test_rerun_skips_the_search(puzzle_run):
@@ -123,6 +123,7 @@ def test_rerun_skips_the_search(puzzle_run):
     ({"target_params": 1e9, "accelerator": "h100"}, "give one of them"),
     ({"target_latency_ms": 1e-9, "accelerator": "h100"}, "target-latency"),  # unreachable: before any work
     ({"target_throughput": 10, "accelerator": "tpu-v9"}, "tpu-v9"),
+    ({"target_params": 1e9, "latency_phase": "prefill"}, "give accelerator too"),
 ])
 def test_bad_puzzle_sections_are_refused_before_any_work(tmp_path, puzzle, message):
     cfg = _puzzle_cfg(tmp_path, puzzle)

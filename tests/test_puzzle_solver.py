@@ -382,3 +382,25 @@ def test_latency_and_throughput_targets_on_an_accelerator():
         check_feasible(SMOLLM2, space, Targets(latency_s=0.5 * over), cost)
     with pytest.raises(ValueError, match="peak_flops"):
         dataclasses.replace(cost, peak_flops=0.0)
+
+
+def test_prefill_latency_on_an_accelerator_is_the_compiled_cost_on_a_roofline():
+    import jax.numpy as jnp
+
+    from minitron_jax.compress.puzzle.search import SearchSpace, _accelerator_constraints
+    from minitron_jax.planning.capacity import accelerator
+
+    a100 = accelerator("a100")
+    cost = CostSettings(context=64, batch=2, weight_dtype="float32", accelerator=a100.name,
+                        peak_flops=a100.peak_flops, memory_bandwidth=a100.hbm_bandwidth, latency_phase="prefill")
+    space = SearchSpace.parse(TINY, "gqa2,none", "mlp128,none", "any")
+    cons = _accelerator_constraints(TINY, space.variants(), Targets(throughput=1e3), cost)
+    (c,) = cons
+    assert c.name == "target-throughput" and "prefill roofline" in c.unit and c.inverse == 2 * 64
+    for j, v in enumerate(space.variants()):
+        cc = compiled_cost(TINY, v, batch=2, seq_len=64, dtype=jnp.float32)
+        assert c.costs[0, j] == pytest.approx(roofline_seconds(cc, peak_flops=a100.peak_flops,
+                                                               memory_bandwidth=a100.hbm_bandwidth))
+    assert c.costs[0].argmin() == space.variants().index(P("none/none"))  # (it still copies its input)
+    with pytest.raises(ValueError, match="latency phase"):
+        CostSettings(latency_phase="training")

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help="price the latency/throughput targets as one decode step's roofline (weights + KV cache "
                         "read once, FLOPs at peak) on this accelerator: h100, h200, a100, tpu-v5p; the same "
                         "result on every machine, no timing")
+    c.add_argument("--latency-phase", choices=("decode", "prefill"), default="decode",
+                   help="with --accelerator: a decode step of --batch tokens at a full --context cache (default), "
+                        "or the prefill of --batch × --context prompt tokens (XLA's compiled cost per block)")
     s = ap.add_argument_group("search")
     s.add_argument("--attention", help="attention options (default: the parent's KV heads and its divisors, "
                    "linear, none)")
@@ -120,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--accelerator prices --target-latency / --target-throughput; give one of them")
         acc = accelerator(args.accelerator)
         cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
-                                   memory_bandwidth=acc.hbm_bandwidth)
+                                   memory_bandwidth=acc.hbm_bandwidth, latency_phase=args.latency_phase)
+    elif args.latency_phase != "decode":
+        raise ValueError("--latency-phase prices a latency on an --accelerator; give one")
     settings = SearchSettings(seq_len=args.seq_len, calib_tokens=args.calib_tokens, eval_windows=args.eval_windows,
                               runner_ups=args.runner_ups, scoring=args.scoring, importance=not args.no_importance,
                               timing_seq_len=args.timing_seq_len,

@@ -352,7 +352,7 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
 
     sec = {k.replace("-", "_"): v for k, v in student.puzzle.items()}
     allowed = {*PUZZLE_TARGET_KEYS, *PUZZLE_COST_KEYS, *PUZZLE_SEARCH_KEYS, *PUZZLE_BLOCKWISE_KEYS, "attention", "ffn",
-               "runtime", "accelerator"}
+               "runtime", "accelerator", "latency_phase"}
     unknown = sorted(set(sec) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} (a puzzle section takes {', '.join(sorted(allowed))})")
@@ -369,6 +369,8 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
     if timed and sec.get("accelerator") is None:
         raise ValueError(f"{', '.join(timed)} needs an accelerator (e.g. accelerator: h100) to be priced on; a "
                          "pipeline does not time on this host (python -m minitron_jax.puzzle does)")
+    if sec.get("latency_phase") is not None and sec.get("accelerator") is None:
+        raise ValueError("latency_phase prices a latency on an accelerator; give accelerator too")
     if sec.get("accelerator") is not None and not timed:
         raise ValueError("accelerator prices target_latency_ms / target_throughput; give one of them")
     cost = CostSettings(**{k: sec[k] for k in PUZZLE_COST_KEYS if k in sec})
@@ -377,7 +379,8 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
 
         acc = accelerator(str(sec["accelerator"]))
         cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
-                                   memory_bandwidth=acc.hbm_bandwidth)
+                                   memory_bandwidth=acc.hbm_bandwidth,
+                                   latency_phase=str(sec.get("latency_phase", "decode")))
     for name in ("weight_dtype", "kv_dtype"):
         dtype_of(getattr(cost, name))
     if cost.context < 1 or cost.batch < 1:

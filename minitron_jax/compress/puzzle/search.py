@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -318,7 +319,7 @@ def _constraints(config, variants, targets, cost_settings, settings, log):
     timings, overhead, tokens = None, 0.0, None
     if (targets.latency_s is not None or targets.throughput is not None) and cost_settings.accelerator:
         return _accelerator_constraints(config, variants, targets, cost_settings), \
-            C.decode_step_seconds(config, variants, **cost_settings.roofline_kwargs())
+            _accelerator_seconds(config, variants, cost_settings)[0]
     if targets.latency_s is not None or targets.throughput is not None:
         import jax.numpy as jnp
 
@@ -337,15 +338,36 @@ def _constraints(config, variants, targets, cost_settings, settings, log):
     return cons, timings
 
 
+@functools.lru_cache(maxsize=256)
+def _prefill_cost(config: LlamaConfig, spec: BlockSpec, batch: int, seq_len: int, dtype: str) -> C.CompiledCost:
+    # Compiled from abstract shapes (nothing runs); cached because feasibility and the search both price the space.
+    from minitron_jax.dtypes import dtype as dtype_of
+
+    return C.compiled_cost(config, spec, batch=batch, seq_len=seq_len, dtype=dtype_of(dtype))
+
+
+def _accelerator_seconds(config, variants, cost: CostSettings) -> tuple[dict, float, int]:
+    """(seconds per variant, seconds outside the blocks, tokens) of the accelerator-priced latency: a decode step
+    of ``batch`` tokens, or the prefill of ``batch × context`` prompt tokens (each block's compiled cost on a
+    roofline; the head only for the last position's logits, as a decode step prices it)."""
+    kw = cost.roofline_kwargs()
+    overhead = C.decode_overhead_seconds(config, **kw)
+    if cost.latency_phase == "decode":
+        return C.decode_step_seconds(config, variants, **kw), overhead, cost.batch
+    seconds = {v: C.roofline_seconds(_prefill_cost(config, v, cost.batch, cost.context, cost.weight_dtype),
+                                     peak_flops=cost.peak_flops, memory_bandwidth=cost.memory_bandwidth)
+               for v in dict.fromkeys(variants)}
+    return seconds, overhead, cost.batch * cost.context
+
+
 def _accelerator_constraints(config, variants, targets, cost_settings):
-    """Every target as a constraint, the latency/throughput ones priced on ``cost_settings``' accelerator: one
-    decode step of ``batch`` tokens, so the throughput target is ``batch / step seconds`` tokens/s."""
-    kw = cost_settings.roofline_kwargs()
-    return build_constraints(config, variants, config.num_layers, targets, cost_settings,
-                             timings=C.decode_step_seconds(config, variants, **kw),
-                             overhead_seconds=C.decode_overhead_seconds(config, **kw),
-                             timed_tokens=cost_settings.batch,
-                             device=f"{cost_settings.accelerator}, decode-step roofline")
+    """Every target as a constraint, the latency/throughput ones priced on ``cost_settings``' accelerator (one
+    decode step of ``batch`` tokens, or one prefill of ``batch × context``: the throughput target is those tokens
+    over the priced seconds)."""
+    seconds, overhead, tokens = _accelerator_seconds(config, variants, cost_settings)
+    return build_constraints(config, variants, config.num_layers, targets, cost_settings, timings=seconds,
+                             overhead_seconds=overhead, timed_tokens=tokens,
+                             device=f"{cost_settings.accelerator}, {cost_settings.latency_phase} roofline")
 
 
 def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,

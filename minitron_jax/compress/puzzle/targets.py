@@ -14,9 +14,10 @@ solver reports:
 =====================  ====================================================================================
 
 The latency targets need times per variant: measured on the host by :func:`.costs.time_block_variants` (one
-prefill forward of ``batch × seq_len`` tokens), or priced for a described accelerator by
-:func:`.costs.decode_step_seconds` (one decode step: ``batch`` tokens at a full ``context`` cache;
-``CostSettings.accelerator``); ``device`` names where they come from in every message and report line.
+prefill forward of ``batch × seq_len`` tokens), or priced for a described accelerator (``CostSettings.accelerator``)
+as one decode step (:func:`.costs.decode_step_seconds`: ``batch`` tokens at a full ``context`` cache) or as the
+prefill of ``batch × context`` prompt tokens (XLA's compiled cost of each block, :func:`.costs.roofline_seconds`);
+``device`` names where they come from in every message and report line.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .costs import cost_matrices
 from .solver import Constraint
 
 GB = 1e9
+LATENCY_PHASES = ("decode", "prefill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +51,16 @@ class CostSettings:
     accelerator: str | None = None
     peak_flops: float = 0.0  # FLOP/s
     memory_bandwidth: float = 0.0  # bytes/s
+    # What a latency target on the accelerator bounds: one "decode" step (batch new tokens at a full context
+    # cache; costs.decode_step_seconds) or the "prefill" of batch × context prompt tokens up to the first token's
+    # logits (XLA's compiled FLOPs and bytes of each block's forward, costs.compiled_cost + roofline_seconds).
+    latency_phase: str = "decode"
 
     def __post_init__(self):
         if self.accelerator is not None and not (self.peak_flops > 0 and self.memory_bandwidth > 0):
             raise ValueError(f"accelerator {self.accelerator!r} needs a positive peak_flops and memory_bandwidth")
+        if self.latency_phase not in LATENCY_PHASES:
+            raise ValueError(f"latency phase must be one of {', '.join(LATENCY_PHASES)}, got {self.latency_phase!r}")
 
     def block_kwargs(self) -> dict[str, float]:
         return {"weight_bytes_per_param": itemsize(self.weight_dtype), "context": self.context, "batch": self.batch,
@@ -62,7 +70,8 @@ class CostSettings:
         return {**self.block_kwargs(), "peak_flops": self.peak_flops, "memory_bandwidth": self.memory_bandwidth}
 
     def describe(self) -> str:
-        where = "" if self.accelerator is None else f", latency as a decode-step roofline on {self.accelerator}"
+        where = "" if self.accelerator is None else \
+            f", latency as a {self.latency_phase} roofline on {self.accelerator}"
         return (f"context {self.context}, batch {self.batch}, weights {self.weight_dtype}, "
                 f"KV cache {self.kv_dtype}{where}")
 
