@@ -73,6 +73,19 @@ def test_activation_store_holds_the_parent_layers(tiny):
     assert calib.mid(0).shape == (16, SEQ, 64) and calib.h(CFG.num_layers).shape == (16, SEQ, 64)
 
 
+def test_activations_refused_before_writing_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from minitron_jax.exitcodes import SystemRefusedError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemRefusedError, match=r"acts/calib: the parent's activations need 0\.00 GB"):
+        ActivationStore.open_or_build(tmp_path / "run" / "acts" / "calib", CFG, _params(), _windows(4, 1), key="k")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_blockwise_lowers_the_normalized_mse_of_a_linear_variant(tiny):
     *_, bw = tiny
     for i in range(CFG.num_layers):

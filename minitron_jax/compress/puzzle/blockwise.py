@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from minitron_jax import hetero, model
 from minitron_jax.attention import attention_mask
 from minitron_jax.blocks import AttentionSpec, BlockSpec, FFNSpec
 from minitron_jax.config import LlamaConfig
+from minitron_jax.exitcodes import SystemRefusedError
 from minitron_jax.fsutil import atomic_directory, atomic_file
 
 Params = dict[str, Any]
@@ -191,6 +193,19 @@ class ActivationStore:
         return cls(directory)
 
 
+def check_disk_space(directory: Path, needed: int) -> None:
+    """Refuse (exit 6) before writing ``needed`` bytes of memory-mapped activations under ``directory`` when its
+    file system has less free: a memory map that runs out of disk does not fail cleanly (the write faults)."""
+    probe = Path(directory).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise SystemRefusedError(f"{directory}: the parent's activations need {needed / 1e9:.2f} GB on disk and "
+                                 f"{free / 1e9:.2f} GB is free; free some space, or lower --calib-tokens / "
+                                 "--eval-windows")
+
+
 def _collect(d: dict) -> tuple:
     return d["layer_in"], d["attn_out"], d["layer_out"]
 
@@ -213,6 +228,7 @@ def build_activations(directory: Path, config: LlamaConfig, params: Params, wind
             out = out + (jax.nn.log_softmax(logits, axis=-1),)
         return out
 
+    check_disk_space(directory, 4 * N * T * (D * (2 * L + 1) + (V if with_logp else 0)))
     with atomic_directory(directory, overwrite=True) as tmp:
         def create(name, shape):
             return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
