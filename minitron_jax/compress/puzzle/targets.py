@@ -119,7 +119,7 @@ def build_constraints(base_config: LlamaConfig, variants: Sequence[BlockSpec], n
         seconds = np.tile(np.array([float(timings[v]) for v in variants]), (num_layers, 1))
         if targets.latency_s is not None:
             out.append(Constraint("target-latency", seconds, float(targets.latency_s), float(overhead_seconds),
-                                  unit=f"s ({device})"))
+                                  unit=f"ms ({device})", unit_scale=1e-3))
         if targets.throughput is not None:
             if not timed_tokens or targets.throughput <= 0:
                 raise ValueError("the throughput target needs a positive rate and timed_tokens (batch × seq_len "
