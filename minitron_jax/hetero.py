@@ -402,6 +402,37 @@ def stack_layers(layers: Sequence[Params], blocks: Sequence[BlockSpec]) -> list[
     return out
 
 
+def keep_layers(hcfg: HeteroConfig, params: Params | None, kept: Sequence[int]
+                ) -> tuple[HeteroConfig, Params | None]:
+    """The model with only layers ``kept`` (ascending indices), its segments rebuilt (runs that the removed layers
+    separated become one). Host arrays stay host arrays and device arrays stay on the device; ``params`` None
+    gives the config alone."""
+    new = HeteroConfig(hcfg.base, tuple(hcfg.blocks[i] for i in kept))
+    if params is None:
+        return new, None
+    layers = unstack_layers(hcfg, params)
+
+    def stack(*xs):
+        return jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack([np.asarray(x) for x in xs])
+
+    segs = [jax.tree.map(stack, *[layers[kept[j]] for j in range(start, stop)])
+            for start, stop, _ in new.segments()]
+    return new, {**{k: v for k, v in params.items() if k != "segments"}, "segments": segs}
+
+
+def without_identity_layers(hcfg: HeteroConfig, params: Params | None = None
+                            ) -> tuple[HeteroConfig, Params | None]:
+    """The same function without its ``none/none`` layers (each is the identity): what a runtime that cannot hold
+    an empty layer (llama.cpp builds before its Nemotron-Ultra support) is given. Unchanged when there are none;
+    ValueError when every layer is one (nothing would be left)."""
+    kept = [i for i, b in enumerate(hcfg.blocks) if not (b.attention.kind == "none" and b.ffn.kind == "none")]
+    if len(kept) == len(hcfg.blocks):
+        return hcfg, params
+    if not kept:
+        raise ValueError("every layer is removed (none/none): no layer is left to run")
+    return keep_layers(hcfg, params, kept)
+
+
 def unstack_layers(hcfg: HeteroConfig, params: Params) -> list[Params]:
     """The inverse of :func:`stack_layers`: one dict of params per layer, without the leading axis."""
     out = []

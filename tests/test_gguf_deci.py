@@ -125,21 +125,30 @@ def test_f32_export_reads_back_bit_exact(model, exports):
     assert back.tokenizer(text)["input_ids"] == tiny_tokenizer(300)(text)["input_ids"]
 
 
-def test_removed_ffn_layer_reads_back(tok, tmp_path):
-    """An attention-free, FFN-free layer (DeciLM's dummy layer): feed_forward_length 0 and head_count 0, no
-    tensors at all; read back bit-exact. A tied head and no RoPE scaling this time."""
+def test_removed_layers_are_left_out_of_the_file(tok, tmp_path):
+    """An attention-free, FFN-free layer (DeciLM's dummy layer, none/none) is the identity: the file leaves it out
+    (old llama.cpp builds cannot load an FFN-free layer, and an empty last layer would skip llama.cpp's output-row
+    selection), and reads back as the same function without it, every kept tensor bit-exact. A tied head and no
+    RoPE scaling this time."""
     base = BASE.replace(tie_word_embeddings=True, rope_scaling=None)
-    hcfg, params = _model("gqa2/mlp256,none/none,linear/mlp512", seed=1, base=base)
+    hcfg, params = _model("none/none,gqa2/mlp256,none/none,none/none,linear/mlp512,none/none", seed=1, base=base)
     path = tmp_path / "dummy.gguf"
     summary = save_gguf(path, hcfg, params, tokenizer=tok, quant="f32")
-    meta = _fields(path, ["deci.attention.head_count", "deci.feed_forward_length"])
-    assert meta == {"deci.attention.head_count": [4, 0, 4], "deci.feed_forward_length": [256, 0, 512]}
+    meta = _fields(path, ["deci.block_count", "deci.attention.head_count", "deci.feed_forward_length"])
+    assert meta == {"deci.block_count": 2, "deci.attention.head_count": [4, 4], "deci.feed_forward_length": [256, 512]}
     gg = read_gguf(path)
-    assert not any(".1." in n for n in gg.tensor_names) and "lm_head.weight" not in gg.tensor_names
+    assert "lm_head.weight" not in gg.tensor_names
     assert summary["tensor_types"] == {"F32": len(gg.tensor_names)}
     back = load_model(path, with_tokenizer=False)
-    assert back.config == hcfg
-    _leaves_equal(params, back.params)
+    kept, kept_params = hetero.without_identity_layers(hcfg, params)
+    assert back.config == kept and [b.describe() for b in kept.blocks] == ["gqa2/mlp256", "linear/mlp512"]
+    _leaves_equal(kept_params, back.params)
+    windows = np.random.default_rng(0).integers(0, base.vocab_size, (2, 16), dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(hetero.forward(hcfg, params, windows)),
+                                  np.asarray(hetero.forward(back.config, back.params, windows)))
+    with pytest.raises(BadInputError, match="every layer is removed"):
+        save_gguf(tmp_path / "empty.gguf", *_without_layers(hcfg, params), tokenizer=tok, quant="f32")
+    assert not (tmp_path / "empty.gguf").exists()
 
 
 def test_per_layer_arrays_longer_than_64_layers(tok, tmp_path):
@@ -201,17 +210,13 @@ def _without_layers(hcfg, params):
     return empty, {**{k: v for k, v in params.items() if k != "segments"}, "segments": [{}]}
 
 
-def test_llama_cpp_on_removed_ffn_layers(llama_cpp, tok, windows, tmp_path):
-    """FFN-free layers: llama.cpp since its Nemotron-Ultra support loads layers without FFN tensors (n_ff 0) and
-    skips them; the build llama-cpp-cffi 0.4.42 ships still requires every layer's FFN tensors. Where the build
-    loads the file, its perplexity must be ours."""
-    hcfg, params = _model("gqa2/mlp256,none/none,linear/mlp512", seed=2)
+def test_llama_cpp_on_removed_layers(llama_cpp, tok, windows, tmp_path):
+    """Removed layers (none/none, also the last): left out of the file, so even the llama.cpp build llama-cpp-cffi
+    0.4.42 ships (which requires every layer's FFN tensors) loads it, and its perplexity is ours."""
+    hcfg, params = _model("gqa2/mlp256,none/none,linear/mlp512,none/none", seed=2)
     path = tmp_path / "dummy.gguf"
     save_gguf(path, hcfg, params, tokenizer=tok, quant="f32")
-    try:
-        lm = llama_cpp.load(path, n_ctx=WINDOW)
-    except RuntimeError as e:
-        pytest.skip(f"this llama.cpp build cannot load FFN-free deci layers ({e})")
+    lm = llama_cpp.load(path, n_ctx=WINDOW)
     with lm:
         theirs = lm.perplexity(windows)
     ours = perplexity(hcfg, params, windows, batch_size=2)
@@ -226,7 +231,6 @@ def test_llama_cpp_on_removed_ffn_layers(llama_cpp, tok, windows, tmp_path):
     ("gqa2/mlp256,gqa2/linear", r"layer 1 \(gqa2/linear\): llama\.cpp's deci architecture has no linear FFN"),
     ("gqa2/none,gqa2/mlp256", r"layer 0 \(gqa2/none\): llama\.cpp's deci graph drops the attention output"),
     ("linear/none,gqa2/mlp256", r"layer 0 \(linear/none\): llama\.cpp's deci graph drops"),
-    ("gqa2/mlp256,none/none", r"layer 1 \(none/none\): .*last layer"),
     ("gqa2/mlp256,gqa2/mlp320", r"layer 1 \(gqa2/mlp320\): FFN width 320 is not a multiple of 256"),
 ])
 def test_blocks_llama_cpp_cannot_run_are_refused(tok, tmp_path, blocks, match):

@@ -352,7 +352,7 @@ def test_runtimes_mask_what_vllm_and_llama_cpp_cannot_run():
     gqa_none = names.index("gqa2/none")
     none_none = names.index("none/none")
     assert not mask[:, gqa_none].any() and "drops the attention output" in why[(0, gqa_none)]
-    assert mask[: L - 1, none_none].all() and not mask[L - 1, none_none]
+    assert mask[:, none_none].all()  # a removed layer is left out of the GGUF: allowed anywhere, even last
     assert SearchSpace.parse(CFG, runtimes="any").allowed(CFG)[0].all()
     assert "linear" in SearchSpace.parse(CFG, runtimes="llama.cpp").describe()["attention"]
 

@@ -139,10 +139,6 @@ def _take(arr, idx: np.ndarray, axis: int):
     return np.take(np.asarray(arr), idx, axis=axis)
 
 
-def _stack(xs):
-    return jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack([np.asarray(x) for x in xs])
-
-
 def _refuse_hetero(config, what: str) -> None:
     if arch.is_hetero(config):
         raise ConfigError(f"{what} of a heterogeneous model is per layer: choose per-layer widths with "
@@ -193,11 +189,7 @@ def drop_layers(config: arch.AnyConfig, params: Params, drop: Sequence[int]) -> 
     kept = [i for i in range(config.num_layers) if i not in drop]
     if not arch.is_hetero(config):
         return keep_along_axis(config, params, "layer", kept)
-    new_config = hetero.HeteroConfig(config.base, tuple(config.blocks[i] for i in kept))
-    layers = hetero.unstack_layers(config, params)
-    segments = [jax.tree.map(lambda *xs: _stack(xs), *[layers[kept[j]] for j in range(start, stop)])
-                for start, stop, _ in new_config.segments()]
-    return new_config, {**{k: v for k, v in params.items() if k != "segments"}, "segments": segments}
+    return hetero.keep_layers(config, params, kept)
 
 
 # ------------------------------------------------------------------------------------------------------------------

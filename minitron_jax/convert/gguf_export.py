@@ -120,15 +120,14 @@ def deci_problems(hcfg: HeteroConfig) -> list[str]:
       i.e. a removed FFN, and cannot map the weight);
     - an FFN removed below a kept attention (gqa or linear): llama.cpp ends such a layer early (``n_ff == 0`` →
       ``continue`` before ``inpL = cur``), so the attention's output is dropped and the layer does nothing;
-    - a removed layer (none/none) as the last layer: the same early exit skips the selection of the output rows
-      (``inp_out_ids``), so a batch that asks for fewer logits than tokens (generation) gets the wrong rows;
     - an MLP width that is not a multiple of 256: llama.cpp would run it, but DeciLM writes widths as ``ffn_mult``,
       from which only multiples of 256 come back, so the file would not read back as the same model.
 
-    (Removed attention, linear attention, GQA with any KV-head count and removed FFN under removed attention are
-    what llama.cpp's deci runs; the last needs a llama.cpp with Nemotron-Ultra support, 2025-04 or later.)"""
+    (Removed attention, linear attention and GQA with any KV-head count are what llama.cpp's deci runs. A removed
+    layer, none/none, is the identity and is left out of the file (:func:`_exported`), so it needs no llama.cpp
+    support: the same early exit would otherwise skip a last layer's output-row selection, and builds before the
+    Nemotron-Ultra support, 2025-04, refuse a layer without FFN tensors.)"""
     out = []
-    last = len(hcfg.blocks) - 1
     for i, b in enumerate(hcfg.blocks):
         a, f = b.attention.kind, b.ffn.kind
         where = f"layer {i} ({b.describe()})"
@@ -138,13 +137,23 @@ def deci_problems(hcfg: HeteroConfig) -> list[str]:
             out.append(f"{where}: llama.cpp's deci graph drops the attention output of a layer without FFN "
                        "(it skips the rest of the layer when feed_forward_length is 0); remove the attention too "
                        "or keep an FFN")
-        elif f == "none" and i == last:
-            out.append(f"{where}: llama.cpp's deci graph cannot end in a removed layer (its early exit skips the "
-                       "last layer's output-row selection, so generation reads the wrong logits)")
         elif f == "mlp" and b.ffn.width % DECI_FFN_MULTIPLE:
             out.append(f"{where}: FFN width {b.ffn.width} is not a multiple of {DECI_FFN_MULTIPLE}, which the "
                        "DeciLM layout (ffn_mult) needs to read the file back")
     return out
+
+
+def _exported(hcfg: HeteroConfig, params: Params | None = None) -> tuple[HeteroConfig, Params | None]:
+    """What a deci GGUF holds of a heterogeneous model: its layers without the ``none/none`` ones. Each is the
+    identity, so the file computes the same function; llama.cpp builds before its Nemotron-Ultra support (such as
+    the one llama-cpp-cffi 0.4.42 ships) refuse a layer without FFN tensors, and an empty last layer would skip the
+    output-row selection (see :func:`deci_problems`). Reading the file back gives the model without them."""
+    from minitron_jax import hetero
+
+    try:
+        return hetero.without_identity_layers(hcfg, params)
+    except ValueError as e:
+        raise BadInputError(f"cannot export to llama.cpp's deci GGUF: {e}") from None
 
 
 def _deci_specs(hcfg: HeteroConfig) -> list[tuple[str, str | None, int | None, str, tuple[int, ...], int | None]]:
@@ -180,7 +189,7 @@ def _plan(config: LlamaConfig | HeteroConfig, quant: str) -> list[tuple[str, str
         if problems:
             more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
             raise BadInputError(f"cannot export to llama.cpp's deci GGUF: {problems[0]}{more}")
-        specs = [(hf, gg, shape) for _key, hf, _layer, gg, shape, _qk in _deci_specs(config)]
+        specs = [(hf, gg, shape) for _key, hf, _layer, gg, shape, _qk in _deci_specs(_exported(config)[0])]
     else:
         specs = [(hf, gguf_name(hf), shape) for hf, _key, _layer, shape in hf_tensor_specs(config)]
     plan = []
@@ -480,6 +489,8 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig | HeteroConfig, param
     base = config.base if deci else config
 
     t0 = time.perf_counter()
+    if deci:
+        config, params = _exported(config, params)
     if quant not in QUANT_TYPES:
         raise BadInputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     if tokenizer is None:

@@ -6,7 +6,8 @@ are not ours: they live with the exporters that know each runtime (``convert.dec
 them, layer by layer, so a search never chooses an architecture that the export would then refuse:
 
 - vLLM: no linear sub-blocks (attention or FFN);
-- llama.cpp: no linear FFN, no FFN removed under a kept attention, no removed layer (none/none) last.
+- llama.cpp: no linear FFN, no FFN removed under a kept attention (a removed layer, none/none, is left out of
+  the file, so it is allowed anywhere).
 
 ``any`` means no runtime but ours (and transformers, through the shipped modeling file): every block allowed.
 """
