@@ -562,10 +562,13 @@ class Pipeline:
             raise PipelineConfigError(f"students.{student}.puzzle: the teacher is already heterogeneous")
         space = SearchSpace.parse(m.config, plan["attention"], plan["ffn"], plan["runtime"])
         t0 = time.perf_counter()
+        # The report and picture name the parent as the config does (e.g. asset:smollm2_gguf), not by the run
+        # directory's copy of it.
+        parent_name = self.pc.teacher + (" (corrected)" if self.pc.teacher_correction.enabled else "")
         with PhaseProgress(self.console) as progress:
             result = run_search(m.config, m.params, m.tokenizer, calib_text, out, space=space,
                                 targets=plan["targets"], cost_settings=plan["cost"], settings=plan["settings"],
-                                parent_name=str(teacher_path), progress=progress, work=work,
+                                parent_name=parent_name, progress=progress, work=work,
                                 log=lambda msg: self.console.print(msg, highlight=False))
         hcfg = result.hcfg
         n = count_params(hcfg)
