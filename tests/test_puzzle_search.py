@@ -357,6 +357,27 @@ def test_runtimes_mask_what_vllm_and_llama_cpp_cannot_run():
     assert "linear" in SearchSpace.parse(CFG, runtimes="llama.cpp").describe()["attention"]
 
 
+def test_a_parent_whose_own_blocks_no_runtime_runs(tmp_path):
+    """A parent FFN width DeciLM cannot write (640, not a multiple of 256): on the default runtimes its own block is
+    ruled out, the narrower multiples of 256 are searched, and the additive scores still run each option inside
+    the parent layer. A parent whose every block but the removed layer is ruled out is refused in one line."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from utils import tiny_tokenizer
+
+    cfg = dataclasses.replace(CFG, intermediate_size=640)
+    space = SearchSpace.parse(cfg)
+    assert [f.describe() for f in space.ffn] == ["mlp512", "mlp256", "none"]
+    params = jax.device_get(init_params(cfg, jax.random.PRNGKey(4), std=0.1))
+    settings = SearchSettings(seq_len=SEQ, calib_tokens=8 * SEQ, eval_windows=2, eval_batch=2, runner_ups=0,
+                              blockwise=dataclasses.replace(FAST, steps=2))
+    res = run_search(cfg, params, tiny_tokenizer(), _corpus(tmp_path / "data.jsonl"), tmp_path / "run", space=space,
+                     targets=Targets(params=0.9 * count_params(cfg)), settings=settings)
+    assert all(b.ffn.kind != "mlp" or b.ffn.width in (256, 512) for b in res.hcfg.blocks)
+    narrow = dataclasses.replace(CFG, intermediate_size=96)
+    with pytest.raises(ValueError, match="no block of the space but a removed layer"):
+        SearchSpace.parse(narrow).check(narrow)
+
+
 def test_an_option_no_runtime_would_run_is_refused_naming_the_runtime():
     with pytest.raises(ValueError, match="vLLM's nemotron_nas builds no linear"):
         SearchSpace.parse(CFG, "gqa2,linear", "mlp512,none").check(CFG)

@@ -445,6 +445,10 @@ def blockwise_distill(config: LlamaConfig, params: Params, store: ActivationStor
     base = run_base(config)
     parent = parent_spec(config)
     opts = _options(variants)
+    # The parent's own halves are always there (no training: they are the parent's): additive scoring runs every
+    # option inside the parent layer, even when a runtime rules the parent's own block out of the space.
+    opts = {"attention": list(dict.fromkeys([parent.attention, *opts["attention"]])),
+            "ffn": list(dict.fromkeys([parent.ffn, *opts["ffn"]]))}
     cache = StepCache(base, settings)
     L = config.num_layers
     todo = [(i, half, o) for i in range(L) for half in HALVES for o in opts[half]]

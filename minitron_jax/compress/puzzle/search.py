@@ -101,6 +101,11 @@ def default_ffn(config: LlamaConfig) -> list[FFNSpec]:
     return [FFNSpec("mlp", w) for w in dict.fromkeys(widths)] + [FFNSpec("linear"), FFNSpec("none")]
 
 
+def _only_removal(attention: Sequence[AttentionSpec], ffn: Sequence[FFNSpec]) -> bool:
+    """True when these options make nothing but removed layers (none/none), i.e. no model."""
+    return all(a.kind == "none" for a in attention) and all(f.kind == "none" for f in ffn)
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     """Attention options × FFN options, and the runtimes the chosen model must run on (``runtimes.RUNTIMES``; empty:
@@ -123,6 +128,8 @@ class SearchSpace:
         # (Nothing left means the given options are wrong in themselves: check() then says how, so keep them.)
         kept_att = tuple(a for a in space.attention if a not in unused_att)
         kept_ffn = tuple(f for f in space.ffn if f not in unused_ffn)
+        if _only_removal(kept_att, kept_ffn):
+            return space  # nothing but empty layers would be left: check() names why the rest cannot run
         if not attention and kept_att:
             space = dataclasses.replace(space, attention=kept_att)
         if not ffn and kept_ffn:
@@ -156,6 +163,11 @@ class SearchSpace:
                                  f"widths are multiples of {DECI_FFN_MULTIPLE}")
         check_blocks(config, self.variants())
         mask, why = self.allowed(config)
+        if not any(mask[:, v].any() for v, b in enumerate(self.variants()) if not _only_removal([b.attention],
+                                                                                            [b.ffn])):
+            example = next(iter(why.values()), "")
+            raise ValueError(f"on {' and '.join(self.runtimes) or 'any runtime'} no block of the space but a removed "
+                             f"layer (none/none) can run: {example}; widen the space or pass --runtime any")
         stuck = [i for i in range(config.num_layers) if not mask[i].any()]
         if stuck:
             example = next(w for (i, _), w in why.items() if i == stuck[0])
