@@ -137,42 +137,33 @@ HETERO_OPTIONS = ("hidden", "drop_layers", "layers")
 def check_spec(config: AnyConfig, spec: PruneSpec) -> None:
     """Refuse, with a ConfigError naming the size, anything that cannot be built from ``config`` (for a
     heterogeneous model also any option other than :data:`HETERO_OPTIONS`)."""
-    if is_hetero(config):
-        _check_hetero_spec(config, spec)
-        return
+    hetero = is_hetero(config)
+    if hetero:
+        asked = [f"{name}={getattr(spec, name)}" for name in ("ffn", "heads", "heads_per_group")
+                 if getattr(spec, name) is not None]
+        if asked:
+            raise ConfigError(f"{', '.join(asked)}: a heterogeneous model ({config.describe()}) can be pruned by "
+                              f"{', '.join(HETERO_OPTIONS)} only (its FFN widths and heads are per layer); choose "
+                              "per-layer widths with python -m minitron_jax.puzzle")
 
     def at_most(name, value, limit, what):
         if value is not None and value > limit:
             raise ConfigError(f"{name}={value} exceeds the model's {what} ({limit}): pruning cannot grow a model")
 
     at_most("hidden", spec.hidden, config.hidden_size, "hidden size")
-    at_most("ffn", spec.ffn, config.intermediate_size, "FFN size")
-    at_most("heads", spec.heads, config.num_heads, "number of attention heads")
-    g = resolve_heads_per_group(config, spec)
-    at_most("heads_per_group", g, config.q_per_kv, "query heads per KV group")
+    if not hetero:
+        at_most("ffn", spec.ffn, config.intermediate_size, "FFN size")
+        at_most("heads", spec.heads, config.num_heads, "number of attention heads")
+        g = resolve_heads_per_group(config, spec)
+        at_most("heads_per_group", g, config.q_per_kv, "query heads per KV group")
     if spec.drop_layers is not None and spec.drop_layers >= config.num_layers:
         raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {config.num_layers}-layer model")
     if spec.layers is not None:
         check_drop_list(config, spec.layers)
-    _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
-
-
-def _check_hetero_spec(hcfg, spec: PruneSpec) -> None:
-    asked = [f"{name}={getattr(spec, name)}" for name in ("ffn", "heads", "heads_per_group")
-             if getattr(spec, name) is not None]
-    if asked:
-        raise ConfigError(f"{', '.join(asked)}: a heterogeneous model ({hcfg.describe()}) can be pruned by "
-                          f"{', '.join(HETERO_OPTIONS)} only (its FFN widths and heads are per layer); choose "
-                          "per-layer widths with python -m minitron_jax.puzzle")
-    if spec.hidden is not None and spec.hidden > hcfg.hidden_size:
-        raise ConfigError(f"hidden={spec.hidden} exceeds the model's hidden size ({hcfg.hidden_size}): pruning "
-                          "cannot grow a model")
-    if spec.drop_layers is not None and spec.drop_layers >= hcfg.num_layers:
-        raise ConfigError(f"drop_layers={spec.drop_layers} leaves no layer of a {hcfg.num_layers}-layer model")
-    if spec.layers is not None:
-        check_drop_list(hcfg, spec.layers)
-    # No export check here: the blocks are the model's own (a heterogeneous model on disk is already one its DeciLM
-    # config.json can express), and the hidden size does not enter what that layout needs.
+    if not hetero:
+        _ = target_config(config, spec).hf_architecture  # refuses now what could not be exported to HF at the end
+    # (A heterogeneous model needs no export check: its blocks are its own, which its DeciLM config.json already
+    # expresses, and the hidden size does not enter what that layout needs.)
 
 
 def target_config(config: AnyConfig, spec: PruneSpec) -> AnyConfig:
