@@ -72,6 +72,11 @@ class BlockSpec:
     def describe(self) -> str:
         return f"{self.attention.describe()}/{self.ffn.describe()}"
 
+    @property
+    def is_identity(self) -> bool:
+        """A removed layer (``none/none``): no parameters, the identity."""
+        return self.attention.kind == "none" and self.ffn.kind == "none"
+
     @staticmethod
     def parse(text: str) -> BlockSpec:
         """``"gqa3/mlp1024"``, ``"linear/none"``, ... (the inverse of :meth:`describe`)."""

@@ -425,7 +425,7 @@ def without_identity_layers(hcfg: HeteroConfig, params: Params | None = None
     """The same function without its ``none/none`` layers (each is the identity): what a runtime that cannot hold
     an empty layer (llama.cpp builds before its Nemotron-Ultra support) is given. Unchanged when there are none;
     ValueError when every layer is one (nothing would be left)."""
-    kept = [i for i, b in enumerate(hcfg.blocks) if not (b.attention.kind == "none" and b.ffn.kind == "none")]
+    kept = [i for i, b in enumerate(hcfg.blocks) if not b.is_identity]
     if len(kept) == len(hcfg.blocks):
         return hcfg, params
     if not kept:
@@ -573,7 +573,7 @@ def hidden_states(hcfg: HeteroConfig, params: Params, tokens: jax.Array, *, segm
     collected: list = []
     new_caches: list = []
     for (start, stop, spec), seg, seg_cache in zip(segs, params["segments"], seg_caches):
-        if spec.attention.kind == "none" and spec.ffn.kind == "none":
+        if spec.is_identity:
             new_caches.append(None)
             if collect_fn is not None:
                 _, c = jax.lax.scan(lambda carry, _: (carry, collect_fn({"layer_in": carry, "layer_out": carry})),

@@ -103,7 +103,7 @@ def default_ffn(config: LlamaConfig) -> list[FFNSpec]:
 
 def _only_removal(attention: Sequence[AttentionSpec], ffn: Sequence[FFNSpec]) -> bool:
     """True when these options make nothing but removed layers (none/none), i.e. no model."""
-    return all(a.kind == "none" for a in attention) and all(f.kind == "none" for f in ffn)
+    return all(BlockSpec(a, f).is_identity for a in attention for f in ffn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +163,7 @@ class SearchSpace:
                                  f"widths are multiples of {DECI_FFN_MULTIPLE}")
         check_blocks(config, self.variants())
         mask, why = self.allowed(config)
-        if not any(mask[:, v].any() for v, b in enumerate(self.variants()) if not _only_removal([b.attention],
-                                                                                            [b.ffn])):
+        if not any(mask[:, v].any() for v, b in enumerate(self.variants()) if not b.is_identity):
             example = next(iter(why.values()), "")
             raise ValueError(f"on {' and '.join(self.runtimes) or 'any runtime'} no block of the space but a removed "
                              f"layer (none/none) can run: {example}; widen the space or pass --runtime any")
@@ -328,11 +327,10 @@ class SearchResult:
 
 
 def _constraints(config, variants, targets, cost_settings, settings, log):
-    timings, overhead, tokens = None, 0.0, None
+    timings, overhead, tokens, device = None, 0.0, None, "host"
     if (targets.latency_s is not None or targets.throughput is not None) and cost_settings.accelerator:
-        return _accelerator_constraints(config, variants, targets, cost_settings), \
-            _accelerator_seconds(config, variants, cost_settings)[0]
-    if targets.latency_s is not None or targets.throughput is not None:
+        timings, overhead, tokens, device = _accelerator_seconds(config, variants, cost_settings)
+    elif targets.latency_s is not None or targets.throughput is not None:
         import jax.numpy as jnp
 
         from minitron_jax.dtypes import dtype as dtype_of
@@ -346,7 +344,7 @@ def _constraints(config, variants, targets, cost_settings, settings, log):
         overhead = C.time_overhead(config, batch=cost_settings.batch, seq_len=settings.timing_seq_len, dtype=dt)
         tokens = cost_settings.batch * settings.timing_seq_len
     cons = build_constraints(config, variants, config.num_layers, targets, cost_settings, timings=timings,
-                             overhead_seconds=overhead, timed_tokens=tokens, device="host")
+                             overhead_seconds=overhead, timed_tokens=tokens, device=device)
     return cons, timings
 
 
@@ -358,28 +356,28 @@ def _prefill_cost(config: LlamaConfig, spec: BlockSpec, batch: int, seq_len: int
     return C.compiled_cost(config, spec, batch=batch, seq_len=seq_len, dtype=dtype_of(dtype))
 
 
-def _accelerator_seconds(config, variants, cost: CostSettings) -> tuple[dict, float, int]:
-    """(seconds per variant, seconds outside the blocks, tokens) of the accelerator-priced latency: a decode step
-    of ``batch`` tokens, or the prefill of ``batch × context`` prompt tokens (each block's compiled cost on a
+def _accelerator_seconds(config, variants, cost: CostSettings) -> tuple[dict, float, int, str]:
+    """(seconds per variant, seconds outside the blocks, tokens, where) of the accelerator-priced latency: a decode
+    step of ``batch`` tokens, or the prefill of ``batch × context`` prompt tokens (each block's compiled cost on a
     roofline; the head only for the last position's logits, as a decode step prices it)."""
     kw = cost.roofline_kwargs()
     overhead = C.decode_overhead_seconds(config, **kw)
+    where = f"{cost.accelerator}, {cost.latency_phase} roofline"
     if cost.latency_phase == "decode":
-        return C.decode_step_seconds(config, variants, **kw), overhead, cost.batch
+        return C.decode_step_seconds(config, variants, **kw), overhead, cost.batch, where
     seconds = {v: C.roofline_seconds(_prefill_cost(config, v, cost.batch, cost.context, cost.weight_dtype),
                                      peak_flops=cost.peak_flops, memory_bandwidth=cost.memory_bandwidth)
                for v in dict.fromkeys(variants)}
-    return seconds, overhead, cost.batch * cost.context
+    return seconds, overhead, cost.batch * cost.context, where
 
 
 def _accelerator_constraints(config, variants, targets, cost_settings):
     """Every target as a constraint, the latency/throughput ones priced on ``cost_settings``' accelerator (one
     decode step of ``batch`` tokens, or one prefill of ``batch × context``: the throughput target is those tokens
     over the priced seconds)."""
-    seconds, overhead, tokens = _accelerator_seconds(config, variants, cost_settings)
+    seconds, overhead, tokens, where = _accelerator_seconds(config, variants, cost_settings)
     return build_constraints(config, variants, config.num_layers, targets, cost_settings, timings=seconds,
-                             overhead_seconds=overhead, timed_tokens=tokens,
-                             device=f"{cost_settings.accelerator}, {cost_settings.latency_phase} roofline")
+                             overhead_seconds=overhead, timed_tokens=tokens, device=where)
 
 
 def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
@@ -393,13 +391,11 @@ def check_feasible(config: LlamaConfig, space: SearchSpace, targets: Targets,
         if not targets.given():
             return
         cons = _accelerator_constraints(config, variants, targets, cost_settings)
-        mask, _ = space.allowed(config)
-        solve(np.where(mask, 0.0, np.nan), cons, variant_names=space.names())
-        return
-    analytic = dataclasses.replace(targets, latency_s=None, throughput=None)
-    if not analytic.given():
-        return
-    cons = build_constraints(config, variants, config.num_layers, analytic, cost_settings)
+    else:
+        analytic = dataclasses.replace(targets, latency_s=None, throughput=None)
+        if not analytic.given():
+            return
+        cons = build_constraints(config, variants, config.num_layers, analytic, cost_settings)
     mask, _ = space.allowed(config)
     solve(np.where(mask, 0.0, np.nan), cons, variant_names=space.names())
 
