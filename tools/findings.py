@@ -267,10 +267,12 @@ def plots(results: list[dict], reports: dict, figures: Path) -> None:
     plt.close(fig)
 
 
-def write_results_md(path: Path, block: str) -> None:
-    text = path.read_text() if path.is_file() else "# Results\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+def write_results_md(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` by ``block`` (append it when the
+    markers are absent)."""
+    text = path.read_text() if path.is_file() else "# Results\n\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

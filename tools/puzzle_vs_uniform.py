@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from findings import SIGMAS, _seed_list, paired, verdict  # noqa: E402
+from findings import SIGMAS, _seed_list, paired, verdict, write_results_md  # noqa: E402
 
 CONFIG = REPO / "configs" / "smollm2_135m_puzzle.yaml"
 BEGIN = "<!-- BEGIN PUZZLE VS UNIFORM (written by tools/puzzle_vs_uniform.py) -->"
@@ -150,16 +150,6 @@ def markdown(results: dict[str, dict], reports: dict[int, dict], command: str, m
     return "\n".join(lines)
 
 
-def write_block(path: Path, block: str) -> None:
-    """Replace the text between this tool's markers in ``path`` (append the block when the markers are absent)."""
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="pipeline overrides for every run, e.g. distill.steps=400")
@@ -187,7 +177,7 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "wall_min": sum(r.get("wall_seconds_all_stages", 0.0) for r in reports.values()) / 60, "load": args.load}
     block = markdown(results, reports, command, meta, args.context)
-    write_block(docs / "puzzle.md", block)
+    write_results_md(docs / "puzzle.md", block, BEGIN, END)
     searches = {}
     for name in results:
         f = out / "base" / "puzzle" / name / "report.json"

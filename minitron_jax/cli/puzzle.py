@@ -17,7 +17,6 @@ there is refused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -121,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
         if targets.latency_s is None and targets.throughput is None:
             raise ValueError("--accelerator prices --target-latency / --target-throughput; give one of them")
-        acc = accelerator(args.accelerator)
-        cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
-                                   memory_bandwidth=acc.hbm_bandwidth, latency_phase=args.latency_phase)
+        cost = cost.priced_on(accelerator(args.accelerator), args.latency_phase)
     elif args.latency_phase != "decode":
         raise ValueError("--latency-phase prices a latency on an --accelerator; give one")
     settings = SearchSettings(seq_len=args.seq_len, calib_tokens=args.calib_tokens, eval_windows=args.eval_windows,

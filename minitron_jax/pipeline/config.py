@@ -377,10 +377,7 @@ def puzzle_plan(student: StudentSpec) -> dict[str, Any]:
     if sec.get("accelerator") is not None:
         from minitron_jax.planning.capacity import accelerator
 
-        acc = accelerator(str(sec["accelerator"]))
-        cost = dataclasses.replace(cost, accelerator=acc.name, peak_flops=acc.peak_flops,
-                                   memory_bandwidth=acc.hbm_bandwidth,
-                                   latency_phase=str(sec.get("latency_phase", "decode")))
+        cost = cost.priced_on(accelerator(str(sec["accelerator"])), str(sec.get("latency_phase", "decode")))
     for name in ("weight_dtype", "kv_dtype"):
         dtype_of(getattr(cost, name))
     if cost.context < 1 or cost.batch < 1:

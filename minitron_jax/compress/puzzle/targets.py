@@ -66,6 +66,12 @@ class CostSettings:
         return {"weight_bytes_per_param": itemsize(self.weight_dtype), "context": self.context, "batch": self.batch,
                 "kv_bytes_per_value": itemsize(self.kv_dtype)}
 
+    def priced_on(self, accelerator, latency_phase: str = "decode") -> CostSettings:
+        """These settings with the latency targets priced on ``accelerator`` (anything with ``name``,
+        ``peak_flops`` and ``hbm_bandwidth``, e.g. ``planning.capacity.accelerator("h100")``)."""
+        return dataclasses.replace(self, accelerator=accelerator.name, peak_flops=accelerator.peak_flops,
+                                   memory_bandwidth=accelerator.hbm_bandwidth, latency_phase=latency_phase)
+
     def roofline_kwargs(self) -> dict[str, float]:
         return {**self.block_kwargs(), "peak_flops": self.peak_flops, "memory_bandwidth": self.memory_bandwidth}
 
