@@ -53,6 +53,7 @@ ATTENTION_BLOCK = 512
 def _key_blocks(k, v, mask, block):
     """Pad S to a multiple of ``block``: k/v → [nb, B, block, K, Hd], mask → [nb, B, T, block], valid [nb, block]"""
     S = k.shape[1]
+    block = min(block, S)  # one block covers short rows whole: padding them to ``block`` would only add work
     nb = -(-S // block)
     pad = nb * block - S
     if pad:

@@ -45,6 +45,14 @@ def test_blockwise_equals_einsum_forward_and_gradients(block):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_row_shorter_than_the_block_is_one_unpadded_block():
+    """Keys that fit in one block are not padded up to it (padding T=37 to 512 would do 14× the work)."""
+    q, k, v, mask = _inputs()
+    has_pad = lambda f: " pad[" in str(jax.make_jaxpr(f)(q))  # noqa: E731 - nested jaxprs print inline
+    assert not has_pad(jax.value_and_grad(lambda q: jnp.sum(M.attend_blockwise(q, k, v, mask, 512))))
+    assert has_pad(lambda q: M.attend_blockwise(q, k, v, mask, 16))  # 37 = 2·16 + 5: the last block is padded
+
+
 def test_blockwise_bf16_close_to_einsum():
     q, k, v, mask = _inputs(dtype=jnp.bfloat16)
     ref, out = jax.jit(lambda q, k, v: (M.attend(q, k, v, mask), M.attend_blockwise(q, k, v, mask, 16)))(q, k, v)
