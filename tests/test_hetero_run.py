@@ -112,21 +112,20 @@ def test_kv_cache_decoding_equals_recomputing_the_full_forward():
     assert cache["segments"][0]["k"].shape == (2, 2, 5, 2, 8)
     prompts = [[3, 5, 7, 9, 11], [2, 4]]  # different lengths: left padding and per-row positions
     new, logits = generate(hcfg, params, prompts, max_new_tokens=6, return_logits=True)
+    # The forward is causal, so one full forward of prompt + generated tokens holds every step's recomputed logits
+    # (row i: the logits after the first i + 1 tokens), without one forward per step.
     for prompt, toks, lg in zip(prompts, new, logits):
-        seq = list(prompt)
-        for t, step_logits in zip(toks, lg):
-            ref = np.asarray(X.forward(hcfg, params, jnp.asarray([seq], jnp.int32)))[0, -1]
+        full = np.asarray(X.forward(hcfg, params, jnp.asarray([list(prompt) + list(toks)], jnp.int32)))[0]
+        for i, (t, step_logits) in enumerate(zip(toks, lg)):
+            ref = full[len(prompt) - 1 + i]
             np.testing.assert_allclose(step_logits, ref, atol=2e-5, rtol=1e-5)
             assert t == int(np.argmax(ref))
-            seq.append(t)
     # A model without any attention layer decodes too (no cache at all).
     hcfg2, params2 = _hmodel(("linear/mlp16", "none/linear"))
     assert X.init_cache(hcfg2, 1, 4)["segments"] == [None, None]
     toks = generate(hcfg2, params2, [[1, 2, 3]], max_new_tokens=3)[0]
-    seq = [1, 2, 3]
-    for t in toks:
-        assert t == int(np.argmax(np.asarray(X.forward(hcfg2, params2, jnp.asarray([seq])))[0, -1]))
-        seq.append(t)
+    full = np.asarray(X.forward(hcfg2, params2, jnp.asarray([[1, 2, 3] + list(toks)])))[0]
+    assert list(toks) == [int(np.argmax(full[2 + i])) for i in range(len(toks))]
 
 
 def test_uniform_equivalent_cache_and_collect_match_model_py_exactly():
