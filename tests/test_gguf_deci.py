@@ -22,6 +22,10 @@ from minitron_jax.convert.gguf_export import check_quant, deci_problems, save_gg
 from minitron_jax.evaluate.perplexity import perplexity
 from minitron_jax.exitcodes import BadInputError, ExitCode, classify
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the DeciLM GGUF
+# exports (~12 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("gguf_deci")
+
 WINDOW = 64
 # Untied, Llama-3.1 RoPE scaling (a rope_freqs tensor; head_dim 32 gives it enough blended frequencies to be read
 # back), 4 heads × 32 ≠ hidden 64 as in a pruned student. torch_dtype is what our GGUF reader reports, so the

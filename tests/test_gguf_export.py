@@ -21,6 +21,10 @@ from minitron_jax.convert.hf import iter_hf_tensors, save_hf
 from minitron_jax.evaluate.perplexity import perplexity
 from minitron_jax.exitcodes import BadInputError, NonFiniteError, classify
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the four
+# SmolLM2 exports (~20 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("gguf_exports")
+
 # Code, accents, emoji, CJK, digits, runs of spaces and tabs: where byte-level pre-tokenizers differ.
 MIXED_TEXT = ("def f(x):\n    return x**2 + 3.14159  # naïve café, 東京 🙂🚀\n\tI'm sure it's 1938 or 2024; "
               "don't   stop.\nÀ bientôt — ¿qué tal? Ελληνικά, русский: 12345678")

@@ -23,6 +23,10 @@ from minitron_jax import model as M
 from minitron_jax.blocks import BlockSpec
 from minitron_jax.config import LlamaConfig
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the distilled
+# heterogeneous student (~18 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("hetero_run")
+
 BASE = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=4,
                    head_dim=8, rope_theta=10000.0, max_position_embeddings=128)
 # Every kind of sub-block, runs of two (a scan of length > 1) and a removed layer in the middle.

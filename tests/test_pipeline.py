@@ -19,6 +19,10 @@ import pytest
 import yaml
 from utils import save_tiny_hf, tiny_tokenizer
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the tiny
+# pipeline run (~45 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("pipeline_tiny_run")
+
 REPO = Path(__file__).resolve().parents[1]
 
 _WORDS = ("the quick brown fox jumps over lazy dog pruning removes least important heads neurons channels "

@@ -13,6 +13,10 @@ import yaml
 from test_pipeline import make_tiny_setup, run_pipeline
 from utils import save_tiny_hf, tiny_tokenizer
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the tiny pipeline with
+# a puzzle student (~50 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("pipeline_puzzle_run")
+
 
 def _puzzle_cfg(root: Path, puzzle: dict) -> Path:
     cfg = make_tiny_setup(root)

@@ -29,6 +29,10 @@ from minitron_jax.compress.puzzle.targets import CostSettings, Targets
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params, init_params
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the parent's
+# activations and blockwise results (~14 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("puzzle_search")
+
 ROOT = Path(__file__).resolve().parents[1]
 P = BlockSpec.parse
 CFG = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -22,6 +22,10 @@ from utils import save_tiny_hf, tiny_tokenizer
 from minitron_jax import data
 from minitron_jax.data.chat import ChatRecordError, parse_chat_record, prompt_key, read_chat_records, split_records
 
+# One xdist worker runs this whole file (pyproject: --dist loadgroup), so its module fixture, the tiny pipeline with
+# an sft stage (~45 s), is built once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("sft_stage_run")
+
 # ----------------------------------------------------------------------------------------------------------------
 # The assistant-token mask, against a hand-rendered conversation
 # ----------------------------------------------------------------------------------------------------------------
