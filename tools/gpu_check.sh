@@ -6,7 +6,11 @@
 # From a session with the device tool (it copies the working tree there; nothing is fetched on that machine, so
 # everything below uses random weights of named shapes, no asset):
 #
-#   run(command="bash tools/gpu_check.sh", timeout_s=570)
+#   run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash tools/gpu_check.sh",
+#       carry=[".whl"], timeout_s=570)
+#   where .whl (git-ignored) holds the py3 wheels of the two dependencies the device image lacks, downloaded here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0 tensorboardX==2.6.5
 #   then: cp <files_at>/gpu_check.md docs/gpu_results.md  (and the JSON files beside it if wanted), commit.
 #
 # What it measures, each piece under its own timeout so one slow piece cannot eat the others' time:
@@ -40,6 +44,9 @@ piece() {  # piece NAME SECONDS CMD...: run CMD with a timeout, its stdout into 
     local rc=$?
     echo "== $name: exit $rc after $(( $(date +%s) - START ))s" | tee -a "$LOG"
     echo $rc >"$PIECES/$name.rc"  # a dry run that does not fit exits 4 with its plan on stdout: keep both
+    # Each piece's JSON also goes into the log under OUT_DIR at once: if the whole command is cut off before the
+    # report, the finished pieces still come back.
+    { echo "== $name json:"; cat "$PIECES/$name.json"; } >>"$LOG"
 }
 
 {
@@ -59,14 +66,14 @@ else
     DIST=(--gpu --batch 8 --seq-len 4096 --steps 3 --no-memory --json)
     PLAN_SEQ=4096
 fi
-piece forward_bf16 120 $PY tools/bench_forward.py "${FWD[@]}" --json
-piece distill 240 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64
+piece forward_bf16 90 $PY tools/bench_forward.py "${FWD[@]}" --json
+piece distill 210 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64
 # The 8B width recipe on ONE device: 8 rows of 4096 tokens per step in 8 micro-batches (the recipe's 8192-token rows
 # do not fit one H200 with the student's fp32 master weights and Adam moments: 137 GB by the CPU-compiled plan).
 PLAN_ARGS=(--config configs/distill_llama31_8b_to_4b_width.yaml --dry-run --devices 1 --accelerator h200 --no-verify
            mesh.data=1 mesh.fsdp=1 mesh.tensor=1 data.seq_len=$PLAN_SEQ data.batch_size=8 train.grad_accum=8)
-piece plan8b_gpu 150 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
-piece plan8b_cpu 90 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
+piece plan8b_gpu 110 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
+piece plan8b_cpu 70 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
 
 $PY tools/gpu_report.py "$PIECES" --json "$OUT_DIR/gpu_check.json" >"$OUT_DIR/gpu_check.md" 2>>"$LOG" \
     || echo "gpu_report failed" | tee -a "$LOG"
