@@ -3,8 +3,10 @@
 ``attend`` materializes the [B, K, T, G, S] float32 score matrix (fastest at short T). ``attend_blockwise`` is a
 flash-attention-style online softmax over key blocks with a custom VJP that recomputes each block's probabilities
 from the saved softmax statistics: the same contract and numerics as ``attend``, but O(T · block) temporaries per
-head instead of the full score matrix (8.6 GB per layer for one 8192-token row of Llama-3.1-8B). The model picks
-one by name (``ATTENTION_IMPLS``; ``model.hidden_states(attention=...)``).
+head instead of the full score matrix (8.6 GB per layer for one 8192-token row of Llama-3.1-8B). ``attend_fused``
+hands the same contract to ``jax.nn.dot_product_attention``: cuDNN's fused attention on a GPU in bf16/fp16 (2.2×
+the einsum's distillation step on an H200 at 4096 tokens, docs/gpu.md), XLA's composition elsewhere. The model
+picks one by name (``ATTENTION_IMPLS``; ``model.hidden_states(attention=...)``, ``train.attention``).
 """
 
 from __future__ import annotations
@@ -133,4 +135,18 @@ def _flash_bwd_rule(block, res, d_out):
 
 attend_blockwise.defvjp(_flash_fwd_rule, _flash_bwd_rule)
 
-ATTENTION_IMPLS = {"einsum": attend, "blockwise": attend_blockwise}
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attend` through ``jax.nn.dot_product_attention``: on a GPU that is cuDNN's fused (flash) attention where
+    cuDNN takes the shapes, which never writes the [T, S] scores to memory; elsewhere XLA's own composition.
+
+    Query head ``k·G + g`` uses KV head ``k``, as in `attend`. The boolean mask (causal, segments, padding) is passed
+    whole, so packed documents stay apart."""
+    B, T, K, G, Hd = q.shape
+    # jax picks XLA's composition unless told otherwise; cuDNN takes only half-precision inputs on a GPU.
+    cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, Hd), k, v, mask=mask[:, None, :, :],
+                                       implementation="cudnn" if cudnn else None)
+    return out.reshape(B, T, K, G, Hd)
+
+
+ATTENTION_IMPLS = {"einsum": attend, "blockwise": attend_blockwise, "fused": attend_fused}

@@ -387,8 +387,9 @@ def hidden_states(config: LlamaConfig, params: Params, tokens: jax.Array, *, pos
         so importance statistics never hold [L, B, T, F] at once).
       layer_keep: [L] 0/1 multipliers of each layer's residual updates (layer-drop without re-slicing).
       cache, cache_index, cache_valid: KV cache {"k","v": [L,B,S,K,Hd]} for decoding (see ``generate.py``).
-      attention: ``"einsum"`` (scores materialized, fastest at short T) or ``"blockwise"`` (online softmax over key
-        blocks: O(T·block) memory per head; see `attend_blockwise`). Decoding with a cache always uses einsum.
+      attention: ``"einsum"`` (scores materialized, fastest at short T on CPU), ``"blockwise"`` (online softmax over
+        key blocks: O(T·block) memory per head; see `attend_blockwise`) or ``"fused"`` (cuDNN's fused attention on
+        a GPU in bf16/fp16; see `attend_fused`). Decoding with a cache always uses einsum.
       activation_sharding: a ``jax.sharding.Sharding`` for the [B, T, D] residual stream, applied at every layer
         boundary. Under FSDP this keeps activations batch-sharded, so XLA gathers each layer's weights instead of
         resharding activations over the hidden axis (which costs an all-reduce of [B, T, F] per matmul).

@@ -1,5 +1,6 @@
-"""Blockwise (flash-style) attention ≡ the einsum attention: outputs and gradients, packed segments, padding,
-ragged key blocks, fully masked rows; and through the whole model (``hidden_states(attention="blockwise")``)."""
+"""Blockwise (flash-style) and fused (``jax.nn.dot_product_attention``) attention ≡ the einsum attention: outputs
+and gradients, packed segments, padding, ragged key blocks, fully masked rows; and through the whole model
+(``hidden_states(attention="blockwise" | "fused")``)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +26,21 @@ def _inputs(B=2, T=37, K=2, G=3, Hd=8, seed=0, dtype=jnp.float32):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("block", [8, 64])  # ragged last block (37 = 4·8 + 5); one block larger than T
+# 8: a ragged last block (37 = 4·8 + 5); 64: one block larger than T; "fused": `attend_fused`, i.e.
+# jax.nn.dot_product_attention (XLA's composition on this CPU; cuDNN's kernel was checked on an H200, docs/gpu.md).
+@pytest.mark.parametrize("block", [8, 64, "fused"])
 def test_blockwise_equals_einsum_forward_and_gradients(block):
+    from minitron_jax.attention import attend_fused
+
     q, k, v, mask = _inputs()
     mask = mask.at[1, 3].set(False)  # a fully masked query row: uniform attention in both
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+    other = attend_fused if block == "fused" else (lambda *a: M.attend_blockwise(*a, block))
 
     @jax.jit
     def both(q, k, v):
         out = {}
-        for name, f in (("einsum", M.attend), ("blockwise", lambda *a: M.attend_blockwise(*a, block))):
+        for name, f in (("einsum", M.attend), ("blockwise", other)):
             loss = lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v, mask)) * w)
             out[name] = (f(q, k, v, mask), jax.grad(loss, (0, 1, 2))(q, k, v))
         return out
@@ -72,9 +78,10 @@ def test_model_with_blockwise_attention_matches_and_trains_the_same():
         h, _, _ = M.hidden_states(cfg, p, tokens, segment_ids=seg, attention=attention, remat="full")
         return jnp.mean(M.logits_from_hidden(cfg, p, h) ** 2)
 
-    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, a)
-                          for a in ("einsum", "blockwise"))
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g0)
+    (l0, g0), *others = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, a)
+                         for a in ("einsum", "blockwise", "fused"))
+    for l1, g1 in others:
+        np.testing.assert_allclose(l1, l0, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g1, g0)
     with pytest.raises(ValueError, match="unknown attention"):
         M.hidden_states(cfg, params, tokens, attention="flash3")

@@ -52,6 +52,7 @@ def run_config(args, *extra):
         "run_dir=/tmp/bench_distill", "teacher.path=unused", "student.path=unused", "data.sources=unused",
         f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
         "train.steps=1000", f"train.compute_dtype={dtype}", f"teacher.dtype={dtype}", f"train.remat={args.remat}",
+        f"train.attention={args.attention}",
         f"loss.chunk_size={args.chunk_size}", *extra])
 
 
@@ -134,6 +135,7 @@ def main(argv=None) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--remat", default=None, help="default: none CPU, full GPU")
     p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--attention", default="einsum", help="train.attention: einsum | blockwise | fused")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
     p.add_argument("--mem-seq-len", type=int, default=4096, help="tokens of the memory comparison (one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")
@@ -152,6 +154,7 @@ def main(argv=None) -> None:
 
     report = {"device": f"{len(devices)} x {devices[0].device_kind}", "platform": platform.processor() or "",
               "batch": args.batch, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "remat": args.remat,
+              "attention": args.attention,
               "teacher": f"{teacher_cfg.describe()} ({count_params(teacher_cfg) / 1e6:.1f}M)",
               "student": f"{student_cfg.describe()} ({count_params(student_cfg) / 1e6:.1f}M)"}
     if not args.no_speed:

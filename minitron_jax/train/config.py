@@ -130,7 +130,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # student (and loss matmul) compute dtype; master weights stay param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # a key of model.REMAT_POLICIES
-    attention: str = "einsum"  # einsum | blockwise (online softmax over key blocks: no [T, T] scores; long rows)
+    # einsum | blockwise (online softmax over key blocks: no [T, T] scores; long rows) | fused (cuDNN's fused
+    # attention on a GPU in bf16/fp16, XLA's jax.nn.dot_product_attention elsewhere)
+    attention: str = "einsum"
     resume: bool = True  # continue from the run dir's latest checkpoint when there is one
     stop_at: int | None = None  # end this job early at that step (after a checkpoint), e.g. to fit a time slot
     eval_every: int = 0  # validation every N steps (0: only at the end)
