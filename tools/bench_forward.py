@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores, which is what XLA:CPU uses)")
+    p.add_argument("--attention", choices=["einsum", "blockwise", "fused"], default="einsum",
+                   help="our attention (model.hidden_states(attention=...)); fused: cuDNN's kernel on a GPU in bf16")
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     config = loaded.config
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jdtype), loaded.params))
-    fwd = jax.jit(lambda p, t: M.forward(config, p, t, dtype=jdtype))
+    fwd = jax.jit(lambda p, t: M.forward(config, p, t, dtype=jdtype, attention=args.attention))
 
     torch_model = torch = None
     if not args.no_torch:
@@ -169,6 +171,7 @@ def main(argv=None) -> int:
     env = {
         "model": config.describe(),
         "dtype": args.dtype,
+        "attention": args.attention,
         "jax": jax.__version__, "jax_backend": jax.default_backend(), "jax_device": str(jax.devices()[0]),
         "cpu": cpu_name(), "cores": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -62,7 +62,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     DIST=(--batch 1 --seq-len 64 --steps 1 --no-memory --json)
     PLAN_SEQ=256
 else
-    FWD=(--random-config configs/models/Llama-3.2-1B.json --dtype bfloat16 --batch 8 --seq-len 2048 --repeats 5)
+    FWD=(--random-config configs/models/Llama-3.2-1B.json --dtype bfloat16 --attention fused --batch 8 --seq-len 2048 --repeats 5)
     DIST=(--gpu --batch 4 --seq-len 4096 --attention fused --steps 3 --no-memory --json)
     PLAN_SEQ=4096
 fi

@@ -45,7 +45,8 @@ def forward_table(piece: dict) -> list[str]:
     if not r or "results" not in r:
         return [f"forward: no result (exit {piece['rc']})"]
     env = r["env"]
-    lines = [f"Forward, {env['model']}, {env['dtype']}: jax {env['jax']} on {env['jax_device']}, "
+    lines = [f"Forward, {env['model']}, {env['dtype']}: jax {env['jax']} on {env['jax_device']} "
+             f"(attention={env.get('attention', 'einsum')}), "
              f"torch {env.get('torch', '—')} on {env.get('torch_device', '—')} (attn={env.get('torch_attn')}).", "",
              "| batch × seq | ours tok/s | torch tok/s | ours/torch | max abs Δlogit |", "|---|---:|---:|---:|---:|"]
     for row in r["results"]:
