@@ -39,6 +39,8 @@ def cpu_name() -> str:
 
 
 def parse_args(argv=None):
+    from minitron_jax.attention import ATTENTION_IMPLS  # the model's own list of attention kinds
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GGUF file, HF directory or checkpoint (default: the embedded SmolLM2 GGUF)")
     p.add_argument("--random-config", metavar="CONFIG_JSON",
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores, which is what XLA:CPU uses)")
-    p.add_argument("--attention", choices=["einsum", "blockwise", "fused"], default="einsum",
+    p.add_argument("--attention", choices=tuple(ATTENTION_IMPLS), default="einsum",
                    help="our attention (model.hidden_states(attention=...)); fused: cuDNN's kernel on a GPU in bf16")
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
