@@ -28,26 +28,26 @@ def _inputs(B=2, T=37, K=2, G=3, Hd=8, seed=0, dtype=jnp.float32):
 
 # 8: a ragged last block (37 = 4·8 + 5); 64: one block larger than T; "fused": `attend_fused`, i.e.
 # jax.nn.dot_product_attention (XLA's composition on this CPU; cuDNN's kernel was checked on an H200, docs/gpu.md).
-@pytest.mark.parametrize("block", [8, 64, "fused"])
-def test_blockwise_equals_einsum_forward_and_gradients(block):
+@pytest.mark.parametrize("impl", [8, 64, "fused"])  # an int: attend_blockwise with that block
+def test_blockwise_and_fused_equal_einsum_forward_and_gradients(impl):
     from minitron_jax.attention import attend_fused
 
     q, k, v, mask = _inputs()
     mask = mask.at[1, 3].set(False)  # a fully masked query row: uniform attention in both
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-    other = attend_fused if block == "fused" else (lambda *a: M.attend_blockwise(*a, block))
+    other = attend_fused if impl == "fused" else (lambda *a: M.attend_blockwise(*a, impl))
 
     @jax.jit
     def both(q, k, v):
         out = {}
-        for name, f in (("einsum", M.attend), ("blockwise", other)):
+        for name, f in (("einsum", M.attend), ("other", other)):
             loss = lambda q, k, v, f=f: jnp.sum(jnp.sin(f(q, k, v, mask)) * w)
             out[name] = (f(q, k, v, mask), jax.grad(loss, (0, 1, 2))(q, k, v))
         return out
 
     out = both(q, k, v)
-    np.testing.assert_allclose(out["blockwise"][0], out["einsum"][0], atol=2e-6, rtol=1e-5)
-    for a, b in zip(out["blockwise"][1], out["einsum"][1]):
+    np.testing.assert_allclose(out["other"][0], out["einsum"][0], atol=2e-6, rtol=1e-5)
+    for a, b in zip(out["other"][1], out["einsum"][1]):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
