@@ -249,10 +249,13 @@ def make_grad_fn(rc: RunConfig, mesh: Mesh, student: AnyConfig, teacher: AnyConf
 def all_finite(tree) -> jax.Array:
     """Scalar bool: every floating-point element of ``tree`` is finite (no NaN, no inf).
 
-    As ``isfinite(Σ x·0)``: NaN·0 and ±inf·0 are NaN and a sum with a NaN is NaN. XLA fuses the multiply into the
-    reduction, so each leaf is read once; ``all(isfinite(x))`` materialized a bool copy of every leaf first."""
+    As ``isfinite(Σ (x - x))``: x - x is exactly 0 for a finite x and NaN for NaN or ±inf, and a sum with a NaN is
+    NaN. Each leaf is read once, inside the reduction; ``all(isfinite(x))`` materialized a bool copy of every leaf
+    first. Not ``x * 0``: XLA turns the 0 into a zero array of the leaf's shape, merges it with the identical zero
+    arrays the backward pass starts its gradients from, and the merged zeros then live from the start of the step to
+    this check at its end, and force a copy of each as well: 0.3 GB of the demo's 1.19 GB of step temporaries."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in leaves)) if leaves else jnp.asarray(True)
+    return jnp.isfinite(sum(jnp.sum(x - x, dtype=jnp.float32) for x in leaves)) if leaves else jnp.asarray(True)
 
 
 class TrainStep(NamedTuple):
