@@ -142,11 +142,23 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     Query head ``k·G + g`` uses KV head ``k``, as in `attend`. The boolean mask (causal, segments, padding) is passed
     whole, so packed documents stay apart."""
     B, T, K, G, Hd = q.shape
-    # jax picks XLA's composition unless told otherwise; cuDNN takes only half-precision inputs on a GPU.
-    cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    # jax picks XLA's composition unless told otherwise; cuDNN takes only half-precision inputs on an NVIDIA GPU.
+    cudnn = q.dtype in (jnp.bfloat16, jnp.float16) and is_cuda_platform(jax.default_backend(), _platform_version())
     out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, Hd), k, v, mask=mask[:, None, :, :],
                                        implementation="cudnn" if cudnn else None)
     return out.reshape(B, T, K, G, Hd)
+
+
+def _platform_version() -> str:
+    from jax.extend.backend import get_backend
+
+    return get_backend().platform_version
+
+
+def is_cuda_platform(backend: str, platform_version: str) -> bool:
+    """Whether jax's default backend is an NVIDIA GPU, where cuDNN exists. jax names ROCm GPUs "gpu" as well; the
+    backend's platform version tells them apart ("cuda 12080" vs "rocm 60300", as jax's own tests read it)."""
+    return backend == "gpu" and "cuda" in platform_version.lower()
 
 
 ATTENTION_IMPLS = {"einsum": attend, "blockwise": attend_blockwise, "fused": attend_fused}

@@ -51,6 +51,32 @@ def test_blockwise_and_fused_equal_einsum_forward_and_gradients(impl):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend, version, dtype, expected", [
+    ("gpu", "cuda 12080", jnp.bfloat16, "cudnn"),
+    ("gpu", "cuda 12080", jnp.float16, "cudnn"),
+    ("gpu", "cuda 12080", jnp.float32, None),  # cuDNN's fused attention takes half precision only
+    ("gpu", "rocm 60300", jnp.bfloat16, None),  # jax calls a ROCm GPU "gpu" too; it has no cuDNN
+    ("cpu", "cpu", jnp.bfloat16, None),
+    ("tpu", "PJRT C API", jnp.bfloat16, None),
+])
+def test_fused_asks_for_cudnn_only_on_an_nvidia_gpu_in_half_precision(monkeypatch, backend, version, dtype,
+                                                                       expected):
+    from minitron_jax import attention as A
+
+    asked = []
+
+    def fake_dpa(q, k, v, mask=None, implementation=None):
+        asked.append(implementation)
+        return q
+
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", fake_dpa)
+    monkeypatch.setattr(A.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(A, "_platform_version", lambda: version)
+    q, k, v, mask = (x.astype(dtype) if x.dtype == jnp.float32 else x for x in _inputs())
+    A.attend_fused(q, k, v, mask)
+    assert asked == [expected]
+
+
 def test_a_row_shorter_than_the_block_is_one_unpadded_block():
     """Keys that fit in one block are not padded up to it (padding T=37 to 512 would do 14× the work)."""
     q, k, v, mask = _inputs()
