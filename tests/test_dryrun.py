@@ -189,6 +189,27 @@ def test_analytic_bytes_follow_the_sharding_rules():
     assert f.executed > f.model
 
 
+def test_analytic_attention_memory_by_implementation():
+    """The analytic temporaries of the 8B depth student at T=8192: einsum and blockwise write scores ([T, T] and
+    [T, 512] per head), fused attention in bf16 (cuDNN's flash attention) only per-row statistics; fused in fp32 is
+    XLA's composition and costs what einsum costs."""
+    from minitron_jax.config import LlamaConfig
+
+    cfg = LlamaConfig.from_json_file(ROOT / "configs" / "models" / "Llama-3.1-8B.json").replace(num_layers=16)
+
+    def temp(attention, remat="none", c=2):
+        layout = P.Layout(data=1, fsdp=8, tensor=1, grad_accum=1, remat=remat, attention=attention)
+        return P.activation_bytes(cfg, cfg, layout, global_rows=8, seq_len=8192, chunk_size=1024,
+                                  param_bytes_per_device=1e9, compute_bytes=c)
+
+    for remat in ("none", "dots"):  # the policies that keep scores for the backward pass
+        einsum, blockwise, fused = (temp(a, remat)["saved_activations"] for a in ("einsum", "blockwise", "fused"))
+        assert fused < blockwise < einsum
+        # what fused saves over einsum is the scores: 16 layers × 32 heads × T² × (4 bytes or more), one row a device
+        assert einsum - fused > 0.99 * 16 * 32 * 8192**2 * 4
+    assert temp("fused", c=4) == temp("einsum", c=4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The 8B recipes, compiled on 8 fake devices
 # ----------------------------------------------------------------------------------------------------------------

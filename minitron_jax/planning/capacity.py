@@ -187,7 +187,7 @@ class Layout:
     tensor: int
     grad_accum: int
     remat: str
-    attention: str = "einsum"  # einsum | blockwise
+    attention: str = "einsum"  # einsum | blockwise | fused (attention.ATTENTION_IMPLS)
 
     @property
     def devices(self) -> int:
@@ -257,6 +257,11 @@ def activation_bytes(student: AnyConfig, teacher: AnyConfig | None, layout: Layo
     def score_bytes(v, per_element):
         if layout.attention == "blockwise":
             return b * heads(v) * T * min(attention_block, T) * per_element
+        if layout.attention == "fused" and c == 2:
+            # cuDNN's flash attention (bf16/fp16 on an NVIDIA GPU) keeps each [T, S] tile on chip; what reaches
+            # memory is fp32 statistics per query row (the softmax's log-sum-exp, and in the backward the row sums
+            # of dO·O). In fp32, or off an NVIDIA GPU, "fused" is XLA's composition and writes the scores like einsum.
+            return b * heads(v) * T * 2 * 4
         return b * heads(v) * T * T * per_element
 
     def ffn(v):

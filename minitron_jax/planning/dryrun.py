@@ -393,7 +393,8 @@ def _notes(rc, layout, student, teacher, comp: Compiled, ana) -> list[str]:
     if layout.attention == "einsum" and comp.memory and scores > 0.1 * compiled_temp(comp):
         notes.append(f"attention materializes fp32 scores [B, H, T, T]: {P.fmt_bytes(scores)} per student layer "
                      f"per device at T={T} ({rows:g} rows/device); train.attention=blockwise bounds this by the key "
-                     "block (512)")
+                     "block (512), and on an NVIDIA GPU in bf16 train.attention=fused never writes them (cuDNN's "
+                     "flash attention)")
     if comp.method == "compile":
         notes.extend(CPU_NOTES)
         if comp.hlo and comp.hlo.unknown_trip_counts:
