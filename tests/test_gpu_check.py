@@ -37,11 +37,16 @@ def _pieces(tmp_path: Path) -> Path:
     plan = {"compile": {"backend": "cuda", "device_kind": "NVIDIA H200", "compile_seconds": 30.0},
             "memory_per_device": {"compiled": {"params": 18e9, "optimizer": 36e9, "teacher": 16e9, "temp": 20e9},
                                   "total": 90e9}, "fits": True}
-    for name, result, rc in (("forward_bf16", forward, 0), ("distill", distill, 0), ("plan8b_gpu", plan, 0)):
+    lighter = {**distill, "remat": "none", "distill": _step(40000.0, 0.62)}
+    lighter.pop("distill_cached")
+    for name, result, rc in (("forward_bf16", forward, 0), ("distill", distill, 0),
+                             ("distill_remat_none", lighter, 0), ("plan8b_gpu", plan, 0)):
         (d / f"{name}.json").write_text(json.dumps(result))
         (d / f"{name}.rc").write_text(f"{rc}\n")
     (d / "plan8b_cpu.json").write_text("Traceback (most recent call last): ...")  # a crashed piece
     (d / "plan8b_cpu.rc").write_text("1\n")
+    (d / "distill_remat_dots.json").write_text("")  # out of memory: nothing on stdout
+    (d / "distill_remat_dots.rc").write_text("1\n")
     return d
 
 
@@ -50,8 +55,10 @@ def test_report_tables_and_failures(R, tmp_path, capsys):
     assert R.main([str(d), "--json", str(tmp_path / "all.json")]) == 0
     md = capsys.readouterr().out
     assert "| 8 × 2048 | 250,000 | 200,000 | 1.25 | 3.00e-02 |" in md
-    assert "| distill, online teacher |" in md and "51.0%" in md
-    assert "| distill, cached top-64 teacher |" in md and "57.0%" in md
+    assert "| distill, online teacher | full |" in md and "51.0%" in md
+    assert "| distill, cached top-64 teacher | full |" in md and "57.0%" in md
+    assert "| distill, online teacher | none |" in md and "62.0%" in md  # the lighter-remat piece
+    assert "| distill_remat_dots | no result (exit 1) |" in md
     assert "| cuda | NVIDIA H200 | 30.0 | 18.00 | 36.00 | 16.00 | 20.00 | 90.00 | True |" in md
     assert "| plan8b_cpu | no result (exit 1) |" in md  # a failed piece is named, never dropped
     assert "plan8b_cpu 1" in md
@@ -65,7 +72,9 @@ def test_report_of_pieces_never_run(R, tmp_path, capsys):
     empty.mkdir()
     assert R.main([str(empty)]) == 0
     md = capsys.readouterr().out
-    assert "forward: no result (exit None)" in md and "distillation step: no result (exit None)" in md
+    assert "forward: no result (exit None)" in md
+    assert ("distillation step: no result (exit codes: distill None, distill_remat_none None, "
+            "distill_remat_dots None)") in md
 
 
 def test_script_is_valid_bash_and_names_three_outputs():

@@ -17,7 +17,8 @@
 #   1. forward, bf16, ours (jit) vs transformers + torch on the same GPU, Llama-3.2-1B shape      (bench_forward.py)
 #   2. the distillation train step, bf16, 1B-class teacher -> width-pruned student, FSDP over the local devices:
 #      tokens/s, TFLOP/s and MFU, online teacher; and the same student trained from a cached top-k teacher
-#      (no teacher forward), when the build has one                                               (bench_distill.py)
+#      (no teacher forward), when the build has one; then the online step again with remat none and remat dots
+#                                                                                                 (bench_distill.py)
 #   3. the Llama-3.1-8B -> 4B width recipe's train step on 1 device compiled by the real GPU compiler beside the
 #      same step compiled for a fake CPU device (the dry-run planner's basis): per-device bytes, compile time
 #                                                                                    (distill --dry-run --on-device)
@@ -67,13 +68,18 @@ else
     PLAN_SEQ=4096
 fi
 piece forward_bf16 90 $PY tools/bench_forward.py "${FWD[@]}" --json
-piece distill 210 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64
+piece distill 160 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64
+# With fused attention no layer keeps [T, T] scores, so lighter remat may fit at 4 x 4096 (einsum with remat none
+# needed 123 GiB at 2 x 4096): remat full recomputes each layer's forward (8·N instead of 6·N FLOPs for the student),
+# the first thing between the measured 34% MFU and the goal.
+piece distill_remat_none 60 $PY tools/bench_distill.py "${DIST[@]}" --remat none
+piece distill_remat_dots 60 $PY tools/bench_distill.py "${DIST[@]}" --remat dots
 # The 8B width recipe on ONE device: 8 rows of 4096 tokens per step in 8 micro-batches (the recipe's 8192-token rows
 # do not fit one H200 with the student's fp32 master weights and Adam moments: 137 GB by the CPU-compiled plan).
 PLAN_ARGS=(--config configs/distill_llama31_8b_to_4b_width.yaml --dry-run --devices 1 --accelerator h200 --no-verify
            mesh.data=1 mesh.fsdp=1 mesh.tensor=1 data.seq_len=$PLAN_SEQ data.batch_size=8 train.grad_accum=8)
-piece plan8b_gpu 110 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
-piece plan8b_cpu 70 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
+piece plan8b_gpu 70 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
+piece plan8b_cpu 40 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
 
 $PY tools/gpu_report.py "$PIECES" --json "$OUT_DIR/gpu_check.json" >"$OUT_DIR/gpu_check.md" 2>>"$LOG" \
     || echo "gpu_report failed" | tee -a "$LOG"

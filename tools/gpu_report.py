@@ -3,7 +3,8 @@
     python tools/gpu_report.py PIECES_DIR [--json ALL.json]
 
 ``PIECES_DIR`` holds ``NAME.json`` (a piece's stdout) and ``NAME.rc`` (its exit code) for the pieces
-forward_bf16, distill, plan8b_gpu, plan8b_cpu; a missing or failed piece is reported as such,
+forward_bf16, distill, distill_remat_none, distill_remat_dots, plan8b_gpu, plan8b_cpu; a missing or failed piece
+is reported as such,
 never skipped silently. ``--json`` writes every piece (parsed, or the raw text when it is not JSON) and its exit
 code into one file.
 """
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 GB = 1e9
-PIECES = ("forward_bf16", "distill", "plan8b_gpu", "plan8b_cpu")
+DISTILL_PIECES = ("distill", "distill_remat_none", "distill_remat_dots")
+PIECES = ("forward_bf16", *DISTILL_PIECES, "plan8b_gpu", "plan8b_cpu")
 
 
 def read_pieces(directory: Path) -> dict[str, dict]:
@@ -56,21 +58,33 @@ def forward_table(piece: dict) -> list[str]:
     return lines
 
 
-def distill_table(piece: dict) -> list[str]:
-    r = piece["result"]
-    if not r or "distill" not in r:
-        return [f"distillation step: no result (exit {piece['rc']})"]
-    lines = [f"Distillation step on {r['device']}, batch {r['batch']} × {r['seq_len']}, remat {r['remat']}; "
-             f"teacher {r['teacher']}, student {r['student']}. MFU counts the model FLOPs of the models that run "
-             "(the cached step: the student's alone).", "",
-             "| step | s/step | tok/s | TFLOP/s | MFU | first step s |", "|---|---:|---:|---:|---:|---:|"]
-    rows = [("distill, online teacher", "distill"), ("CE only (no teacher)", "ce_only")]
-    if "distill_cached" in r:
-        rows.append((f"distill, cached top-{r['distill_cached']['top_k']} teacher", "distill_cached"))
-    for label, key in rows:
-        s = r[key]
-        lines.append(f"| {label} | {s['seconds_per_step']:.3f} | {s['tokens_per_s']:,.0f} | "
-                     f"{s['tflops_per_s']:.1f} | {_fmt(s['mfu'], '.1%')} | {s['first_step_s']:.1f} |")
+def distill_table(pieces: dict) -> list[str]:
+    """One table for the distillation pieces: the step as gpu_check runs it (remat full, with the cached teacher),
+    then the same online step with lighter remat. A piece without a result is a row naming its exit code."""
+    first = next((pieces[n]["result"] for n in DISTILL_PIECES
+                  if pieces[n]["result"] and "distill" in pieces[n]["result"]), None)
+    if first is None:
+        codes = ", ".join(f"{name} {pieces[name]['rc']}" for name in DISTILL_PIECES)
+        return [f"distillation step: no result (exit codes: {codes})"]
+    lines = [f"Distillation step on {first['device']}, batch {first['batch']} × {first['seq_len']}, attention "
+             f"{first.get('attention', 'einsum')}; teacher {first['teacher']}, student {first['student']}. "
+             "MFU counts the model FLOPs of the models that run (the cached step: the student's alone), not what "
+             "remat recomputes.", "",
+             "| step | remat | s/step | tok/s | TFLOP/s | MFU | first step s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name in DISTILL_PIECES:
+        piece = pieces[name]
+        r = piece["result"]
+        if not r or "distill" not in r:
+            lines.append(f"| {name} | no result (exit {piece['rc']}) | | | | | |")
+            continue
+        rows = [("distill, online teacher", "distill"), ("CE only (no teacher)", "ce_only")]
+        if "distill_cached" in r:
+            rows.append((f"distill, cached top-{r['distill_cached']['top_k']} teacher", "distill_cached"))
+        for label, key in rows:
+            st = r[key]
+            lines.append(f"| {label} | {r['remat']} | {st['seconds_per_step']:.3f} | {st['tokens_per_s']:,.0f} | "
+                         f"{st['tflops_per_s']:.1f} | {_fmt(st['mfu'], '.1%')} | {st['first_step_s']:.1f} |")
     return lines
 
 
@@ -112,7 +126,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(pieces, indent=2) + "\n")
     out = ["## GPU check (`tools/gpu_check.sh`)", "",
            "Exit codes: " + ", ".join(f"{k} {v['rc']}" for k, v in pieces.items()), "",
-           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces["distill"]), "",
+           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces), "",
            f"The Llama-3.1-8B → 4B width recipe's train step on one device{_plan_shape(pieces)}, compiled by the "
            "device's compiler and for a fake CPU device (the planner's basis):", "", *plan_table(pieces)]
     print("\n".join(out))
