@@ -95,6 +95,34 @@ def test_cross_entropy_clips_ignore_ids():
     assert np.all(np.isfinite(out))
 
 
+@pytest.mark.parametrize("kind, T, top_k", [("forward_kl", 1.0, None), ("reverse_kl", 1.0, None), ("jsd", 1.0, None),
+                                            ("forward_kl", 2.0, None), ("forward_kl", 1.0, 7)])
+def test_kd_and_ce_equal_kd_loss_and_cross_entropy(logits, kind, T, top_k):
+    """The pair the distillation step computes (one shared student log-softmax at T=1) equals the two losses
+    computed apart, and the float64 definitions."""
+    s, t = logits
+    y = np.random.default_rng(1).integers(0, s.shape[-1], size=s.shape[:-1])
+    y[0, 0] = -100  # an "ignore" id is clipped, as cross_entropy clips it
+    kd, ce = losses.kd_and_ce(s, t, y, kind=kind, temperature=T, top_k=top_k, jsd_beta=0.3)
+    assert_close(kd, losses.kd_loss(s, t, kind=kind, temperature=T, top_k=top_k, jsd_beta=0.3), 1e-6)
+    assert_close(ce, losses.cross_entropy(s, y), 1e-6)
+    assert_close(ce, np_ce(s, np.clip(y, 0, None)))
+    with pytest.raises(ValueError, match="unknown KD loss kind"):
+        losses.kd_and_ce(s, t, y, kind="kl")
+
+
+def test_zero_weighted_term_is_left_out_of_the_objective():
+    """alpha=1 (0=) leaves CE (KD) out instead of multiplying it by 0: same value and gradient when the dropped term
+    is finite; a non-finite dropped term no longer poisons the objective."""
+    kd, ce = jnp.asarray(2.0), jnp.asarray(3.0)
+    assert float(losses.mix_kd_ce(kd, ce, 1.0)) == 2.0 and float(losses.mix_kd_ce(kd, ce, 0.0)) == 3.0
+    assert float(losses.mix_kd_ce(kd, ce, 0.25)) == pytest.approx(0.25 * 2 + 0.75 * 3)
+    assert float(losses.mix_kd_ce(kd, jnp.asarray(jnp.nan), 1.0)) == 2.0
+    g_new = jax.grad(lambda a, b: losses.mix_kd_ce(a * a, b * b, 1.0), argnums=(0, 1))(kd, ce)
+    g_old = jax.grad(lambda a, b: 1.0 * a * a + 0.0 * b * b, argnums=(0, 1))(kd, ce)
+    assert [float(g) for g in g_new] == [float(g) for g in g_old] == [4.0, 0.0]
+
+
 def test_divergence_of_identical_distributions_is_zero(logits):
     _, t = logits
     for fn in (losses.forward_kl, losses.reverse_kl, losses.jsd):
@@ -331,32 +359,50 @@ def test_chunked_loss_validation():
 
 
 def test_chunked_loss_uses_several_times_less_memory():
-    """The point of chunking: compiled loss+grad temp memory is a fraction of the naive version's."""
-    n, v, d = 4096, 32768, 256
+    """The point of chunking: the compiled loss+grad's temporaries do not grow with the number of tokens (the naive
+    version's grow by a whole [N, V] fp32 buffer per N tokens), and at 8192 tokens they are a fraction of it."""
+    v, d = 32768, 256
     spec = jax.ShapeDtypeStruct
-    args = (
-        spec((n, d), jnp.float32),
-        spec((d, v), jnp.float32),
-        spec((n, d), jnp.float32),
-        spec((d, v), jnp.float32),
-        spec((n,), jnp.int32),
-        spec((n,), jnp.float32),
-    )
 
-    def temp_bytes(fn):
+    def temp_bytes(fn, n):
+        args = (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
+                spec((d, v), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
         grad = jax.jit(jax.grad(lambda *a: fn(*a, chunk_size=512)[0], argnums=(0, 1)))
         stats = grad.lower(*args).compile().memory_analysis()
         return None if stats is None else stats.temp_size_in_bytes
 
-    naive = temp_bytes(chunked_loss.naive_logit_loss)
-    if naive is None:
+    if temp_bytes(chunked_loss.naive_logit_loss, 64) is None:
         if jax.default_backend() == "cpu":
             pytest.fail("memory_analysis() is expected to work on CPU")
         pytest.skip(f"memory_analysis() unavailable on {jax.default_backend()}")
-    chunked = temp_bytes(chunked_loss.chunked_logit_loss)
-    logits_bytes = n * v * 4
-    assert naive >= logits_bytes  # sanity: the naive version really holds full logits
-    assert chunked * 4 < naive, f"chunked {chunked / 2**20:.0f} MiB vs naive {naive / 2**20:.0f} MiB"
+    naive = {n: temp_bytes(chunked_loss.naive_logit_loss, n) for n in (4096, 8192)}
+    chunked = {n: temp_bytes(chunked_loss.chunked_logit_loss, n) for n in (4096, 8192)}
+    logits_bytes = 4096 * v * 4  # one fp32 [4096, V] buffer
+    assert naive[4096] >= logits_bytes  # sanity: the naive version really holds full logits
+    assert naive[8192] - naive[4096] >= logits_bytes
+    assert chunked[8192] - chunked[4096] < 0.05 * logits_bytes
+    assert chunked[8192] * 4 < naive[8192], (chunked, naive)
+
+
+def test_pure_kd_loss_keeps_no_cross_entropy_buffers(monkeypatch):
+    """At alpha=1 the chunked loss's gradient holds no [chunk, V] buffer for CE: it is neither differentiated (0·CE
+    ran CE's whole backward) nor given its own logsumexp. Compiled temporaries against the same loss with the two
+    computed apart and mixed as 1·KD + 0·CE: at least one [chunk, V] fp32 buffer less."""
+    n, v, d, chunk = 512, 8192, 64, 512
+    spec = jax.ShapeDtypeStruct
+    args = (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
+            spec((d, v), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
+
+    def temp_bytes():
+        grad = jax.jit(jax.grad(lambda *a: chunked_loss.chunked_logit_loss(*a, chunk_size=chunk)[0], argnums=(0, 1)))
+        return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    shared = temp_bytes()
+    monkeypatch.setattr(chunked_loss, "kd_and_ce", lambda s, t, y, **o: (
+        losses.kd_loss(s, t, **o), losses.cross_entropy(s, y)))
+    monkeypatch.setattr(chunked_loss, "mix_kd_ce", lambda kd, ce, alpha: alpha * kd + (1.0 - alpha) * ce)
+    apart = temp_bytes()
+    assert apart - shared >= chunk * v * 4, (shared, apart)
 
 
 # ----------------------------------------------------------------------------------------------
