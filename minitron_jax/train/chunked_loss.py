@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from minitron_jax.model import dot_lhs_transposed
-from minitron_jax.train.losses import check_kd_options, cross_entropy, kd_and_ce, mix_kd_ce, weighted_sum
+from minitron_jax.train.losses import check_kd_options, cross_entropy, kd_loss, mix_kd_ce, weighted_sum
 
 __all__ = [
     "fused_head_loss",
@@ -100,8 +100,11 @@ def _logits(hidden: jax.Array, head: jax.Array, compute_dtype) -> jax.Array:
 
 def _token_losses(s_logits, t_logits, targets, opts: _LossOptions) -> tuple[jax.Array, jax.Array]:
     """Per-token (kd, ce) from a block of student and teacher logits."""
-    return kd_and_ce(s_logits, t_logits, targets, kind=opts.kind, temperature=opts.temperature, top_k=opts.top_k,
-                     jsd_beta=opts.jsd_beta)
+    kd = kd_loss(
+        s_logits, t_logits, kind=opts.kind, temperature=opts.temperature, top_k=opts.top_k, jsd_beta=opts.jsd_beta
+    )
+    ce = cross_entropy(s_logits, targets)
+    return kd, ce
 
 
 def _prepare(student_hidden, student_head, teacher_hidden, teacher_head, targets, weights):

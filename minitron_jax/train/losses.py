@@ -41,7 +41,6 @@ __all__ = [
     "sparse_forward_kl",
     "cross_entropy",
     "kd_loss",
-    "kd_and_ce",
     "mix_kd_ce",
     "hidden_state_loss",
 ]
@@ -70,36 +69,21 @@ def _kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def _jsd_from_log_probs(log_pt: jax.Array, log_ps: jax.Array, beta: float) -> jax.Array:
-    log_m = jnp.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
-    return beta * _kl_from_log_probs(log_pt, log_m) + (1.0 - beta) * _kl_from_log_probs(log_ps, log_m)
-
-
-# kind → divergence per token from (teacher log-probs, student log-probs, jsd beta), before the T² factor.
-_DIVERGENCE = {
-    "forward_kl": lambda log_pt, log_ps, beta: _kl_from_log_probs(log_pt, log_ps),
-    "reverse_kl": lambda log_pt, log_ps, beta: _kl_from_log_probs(log_ps, log_pt),
-    "jsd": _jsd_from_log_probs,
-}
-
-
-def _divergence(kind: str, student_logits, teacher_logits, temperature: float, beta: float = 0.5) -> jax.Array:
-    log_pt = _log_probs(teacher_logits, temperature)
-    log_ps = _log_probs(student_logits, temperature)
-    return temperature**2 * _DIVERGENCE[kind](log_pt, log_ps, beta)
-
-
 def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
     """Forward KL(teacher‖student) per token: ``T² Σ_v p_t (log p_t − log p_s)``.
 
     "Mean-seeking": the student is pushed to cover all of the teacher's mass. Minitron's choice.
     """
-    return _divergence("forward_kl", student_logits, teacher_logits, temperature)
+    log_pt = _log_probs(teacher_logits, temperature)
+    log_ps = _log_probs(student_logits, temperature)
+    return temperature**2 * _kl_from_log_probs(log_pt, log_ps)
 
 
 def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
     """Reverse KL(student‖teacher) per token: ``T² Σ_v p_s (log p_s − log p_t)`` ("mode-seeking")."""
-    return _divergence("reverse_kl", student_logits, teacher_logits, temperature)
+    log_pt = _log_probs(teacher_logits, temperature)
+    log_ps = _log_probs(student_logits, temperature)
+    return temperature**2 * _kl_from_log_probs(log_ps, log_pt)
 
 
 def jsd(
@@ -116,7 +100,12 @@ def jsd(
     (at either end the divergence degenerates to 0).
     """
     _check_beta(beta)
-    return _divergence("jsd", student_logits, teacher_logits, temperature, beta)
+    log_pt = _log_probs(teacher_logits, temperature)
+    log_ps = _log_probs(student_logits, temperature)
+    log_m = jnp.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
+    return temperature**2 * (
+        beta * _kl_from_log_probs(log_pt, log_m) + (1.0 - beta) * _kl_from_log_probs(log_ps, log_m)
+    )
 
 
 def top_k_forward_kl(
@@ -210,12 +199,6 @@ def sparse_forward_kl(
     return support + rest
 
 
-def _at_targets(x: jax.Array, targets: jax.Array) -> jax.Array:
-    """``x[..., target]``, out-of-range ids (e.g. -1/-100 "ignore" markers) clipped into range."""
-    targets = jnp.clip(targets.astype(jnp.int32), 0, x.shape[-1] - 1)
-    return jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
-
-
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Next-token cross-entropy per token: ``logsumexp(z) − z[target]`` (fp32, T=1).
 
@@ -223,32 +206,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     "ignore" markers) are clipped into range so the result stays finite; mask them with weight 0.
     """
     logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - _at_targets(logits, targets)
-
-
-def kd_and_ce(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    targets: jax.Array,
-    *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    jsd_beta: float = 0.5,
-) -> tuple[jax.Array, jax.Array]:
-    """Per token, ``(kd_loss(...), cross_entropy(student_logits, targets))``: what a distillation step needs.
-
-    At T=1 without ``top_k`` both read one student log-softmax (CE = −log p_s[target]) instead of CE computing
-    its own ``logsumexp``, which XLA does not merge with the KD's ``log_softmax``. With `mix_kd_ce` leaving out a
-    0-weighted CE, this took the demo step's temporaries from 0.90 to 0.78 GB (either change alone: 0.88). The
-    KD is computed exactly as `kd_loss` computes it."""
-    check_kd_options(kind, temperature, top_k, jsd_beta)
-    if temperature != 1.0 or top_k is not None:
-        return (kd_loss(student_logits, teacher_logits, kind=kind, temperature=temperature, top_k=top_k,
-                        jsd_beta=jsd_beta), cross_entropy(student_logits, targets))
-    log_pt = _log_probs(teacher_logits, 1.0)
-    log_ps = _log_probs(student_logits, 1.0)
-    return _DIVERGENCE[kind](log_pt, log_ps, jsd_beta), -_at_targets(log_ps, targets)
+    targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def kd_loss(
@@ -276,8 +236,8 @@ def mix_kd_ce(kd: jax.Array, ce: jax.Array, alpha: float) -> jax.Array:
 
     A term whose weight is 0 is left out rather than multiplied by 0. Differentiated, ``0 * ce`` still runs CE's
     whole backward (XLA keeps it, since 0 · NaN is NaN): at alpha=1 (Minitron's setting, where CE is only logged)
-    that is a ``[tokens, V]`` scatter and softmax per loss chunk for a gradient of exactly 0 (see `kd_and_ce` for
-    what it saved). The value and the gradient are those of the full expression whenever CE is finite."""
+    that is a ``[tokens, V]`` scatter and softmax per loss chunk for a gradient of exactly 0. The value and the
+    gradient are those of the full expression whenever CE is finite."""
     if alpha == 1.0:
         return kd
     if alpha == 0.0:
