@@ -342,15 +342,21 @@ def test_chunked_loss_validation():
         chunked_loss.chunked_logit_loss(sh, sw, th, tw, y, w, chunk_size=0)
 
 
+def _abstract_logit_loss_args(n: int, d: int, v: int) -> tuple:
+    """Abstract fp32 (student hidden, student head, teacher hidden, teacher head, targets, weights) of
+    ``chunked_logit_loss`` for n tokens, width d and vocabulary v: compiled, never allocated."""
+    spec = jax.ShapeDtypeStruct
+    return (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
+            spec((d, v), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
+
+
 def test_chunked_loss_uses_several_times_less_memory():
     """The point of chunking: the compiled loss+grad's temporaries do not grow with the number of tokens (the naive
     version's grow by a whole [N, V] fp32 buffer per N tokens), and at 8192 tokens they are a fraction of it."""
     v, d = 32768, 256
-    spec = jax.ShapeDtypeStruct
 
     def temp_bytes(fn, n):
-        args = (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
-                spec((d, v), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
+        args = _abstract_logit_loss_args(n, d, v)
         grad = jax.jit(jax.grad(lambda *a: fn(*a, chunk_size=512)[0], argnums=(0, 1)))
         stats = grad.lower(*args).compile().memory_analysis()
         return None if stats is None else stats.temp_size_in_bytes
@@ -371,10 +377,8 @@ def test_chunked_loss_uses_several_times_less_memory():
 def test_pure_kd_loss_runs_no_cross_entropy_backward(monkeypatch):
     """At alpha=1 the chunked loss's gradient does not differentiate CE (it is only logged): the compiled gradient
     has fewer FLOPs and no more temporaries than the same loss mixed as 1·KD + 0·CE, whose CE backward XLA keeps."""
-    n, v, d, chunk = 512, 8192, 64, 512
-    spec = jax.ShapeDtypeStruct
-    args = (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
-            spec((d, v), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
+    chunk = 512
+    args = _abstract_logit_loss_args(512, 64, 8192)
 
     def compiled():
         grad = jax.jit(jax.grad(lambda *a: chunked_loss.chunked_logit_loss(*a, chunk_size=chunk)[0], argnums=(0, 1)))

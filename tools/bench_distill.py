@@ -35,6 +35,7 @@ import time
 import jax
 import numpy as np
 
+from minitron_jax.attention import ATTENTION_IMPLS  # the model's own list of attention kinds
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params, init_params
 from minitron_jax.sharding import make_mesh
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--remat", default=None, help="default: none CPU, full GPU")
     p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--attention", default="einsum", help="train.attention: einsum | blockwise | fused")
+    p.add_argument("--attention", choices=tuple(ATTENTION_IMPLS), default="einsum", help="train.attention")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
     p.add_argument("--mem-seq-len", type=int, default=4096, help="tokens of the memory comparison (one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")

@@ -4,9 +4,8 @@
 
 ``PIECES_DIR`` holds ``NAME.json`` (a piece's stdout) and ``NAME.rc`` (its exit code) for the pieces
 forward_bf16, distill, distill_remat_none, distill_remat_dots, plan8b_gpu, plan8b_cpu; a missing or failed piece
-is reported as such,
-never skipped silently. ``--json`` writes every piece (parsed, or the raw text when it is not JSON) and its exit
-code into one file.
+is reported as such, never skipped silently. ``--json`` writes every piece (parsed, or the raw text when it is not
+JSON) and its exit code into one file.
 """
 
 from __future__ import annotations
@@ -61,8 +60,11 @@ def forward_table(piece: dict) -> list[str]:
 def distill_table(pieces: dict) -> list[str]:
     """One table for the distillation pieces: the step as gpu_check runs it (remat full, with the cached teacher),
     then the same online step with lighter remat. A piece without a result is a row naming its exit code."""
-    first = next((pieces[n]["result"] for n in DISTILL_PIECES
-                  if pieces[n]["result"] and "distill" in pieces[n]["result"]), None)
+    def step_of(name):  # the piece's bench_distill report, or None when it gave none
+        r = pieces[name]["result"]
+        return r if r and "distill" in r else None
+
+    first = next((step_of(n) for n in DISTILL_PIECES if step_of(n)), None)
     if first is None:
         codes = ", ".join(f"{name} {pieces[name]['rc']}" for name in DISTILL_PIECES)
         return [f"distillation step: no result (exit codes: {codes})"]
@@ -73,10 +75,9 @@ def distill_table(pieces: dict) -> list[str]:
              "| step | remat | s/step | tok/s | TFLOP/s | MFU | first step s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name in DISTILL_PIECES:
-        piece = pieces[name]
-        r = piece["result"]
-        if not r or "distill" not in r:
-            lines.append(f"| {name} | no result (exit {piece['rc']}) | | | | | |")
+        r = step_of(name)
+        if r is None:
+            lines.append(f"| {name} | no result (exit {pieces[name]['rc']}) | | | | | |")
             continue
         rows = [("distill, online teacher", "distill"), ("CE only (no teacher)", "ce_only")]
         if "distill_cached" in r:
