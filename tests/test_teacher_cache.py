@@ -308,6 +308,69 @@ def test_a_run_refuses_a_cache_of_another_teacher_or_data(tiny, cache_k8, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_a_damaged_cache_is_refused_naming_the_shard_and_a_rerun_repairs_it(tiny, cache_k8, tmp_path):
+    """Values no teacher writes (an id outside the vocabulary, a NaN log-prob), a shard directory of another cache
+    and an index whose shards leave a gap are refused with the file named, not trained on (an out-of-range id
+    gathered NaN and stopped the run as a "non-finite loss"; a gap in the index read past a shard's end: exit 1);
+    deleting the damaged shard, or not, and rerunning the writer repairs the cache to the original bytes."""
+    import shutil
+
+    src, _ = cache_k8
+    ref = TeacherCache(src).split("train").rows(np.arange(len(TeacherCache(src).split("train"))))
+
+    def damaged(name, edit):
+        out = tmp_path / name
+        shutil.copytree(src, out)
+        edit(out)
+        return out
+
+    def edit_array(shard, file, fn):
+        def edit(out):
+            a = np.load(out / shard / file)
+            fn(a)
+            np.save(out / shard / file, a)
+        return edit
+
+    bad_id = damaged("bad_id", edit_array("train-00001", "ids.npy", lambda a: a.__setitem__((1, 2, 0), 299 + 7)))
+    nan_lp = damaged("nan_lp", edit_array("train-00002", "logprobs.npy", lambda a: a.__setitem__((0, 3, 2), np.nan)))
+    pos_rest = damaged("pos_rest", edit_array("train-00003", "rest.npy", lambda a: a.__setitem__((4, 0), 0.5)))
+    for out, shard, file, what in ((bad_id, "train-00001", "ids.npy", "token id 306 outside the vocabulary of"),
+                                   (nan_lp, "train-00002", "logprobs.npy", "log-probability NaN"),
+                                   (pos_rest, "train-00003", "rest.npy", "log-probability 0.5")):
+        split = TeacherCache(out).split("train")
+        split.rows(np.arange(5))  # an undamaged shard reads as before
+        with pytest.raises(TeacherCacheError) as e:
+            split.rows(np.arange(len(split)))
+        assert str(e.value).startswith(f"{out / shard / file}: {what}") and f"delete {out / shard} and" in str(e.value)
+
+    def foreign_shard(out):
+        meta = json.loads((out / "train-00001" / "shard.json").read_text())
+        (out / "train-00001" / "shard.json").write_text(json.dumps({**meta, "fingerprint_sha256": "0" * 64}))
+
+    foreign = damaged("foreign", foreign_shard)
+    assert TeacherCache(foreign).missing() == ["train-00001"]
+    with pytest.raises(TeacherCacheError, match="incomplete \\(1 of"):
+        TeacherCache(foreign).check_complete()
+
+    def gap(out):
+        index = json.loads((out / "index.json").read_text())
+        del index["splits"]["train"]["shards"][1]
+        (out / "index.json").write_text(json.dumps(index))
+
+    with pytest.raises(TeacherCacheError, match="shard train-00002 of split 'train' covers rows \\[10, 15\\), "
+                                                "expected rows from 5 on"):
+        TeacherCache(damaged("gap", gap)).split("train")
+
+    shutil.rmtree(bad_id / "train-00001")  # as the message says; the foreign shard is replaced without being asked
+    for out in (bad_id, foreign):
+        summary = write_teacher_cache(make_rc(tiny, tmp_path / "unused"), out, top_k=8, dtype="float32",
+                                      rows_per_shard=5, batch_rows=4, log=lambda _: 0)
+        assert summary["complete"] and summary["shards_written"] == 1
+        split = TeacherCache(out).split("train")
+        for key, value in split.rows(np.arange(len(split))).items():
+            np.testing.assert_array_equal(value, ref[key])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # kill -9 mid-write
 # ----------------------------------------------------------------------------------------------------------------

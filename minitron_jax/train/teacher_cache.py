@@ -169,7 +169,20 @@ class CachedSplit:
             raise TeacherCacheError(f"{cache.index_path}: no {split!r} split in this teacher-logits cache")
         self.shards = info["shards"]
         self.num_rows = int(info["rows"])
-        self._starts = np.asarray([s["start"] for s in self.shards], np.int64)
+        # The row lookup below maps a row to the last shard starting at or before it: that is right only when the
+        # shards tile [0, rows) in order. A hand-edited or mixed-up index would otherwise read past a shard's end.
+        bounds = [(int(s["start"]), int(s["stop"])) for s in self.shards]
+        expect = 0
+        for name, (lo, hi) in zip((s["name"] for s in self.shards), bounds):
+            if lo != expect or hi <= lo:
+                raise TeacherCacheError(f"{cache.index_path}: shard {name} of split {split!r} covers rows "
+                                        f"[{lo}, {hi}), expected rows from {expect} on: the shards must cover the "
+                                        "split in order")
+            expect = hi
+        if expect != self.num_rows:
+            raise TeacherCacheError(f"{cache.index_path}: the shards of split {split!r} cover {expect} rows, the index "
+                                    f"says {self.num_rows}")
+        self._starts = np.asarray([lo for lo, _ in bounds], np.int64)
         self._open: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -177,7 +190,7 @@ class CachedSplit:
 
     def _arrays(self, i: int) -> dict[str, np.ndarray]:
         if i not in self._open:
-            self._open[i] = self.cache.read_shard(self.shards[i])
+            self._open[i] = self.cache.read_shard(self.split, self.shards[i])
         return self._open[i]
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -208,6 +221,7 @@ class CachedSplit:
             dst = real[sel][order]
             for key in CACHE_KEYS:
                 out[key][dst] = arrays[key][local]
+            c.check_values(self.shards[s]["name"], {key: out[key][dst] for key in CACHE_KEYS})
         return out
 
 
@@ -230,6 +244,7 @@ class TeacherCache:
             self.seq_len = int(index["seq_len"])
             self.ids_dtype = np.dtype(index["ids_dtype"])
             self.logprobs_dtype = logprobs_dtype(index["logprobs_dtype"])
+            self.vocab_size = int(index["vocab_size"])
             for split in index["splits"].values():
                 for s in split["shards"]:
                     str(s["name"]), int(s["start"]), int(s["stop"])
@@ -251,14 +266,15 @@ class TeacherCache:
                                     f"{'; '.join(diffs)}. Rewrite it (python -m minitron_jax.teacher_logits) or "
                                     "point to the cache of this teacher and data")
 
-    def shard_complete(self, shard: Mapping) -> bool:
-        """A shard directory exists only whole (atomic rename); the marker and its metadata say it is ours."""
+    def shard_complete(self, split: str, shard: Mapping) -> bool:
+        """A shard directory exists only whole (atomic rename); the marker and its metadata say it is ours: this
+        split, these rows, this cache's fingerprint (a shard directory copied in from another cache is not)."""
         d = self.path / shard["name"]
-        return (d / MARKER_NAME).is_file() and (d / SHARD_META).is_file()
+        return (d / MARKER_NAME).is_file() and _shard_is_ours(d, _shard_meta(self.index, split, shard))
 
     def missing(self) -> list[str]:
-        return [s["name"] for split in self.index["splits"].values() for s in split["shards"]
-                if not self.shard_complete(s)]
+        return [s["name"] for name, split in self.index["splits"].items() for s in split["shards"]
+                if not self.shard_complete(name, s)]
 
     def check_complete(self) -> None:
         missing = self.missing()
@@ -268,10 +284,10 @@ class TeacherCache:
                                     f"missing, first {missing[0]}); rerun python -m minitron_jax.teacher_logits with "
                                     "the same arguments to finish it")
 
-    def read_shard(self, shard: Mapping) -> dict[str, np.ndarray]:
+    def read_shard(self, split: str, shard: Mapping) -> dict[str, np.ndarray]:
         """The memory-mapped arrays of a complete shard, shapes checked (a half shard is never read)."""
         d = self.path / shard["name"]
-        if not self.shard_complete(shard):
+        if not self.shard_complete(split, shard):
             raise TeacherCacheError(f"{d}: shard missing or incomplete; rerun python -m minitron_jax.teacher_logits "
                                     "to finish the cache")
         rows = int(shard["stop"]) - int(shard["start"])
@@ -291,6 +307,28 @@ class TeacherCache:
                 raise TeacherCacheError(f"{f}: holds {a.dtype}{list(a.shape)}, the index says {dt}{list(shape)}")
             out[key] = a
         return out
+
+    def check_values(self, shard: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse (one line naming the shard) rows whose values no teacher can have written: an id outside the
+        vocabulary, a NaN, or a log-probability above 0. A damaged or hand-made file would otherwise train on
+        without a word (an out-of-range id gathers NaN, a NaN log-prob masked out by chance is never seen) or stop
+        later as a "non-finite loss" that blames the learning rate. Whole-array reductions over one batch's rows:
+        cheap next to a train step. Finite wrong values (a flipped mantissa bit) are not detectable this way."""
+        ids, lp, rest = (np.asarray(arrays[k]) for k in CACHE_KEYS)
+        where = f"{self.path / shard}"
+        fix = (f"a damaged cache: delete {where} and rerun python -m minitron_jax.teacher_logits with the same "
+               "arguments to rewrite it")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise TeacherCacheError(f"{where}/{_FILES['teacher_ids']}: token id {bad} outside the "
+                                    f"vocabulary of {self.vocab_size}; {fix}")
+        for key, a in (("teacher_logprobs", lp), ("teacher_rest", rest)):
+            a = a.astype(np.float32)
+            # A log-probability is <= 0; the writer's float32 log-softmax rounds the top one to 0 at most. The slack
+            # only keeps a future writer's rounding from tripping it.
+            if a.size and not (a.max() <= 1e-3):  # also False for a NaN anywhere
+                bad = "NaN" if np.isnan(a).any() else f"{float(a.max()):.4g}"
+                raise TeacherCacheError(f"{where}/{_FILES[key]}: log-probability {bad} (must be <= 0); {fix}")
 
     def split(self, name: str) -> CachedSplit:
         return CachedSplit(self, name)
@@ -517,7 +555,9 @@ def _write_shards(out, index, datasets, teacher, rc, top_k, lp_dtype, id_dtype, 
                                                   for k in ("tokens", "segment_ids", "positions"))))
             for key, value in zip(CACHE_KEYS, result):
                 arrays[key][start - lo:start - lo + int(real.sum())] = np.asarray(value)[real]
-        with atomic_directory(out / s["name"]) as tmp:
+        # overwrite: a shard directory that is not this cache's (another cache's copy, a damaged shard.json) is
+        # replaced; one that is not ours at all (no marker) is still refused by atomic_directory.
+        with atomic_directory(out / s["name"], overwrite=True) as tmp:
             for key, value in arrays.items():
                 np.save(tmp / _FILES[key], _stored(value))
             (tmp / SHARD_META).write_text(json.dumps(_shard_meta(index, name, s), indent=1) + "\n")
@@ -541,9 +581,9 @@ def _summary(out: Path, index: Mapping, counts: Mapping, seconds: float) -> dict
     """Rows, tokens and bytes per token as measured on disk (the shards present: all of them once complete)."""
     cache = TeacherCache(out)
     tokens = file_bytes = 0
-    for split in index["splits"].values():
+    for name, split in index["splits"].items():
         for s in split["shards"]:
-            if cache.shard_complete(s):
+            if cache.shard_complete(name, s):
                 tokens += (int(s["stop"]) - int(s["start"])) * index["seq_len"]
                 file_bytes += sum((out / s["name"] / f).stat().st_size for f in _FILES.values())
     missing = cache.missing()
