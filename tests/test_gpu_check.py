@@ -5,6 +5,7 @@ three files the device tool brings back."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -84,3 +85,20 @@ def test_script_is_valid_bash_and_names_three_outputs():
     assert len(outputs) == 3
     # those three, the .md twice (written, then printed); the pieces go to a temporary directory
     assert script.count('"$OUT_DIR/') == 4
+
+
+def test_without_an_accelerator_the_script_stops_at_once_with_one_line(tmp_path):
+    """On a CPU-only jax the full-size pieces can only time out or fail (they ran 279 s here for no result): the
+    script refuses in seconds, exit 2, naming the backend and the smoke mode, and leaves the reason in its log."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("an accelerator is present")
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "GPU_CHECK_SMOKE": "0"})
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tools/gpu_check.sh: jax sees no accelerator (default "
+                                               "backend: cpu)") and "GPU_CHECK_SMOKE=1" in err[0], err
+    assert err[0] in (tmp_path / "gpu_check.log").read_text()
+    assert not (tmp_path / "gpu_check.md").exists()

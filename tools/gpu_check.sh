@@ -2,6 +2,7 @@
 # Everything in this repo that needs an accelerator, as one script for a lent GPU (one H100/H200), in <= 8 minutes.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]          # OUT_DIR default: $OUT (the device tool's folder) or /tmp/gpu_check
+#   (exit 2 at once where jax sees no GPU/TPU; GPU_CHECK_SMOKE=1 runs the same plumbing at toy sizes on a CPU)
 #
 # From a session with the device tool (it copies the working tree there; nothing is fetched on that machine, so
 # everything below uses random weights of named shapes, no asset):
@@ -56,6 +57,16 @@ piece() {  # piece NAME SECONDS CMD...: run CMD with a timeout, its stdout into 
     $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, \
 torch.cuda.is_available())" 2>&1
 } | tee -a "$LOG"
+
+# Without an accelerator the full-size pieces only time out or fail (about 5 minutes for nothing): say so and stop.
+if [ "${GPU_CHECK_SMOKE:-0}" != 1 ]; then
+    BACKEND=$($PY -c "import jax; print(jax.default_backend())" 2>>"$LOG")
+    if [ "$BACKEND" != gpu ] && [ "$BACKEND" != tpu ]; then
+        echo "error: tools/gpu_check.sh: jax sees no accelerator (default backend: ${BACKEND:-none, see $LOG}); run it \
+on the lent GPU machine, or GPU_CHECK_SMOKE=1 for the same plumbing at toy sizes on this CPU" | tee -a "$LOG" >&2
+        exit 2
+    fi
+fi
 
 # GPU_CHECK_SMOKE=1: the same plumbing at toy sizes on a CPU (what the lead checks before spending device time).
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
