@@ -38,6 +38,23 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def require_torch(tool: str, hint: str = "") -> None:
+    """Exit 2 with one line before any timing when the torch side cannot run: the comparison tools used to time
+    our side for minutes and only then fail on ``import torch`` with a traceback (a venv with ``pip install -e .``
+    alone has neither torch nor, usually, a working transformers model class)."""
+    import importlib.util
+
+    def installed(name: str) -> bool:  # sys.modules[name] = None is how a test (or a user) blocks an import
+        return sys.modules[name] is not None if name in sys.modules else importlib.util.find_spec(name) is not None
+
+    missing = [m for m in ("torch", "transformers") if not installed(m)]
+    if missing:
+        print(f"error: tools/{tool} compares with transformers + torch, and {' and '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} not installed here: pip install -e '.[test]'{hint}",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv=None):
     from minitron_jax.attention import ATTENTION_IMPLS  # the model's own list of attention kinds
 
@@ -69,6 +86,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.no_torch:
+        require_torch("bench_forward.py", " (or --no-torch: ours only)")
 
     import jax
     import jax.numpy as jnp

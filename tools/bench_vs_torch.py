@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import cpu_name  # noqa: E402  (one CPU-name reader for the benchmarks)
+from bench_forward import cpu_name, require_torch  # noqa: E402  (shared by the benchmarks)
 
 WARMUP = 2
 
@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--cached-teacher", type=int, default=None, metavar="K",
                    help="also time our step from a top-K teacher cache (no teacher forward) against torch's step")
     args = p.parse_args(argv)
+    require_torch("bench_vs_torch.py")
 
     import jax
     import numpy as np

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--text", default=TEXT)
     args = ap.parse_args(argv)
+    from bench_forward import require_torch  # tools/ is the script's directory, first on sys.path
+
+    require_torch("hf_vs_ours.py")
 
     import jax.numpy as jnp
     import numpy as np

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_forward import require_torch  # noqa: E402
 from bench_vs_torch import cpu_name, median_seconds, run_config, torch_models  # noqa: E402
 
 
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-variants", action="store_true", help="skip naive / chunk 256 / remat variants of grad_fn")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args(argv)
+    if not args.no_torch:
+        require_torch("profile_kd_step.py", " (or --no-torch: ours only)")
 
     import jax
     import numpy as np
