@@ -254,6 +254,28 @@ def _hold_lock(path: Path) -> Iterator[Path]:
             os.close(fd)
 
 
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost of ``path`` and its ancestors that does not exist yet (None when ``path`` exists): what a
+    writer about to create ``path`` creates, so what :func:`remove_empty_tree` may take back if it fails."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_empty_tree(path: str | Path | None) -> None:
+    """Remove ``path`` if it holds nothing but (nested) empty directories: the traces of a run refused before it
+    wrote anything (Orbax creates its checkpoint directory on construction). Any file, anywhere below, keeps it
+    and its ancestors; only ``rmdir`` is used, so nothing with content can be deleted."""
+    if path is None or not Path(path).is_dir():
+        return
+    for root, _, _ in os.walk(path, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (or not ours to remove): kept
+            os.rmdir(root)
+
+
 @contextlib.contextmanager
 def lock_directory(path: str | Path) -> Iterator[Path]:
     """Hold the exclusive lock of directory ``path`` (which need not exist yet) for the duration of the block.

@@ -474,3 +474,21 @@ def test_atomic_file_failure_leaves_the_old_file_and_no_temporary(tmp_path):
         with fsutil.atomic_file(path):
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "input.bin"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_remove_empty_tree_takes_back_only_empty_directories(tmp_path):
+    from minitron_jax.fsutil import first_missing, remove_empty_tree
+
+    assert first_missing(tmp_path) is None
+    assert first_missing(tmp_path / "a" / "b" / "run") == tmp_path / "a"
+    (tmp_path / "a" / "b" / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a" / "keep" / "x").mkdir(parents=True)
+    (tmp_path / "a" / "keep" / "x" / "metrics.jsonl").write_text("{}\n")
+    remove_empty_tree(tmp_path / "a")  # a file below keeps its directories and their ancestors; the rest goes
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "a", "a/keep", "a/keep/x", "a/keep/x/metrics.jsonl"]
+    (tmp_path / "a" / "keep" / "x" / "metrics.jsonl").unlink()
+    remove_empty_tree(tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+    remove_empty_tree(None)
+    remove_empty_tree(tmp_path / "absent")

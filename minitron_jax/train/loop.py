@@ -319,18 +319,25 @@ def _holding_run_dir_lock(fn):
 
     @functools.wraps(fn)
     def locked(rc: RunConfig, **kwargs):
-        from minitron_jax.fsutil import check_destination, lock_directory
+        from minitron_jax.fsutil import check_destination, first_missing, lock_directory, remove_empty_tree
 
         _setup_jax(rc)
         if jax.process_index() != 0:
             return fn(rc, **kwargs)
         run_dir = Path(rc.run_dir).absolute()
-        with lock_directory(run_dir):
-            if rc.export.at_end and not str(rc.export.path or "").startswith("asset:"):
-                inputs_read = [p for p in (rc.teacher.path, rc.student.path) if p and not p.startswith("asset:")]
-                check_destination(Path(rc.export.path) if rc.export.path else run_dir / "hf", overwrite=True,
-                                  sources=[*inputs_read, run_dir / CHECKPOINT_DIR, run_dir / STUDENT_DIR])
-            return fn(rc, **kwargs)
+        created = first_missing(run_dir)
+        try:
+            with lock_directory(run_dir):
+                if rc.export.at_end and not str(rc.export.path or "").startswith("asset:"):
+                    inputs_read = [p for p in (rc.teacher.path, rc.student.path) if p and not p.startswith("asset:")]
+                    check_destination(Path(rc.export.path) if rc.export.path else run_dir / "hf", overwrite=True,
+                                      sources=[*inputs_read, run_dir / CHECKPOINT_DIR, run_dir / STUDENT_DIR])
+                return fn(rc, **kwargs)
+        except BaseException:
+            # A new run refused before it wrote anything (a bad cache, a model that does not load) leaves no empty
+            # run_dir/checkpoints behind; anything it did write is kept. After the lock: its file lives beside.
+            remove_empty_tree(created)
+            raise
 
     return locked
 
