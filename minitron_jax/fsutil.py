@@ -61,7 +61,7 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _check_sources(dst: Path, sources: Iterable[str | Path | None]) -> None:
+def check_outside_sources(dst: Path, sources: Iterable[str | Path | None]) -> None:
     """BadInputError when ``dst`` is, contains or lies inside one of ``sources``."""
     for src in sources:
         if src is None:
@@ -79,7 +79,7 @@ def _free_or_replaceable(path: str | Path, overwrite: bool, sources: Iterable[st
     """The checks every destination gets: not a source (nor inside or around one), and not an existing path
     unless ``overwrite``. None when nothing is there yet; the absolute path when something is, to be replaced."""
     dst = Path(path).absolute()
-    _check_sources(dst, sources)
+    check_outside_sources(dst, sources)
     if not (dst.exists() or dst.is_symlink()):
         return None
     if not overwrite:

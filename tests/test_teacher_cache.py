@@ -516,3 +516,24 @@ def test_two_processes_write_disjoint_shards_that_make_one_cache(tiny, cache_k8,
         a, b = TeacherCache(two).split(split), TeacherCache(out).split(split)
         for key, value in a.rows(np.arange(len(a))).items():
             np.testing.assert_array_equal(value, b.rows(np.arange(len(b)))[key])
+
+
+def test_a_cache_inside_the_teacher_or_the_data_is_refused_before_the_teacher_pass(tiny, tmp_path):
+    """Written inside the teacher's directory, the cache changed the files the teacher's fingerprint hashes, so every
+    run refused it (teacher.weights_blake2b) after the whole teacher pass; inside a data directory it would be read
+    as text by the next packing. Refused up front: one line, exit 2, nothing written."""
+    import shutil
+
+    r = tiny["root"]
+    teacher, data = tmp_path / "teacher", tmp_path / "data"
+    shutil.copytree(r / "teacher", teacher)
+    data.mkdir()
+    shutil.copy(r / "corpus.jsonl", data / "corpus.jsonl")
+    for out, src in ((teacher / "logits", teacher), (data / "logits", data)):
+        args = [a if a not in (r / "teacher", r / "corpus.jsonl") else {r / "teacher": teacher,
+                                                                           r / "corpus.jsonl": data}[a]
+                for a in _cli_args(tiny, out)]
+        code, stdout, err = _cli(*args)
+        assert code == 2 and err.strip() == (f"error: the destination {out} lies inside the source {src}; refusing to "
+                                              "write there (choose a destination outside the source)"), err
+        assert not out.exists() and "rows of 32 tokens" not in stdout  # refused before the teacher was loaded

@@ -48,7 +48,14 @@ from typing import Any
 import numpy as np
 
 from minitron_jax.exitcodes import BadInputError
-from minitron_jax.fsutil import MARKER_NAME, atomic_directory, lock_directory, write_json_atomic, write_marker
+from minitron_jax.fsutil import (
+    MARKER_NAME,
+    atomic_directory,
+    check_outside_sources,
+    lock_directory,
+    write_json_atomic,
+    write_marker,
+)
 
 FORMAT = "minitron_jax.teacher_logits"
 VERSION = 1
@@ -464,6 +471,10 @@ def write_teacher_cache(rc, out: str | os.PathLike, *, top_k: int, dtype: str = 
         raise BadInputError("batch rows and rows per shard must be >= 1")
     if rc.teacher.path is None:
         raise BadInputError("no teacher: give --teacher PATH or a run config with teacher.path")
+    # A cache written inside the teacher's directory changes the files its fingerprint hashes: every run would then
+    # refuse it, after the whole teacher pass. Inside (or around) a data file it would be read as text next time.
+    check_outside_sources(out, [resolve_path(rc.teacher.path),
+                                *(src for src in rc.data.sources if Path(src).exists())])
     teacher = load_teacher(rc)
     config = teacher.config
     if top_k > config.vocab_size:
