@@ -32,9 +32,13 @@ def _pieces(tmp_path: Path) -> Path:
                        "torch": "2.11.0", "torch_device": "cuda:0", "torch_attn": "sdpa"},
                "results": [{"batch": 8, "seq_len": 2048, "ours_tok_s": 250000.0, "torch_tok_s": 200000.0,
                             "ratio": 1.25, "max_abs_logit_diff": 0.03}]}
+    profile = {"source": "device", "events": 4210, "sum_ms": 1100.0, "busy_ms": 1020.0, "wall_ms": 1090.0,
+               "busy_over_wall": 0.936, "categories": {"matmul": {"ms": 700.0, "share": 0.6364},
+                                                       "attention": {"ms": 250.0, "share": 0.2273}},
+               "top": [{"name": "sm90_xmma_gemm_bf16", "ms": 640.0, "count": 300, "share": 0.5818}]}
     distill = {"device": "1 x NVIDIA H200", "batch": 8, "seq_len": 4096, "remat": "full", "teacher": "T",
-               "student": "S", "distill": _step(30000.0, 0.51), "ce_only": _step(45000.0, 0.55),
-               "distill_cached": {**_step(42000.0, 0.57), "top_k": 64}}
+               "student": "S", "distill": {**_step(30000.0, 0.51), "profile": profile},
+               "ce_only": _step(45000.0, 0.55), "distill_cached": {**_step(42000.0, 0.57), "top_k": 64}}
     plan = {"compile": {"backend": "cuda", "device_kind": "NVIDIA H200", "compile_seconds": 30.0},
             "memory_per_device": {"compiled": {"params": 18e9, "optimizer": 36e9, "teacher": 16e9, "temp": 20e9},
                                   "total": 90e9}, "fits": True}
@@ -63,6 +67,8 @@ def test_report_tables_and_failures(R, tmp_path, capsys):
     assert "| cuda | NVIDIA H200 | 30.0 | 18.00 | 36.00 | 16.00 | 20.00 | 90.00 | True |" in md
     assert "| plan8b_cpu | no result (exit 1) |" in md  # a failed piece is named, never dropped
     assert "plan8b_cpu 1" in md
+    assert "1090.0 ms wall, 1020.0 ms with ops running (94%)" in md  # the traced step of the distill piece
+    assert "| matmul | 700.0 | 63.6% |" in md and "| `sm90_xmma_gemm_bf16` | 640.0 | 300 | 58.2% |" in md
     everything = json.loads((tmp_path / "all.json").read_text())
     assert everything["plan8b_cpu"]["rc"] == 1 and "Traceback" in everything["plan8b_cpu"]["result"]["raw"]
     assert everything["distill"]["result"]["distill_cached"]["top_k"] == 64

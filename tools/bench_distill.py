@@ -88,8 +88,9 @@ def cached_teacher_arrays(rng, shape, vocab: int, top_k: int) -> dict:
 
 
 def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, steps: int,
-              cached_top_k: int | None = None) -> dict:
-    """Median seconds per step (after one compile/warm-up step) and tokens/s."""
+              cached_top_k: int | None = None, profile: bool = False) -> dict:
+    """Median seconds per step (after one compile/warm-up step) and tokens/s; with ``profile``, one more step under
+    the jax profiler, summed by kernel/op (tools/trace_summary.py), as ``"profile"``."""
     ts = build_train_step(rc, mesh, student_cfg, teacher_cfg)
     state = init_train_state(rc, mesh, student_cfg, teacher_cfg, student_params)
     teacher = place_teacher(rc, mesh, teacher_cfg, teacher_params) if teacher_cfg else {}
@@ -112,13 +113,33 @@ def time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     sec = statistics.median(times)
+    traced = trace_one_step(ts, state, teacher, batch) if profile else None
     tokens = shape[0] * shape[1]
     # The cached step's useful work is the student's alone (teacher_cfg None): its MFU is not inflated.
     flops = step_flops_per_token(student_cfg, teacher_cfg, rc.data.seq_len) * tokens
     peak = peak_flops(list(mesh.devices.flat))
     return {"seconds_per_step": sec, "tokens_per_s": tokens / sec, "first_step_s": compile_s,
             "tflops_per_s": flops / sec / 1e12, "mfu": (flops / sec / peak) if peak else None,
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), **({"profile": traced} if traced else {})}
+
+
+def trace_one_step(ts, state, teacher, batch) -> dict:
+    """One more step under ``jax.profiler.trace``, summarized (tools/trace_summary.py) against its wall time. The
+    trace itself is dropped: the device tool brings back only a few small files."""
+    import tempfile
+
+    from trace_summary import summarize_dir  # tools/ is the script's directory, first on sys.path
+
+    with tempfile.TemporaryDirectory(prefix="bench_distill_trace_") as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
+            _, metrics = ts.step(state, teacher, batch)
+            jax.block_until_ready(metrics)
+            wall_ms = (time.perf_counter() - start) * 1e3
+        try:
+            return summarize_dir(tmp, wall_ms=wall_ms)
+        except (OSError, ValueError, KeyError) as e:  # a trace layout we do not know: say so, keep the timings
+            return {"error": f"{type(e).__name__}: {e}", "wall_ms": round(wall_ms, 3)}
 
 
 def step_temp_bytes(rc, mesh, student_cfg, teacher_cfg) -> int:
@@ -143,6 +164,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
     p.add_argument("--cached-teacher", type=int, metavar="K",
                    help="also time the step reading a cached top-K teacher instead of running it")
+    p.add_argument("--profile", action="store_true",
+                   help="trace one more online step and report where its device time goes (tools/trace_summary.py)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -160,7 +183,8 @@ def main(argv=None) -> None:
               "student": f"{student_cfg.describe()} ({count_params(student_cfg) / 1e6:.1f}M)"}
     if not args.no_speed:
         rc = run_config(args)
-        report["distill"] = time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, args.steps)
+        report["distill"] = time_step(rc, mesh, student_cfg, student_params, teacher_cfg, teacher_params, args.steps,
+                                      profile=args.profile)
         # The same student and step builder, trained with plain CE and no teacher (what teacher_correction runs).
         ce_rc = run_config(args, "mode=teacher_correction", "student.path=null")
         report["ce_only"] = time_step(ce_rc, mesh, student_cfg, student_params, None, None, args.steps)
@@ -204,6 +228,10 @@ def main(argv=None) -> None:
               f"{r['tflops_per_s']:.3f} TFLOP/s  MFU {mfu}  (first step {r['first_step_s']:.1f} s)")
     if "distill" in report:
         print(f"distill step time / CE-only step time = {report['distill_over_ce_time']:.2f}")
+    prof = report.get("distill", {}).get("profile")
+    if prof and "categories" in prof:
+        print(f"one traced online step: {prof['wall_ms']:.1f} ms wall, {prof['busy_ms']:.1f} ms busy, "
+              + ", ".join(f"{k} {v['share']:.0%}" for k, v in prof["categories"].items()))
     if "distill_cached" in report:
         print(f"online-teacher step time / cached top-{args.cached_teacher} step time = "
               f"{report['online_over_cached_time']:.2f}")

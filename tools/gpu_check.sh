@@ -79,7 +79,9 @@ else
     PLAN_SEQ=4096
 fi
 piece forward_bf16 90 $PY tools/bench_forward.py "${FWD[@]}" --json
-piece distill 160 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64
+# --profile: one more online step under the jax profiler, summed by kernel (tools/trace_summary.py): where the
+# step's time goes, the question after the MFU number.
+piece distill 175 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64 --profile
 # With fused attention no layer keeps [T, T] scores, so lighter remat may fit at 4 x 4096 (einsum with remat none
 # needed 123 GiB at 2 x 4096): remat full recomputes each layer's forward (8·N instead of 6·N FLOPs for the student),
 # the first thing between the measured 34% MFU and the goal.
@@ -89,7 +91,7 @@ piece distill_remat_dots 60 $PY tools/bench_distill.py "${DIST[@]}" --remat dots
 # do not fit one H200 with the student's fp32 master weights and Adam moments: 137 GB by the CPU-compiled plan).
 PLAN_ARGS=(--config configs/distill_llama31_8b_to_4b_width.yaml --dry-run --devices 1 --accelerator h200 --no-verify
            mesh.data=1 mesh.fsdp=1 mesh.tensor=1 data.seq_len=$PLAN_SEQ data.batch_size=8 train.grad_accum=8)
-piece plan8b_gpu 70 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
+piece plan8b_gpu 55 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
 piece plan8b_cpu 40 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
 
 $PY tools/gpu_report.py "$PIECES" --json "$OUT_DIR/gpu_check.json" >"$OUT_DIR/gpu_check.md" 2>>"$LOG" \

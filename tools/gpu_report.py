@@ -89,6 +89,25 @@ def distill_table(pieces: dict) -> list[str]:
     return lines
 
 
+def profile_table(pieces: dict) -> list[str]:
+    """Where one traced online step of the ``distill`` piece spends its device time (bench_distill --profile):
+    time by category, then the largest kernels/ops. Nothing when the piece ran without a profile."""
+    r = pieces["distill"]["result"]
+    prof = (r or {}).get("distill", {}).get("profile") if isinstance(r, dict) else None
+    if not prof:
+        return []
+    if "categories" not in prof:
+        return [f"One traced online step: no summary ({prof.get('error', 'unknown layout')}).", ""]
+    lines = [f"One traced online step (`distill` piece, {prof['source']}, {prof['events']} events): "
+             f"{prof.get('wall_ms', 0):.1f} ms wall, {prof['busy_ms']:.1f} ms with ops running "
+             f"({_fmt(prof.get('busy_over_wall'), '.0%')}), {prof['sum_ms']:.1f} ms summed over events.", "",
+             "| category | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['ms']:.1f} | {_fmt(v['share'], '.1%')} |" for k, v in prof["categories"].items()]
+    lines += ["", "| kernel / op | ms | count | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{t['name']}` | {t['ms']:.1f} | {t['count']} | {t['share']:.1%} |" for t in prof["top"][:10]]
+    return [*lines, ""]
+
+
 def plan_table(pieces: dict) -> list[str]:
     lines = ["| compiled by | device | compile s | params GB | Adam GB | teacher GB | temp GB | total GB | fits |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -127,7 +146,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(pieces, indent=2) + "\n")
     out = ["## GPU check (`tools/gpu_check.sh`)", "",
            "Exit codes: " + ", ".join(f"{k} {v['rc']}" for k, v in pieces.items()), "",
-           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces), "",
+           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces), "", *profile_table(pieces),
            f"The Llama-3.1-8B → 4B width recipe's train step on one device{_plan_shape(pieces)}, compiled by the "
            "device's compiler and for a fake CPU device (the planner's basis):", "", *plan_table(pieces)]
     print("\n".join(out))
