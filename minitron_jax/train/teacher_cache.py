@@ -330,7 +330,7 @@ class TeacherCache:
             raise TeacherCacheError(f"{where}/{_FILES['teacher_ids']}: token id {bad} outside the "
                                     f"vocabulary of {self.vocab_size}; {fix}")
         for key, a in (("teacher_logprobs", lp), ("teacher_rest", rest)):
-            a = a.astype(np.float32)
+            a = a.astype(np.float32, copy=False)  # float16/bfloat16 widened; float32 read as is
             # A log-probability is <= 0; the writer's float32 log-softmax rounds the top one to 0 at most. The slack
             # only keeps a future writer's rounding from tripping it.
             if a.size and not (a.max() <= 1e-3):  # also False for a NaN anywhere
