@@ -22,6 +22,7 @@ def _gpu_trace():
             {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
             {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "Stream #8(NCCL)"}},
             {"ph": "M", "pid": 1, "tid": 99, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 1, "tid": 98, "name": "thread_name", "args": {"name": "Async XLA Ops"}},
             {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}}]
 
     def kernel(tid, ts, dur, name, hlo=None):
@@ -34,7 +35,8 @@ def _gpu_trace():
               kernel(7, 800, 50, "loop_multiply_fusion_9", "fusion.9"),
               kernel(8, 600, 300, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "all-reduce-start.1"),  # overlaps
               kernel(7, 1000, 50, "MemcpyD2D"),
-              kernel(99, 0, 1050, "fusion.4"),  # XLA's derived op timeline: the same time again, not counted
+              kernel(99, 0, 1050, "fusion.4"),  # XLA's derived op timelines: the same time again, not counted
+              kernel(98, 600, 300, "all-reduce-start.1"),
               {"ph": "X", "pid": 701, "tid": 3, "ts": 0, "dur": 5000, "name": "PjitFunction(step)", "args": {}}]
     return meta + events
 
@@ -50,7 +52,7 @@ def test_gpu_layout_counts_stream_kernels_once_by_category(T):
     assert list(s["categories"])[0] == "matmul"
     top = {t["name"]: (t["ms"], t["count"]) for t in s["top"]}
     assert top["loop_multiply_fusion [fusion]"] == (pytest.approx(0.15), 2)  # two instances, one row
-    assert s["derived_ms"] == {"XLA Ops": 1.05}
+    assert s["derived_ms"] == {"XLA Ops": 1.05, "Async XLA Ops": 0.3}
     assert s["threads_ms"]["/device:GPU:0 / Stream #7(Compute)"] == pytest.approx(0.9)
 
 

@@ -41,8 +41,10 @@ CATEGORIES = (
 )
 OTHER = "other (fusions, reductions, elementwise)"
 # XLA's derived per-op/per-module timelines on a device: the same time as the stream events, coarser.
-DERIVED_THREADS = re.compile(r"^(XLA Modules|XLA Ops|XLA TraceMe|Steps|TensorFlow|Framework|Source code|"
-                             r"Launch Stats|Host Threads)", re.I)
+# Names as xprof's derived lines have them (tsl/profiler: "Steps", "XLA Modules", "XLA Ops", "Async XLA Ops",
+# "TensorFlow Name Scope", "TensorFlow Ops", "Launch Stats", "Source code"; SparseCore lines on TPUs).
+DERIVED_THREADS = re.compile(r"^(XLA Modules|XLA Ops|Async XLA Ops|XLA TraceMe|Steps|TensorFlow|Framework|"
+                             r"Source code|Launch Stats|Host Threads|SparseCore)", re.I)
 
 
 def category(name: str) -> str:
