@@ -360,6 +360,10 @@ def test_a_damaged_cache_is_refused_naming_the_shard_and_a_rerun_repairs_it(tiny
     with pytest.raises(TeacherCacheError, match="shard train-00002 of split 'train' covers rows \\[10, 15\\), "
                                                 "expected rows from 5 on"):
         TeacherCache(damaged("gap", gap)).split("train")
+    from minitron_jax.train.teacher_cache import read_layout
+
+    with pytest.raises(TeacherCacheError, match="shard train-00002 of split 'train'"):
+        read_layout(tmp_path / "gap")  # what a dry run and the step builder read: refused there too
 
     shutil.rmtree(bad_id / "train-00001")  # as the message says; the foreign shard is replaced without being asked
     for out in (bad_id, foreign):

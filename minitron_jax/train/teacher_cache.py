@@ -365,8 +365,11 @@ class CachedTeacherDataset:
 
 
 def read_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{batch key: (shape after [B, T], dtype)}`` of a cache's batch arrays (what the train step is built for)."""
+    """``{batch key: (shape after [B, T], dtype)}`` of a cache's batch arrays (what the train step is built for).
+    The index is checked whole here (its shards must tile each split), so a dry run refuses a malformed one too."""
     c = TeacherCache(path)
+    for split in c.index["splits"]:
+        c.split(split)
     return {"teacher_ids": ((c.top_k,), c.ids_dtype), "teacher_logprobs": ((c.top_k,), c.logprobs_dtype),
             "teacher_rest": ((), np.dtype(np.float32))}
 
