@@ -78,3 +78,17 @@ def test_a_real_cpu_trace_and_the_command_line(T, tmp_path, capsys):
     with gzip.open(bad, "wt") as fh:
         fh.write("{not json")
     assert T.main([str(bad.parent)]) == 2
+
+
+def test_a_failing_profiler_is_reported_not_raised(monkeypatch):
+    """bench_distill --profile on a lent GPU: a profiler that cannot start (or a trace we cannot read) must not cost
+    the piece its timings, so the failure comes back as the profile's "error"."""
+    import jax
+
+    B = load_tool("bench_distill")
+
+    def refuse(*_, **__):
+        raise RuntimeError("profiler already running")
+
+    monkeypatch.setattr(jax.profiler, "trace", refuse)
+    assert B.trace_one_step(None, None, None, None) == {"error": "RuntimeError: profiler already running"}
