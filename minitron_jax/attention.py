@@ -142,11 +142,17 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
     Query head ``k·G + g`` uses KV head ``k``, as in `attend`. The boolean mask (causal, segments, padding) is passed
     whole, so packed documents stay apart."""
     B, T, K, G, Hd = q.shape
-    # jax picks XLA's composition unless told otherwise; cuDNN takes only half-precision inputs on an NVIDIA GPU.
-    cudnn = q.dtype in (jnp.bfloat16, jnp.float16) and is_cuda_platform(jax.default_backend(), _platform_version())
+    # jax picks XLA's composition unless told otherwise.
     out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, Hd), k, v, mask=mask[:, None, :, :],
-                                       implementation="cudnn" if cudnn else None)
+                                       implementation="cudnn" if cudnn_fused_attention(q.dtype) else None)
     return out.reshape(B, T, K, G, Hd)
+
+
+def cudnn_fused_attention(dtype) -> bool:
+    """Whether `attend_fused` runs cuDNN's fused attention for inputs of ``dtype`` here: half precision on an NVIDIA
+    GPU (cuDNN takes no float32)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and is_cuda_platform(jax.default_backend(), _platform_version()))
 
 
 def _platform_version() -> str:

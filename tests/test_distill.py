@@ -302,6 +302,22 @@ def test_resume_is_bitwise_exact(tiny, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]  # the log continues
 
 
+def test_a_run_on_an_nvidia_gpu_with_einsum_attention_names_the_faster_fused_one(tiny, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The default attention stays einsum (docs/gpu.md); where cuDNN would run (an NVIDIA GPU, half precision) the
+    run says once what the default costs there. Nowhere else, and not when fused is already chosen."""
+    import minitron_jax.train.loop as loop
+
+    note = "note: this is an NVIDIA GPU in half precision: train.attention: fused (cuDNN)"
+    run(make_rc(tiny, tmp_path / "cpu", "train.stop_at=1"))
+    assert note not in capsys.readouterr().out  # this CPU
+    monkeypatch.setattr(loop, "cudnn_fused_attention", lambda dtype: True)  # the hint's test only; the step is as is
+    run(make_rc(tiny, tmp_path / "gpu", "train.stop_at=1"))
+    assert capsys.readouterr().out.count(note) == 1
+    run(make_rc(tiny, tmp_path / "fused", "train.stop_at=1", "train.attention=fused"))
+    assert note not in capsys.readouterr().out
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     from minitron_jax.cli.distill import main
     from minitron_jax.train.checkpoints import Checkpointer
