@@ -37,7 +37,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from minitron_jax.attention import ATTENTION_IMPLS  # the model's own list of attention kinds
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: also when imported as a module (tests)
+
+from bench_forward import at_least  # noqa: E402
+
+from minitron_jax.attention import ATTENTION_IMPLS  # noqa: E402  (the model's own list of attention kinds)
 from minitron_jax.config import LlamaConfig
 from minitron_jax.model import count_params, init_params
 from minitron_jax.sharding import make_mesh
@@ -130,9 +134,6 @@ def trace_one_step(ts, state, teacher, batch) -> dict:
     trace itself is dropped: the device tool brings back only a few small files."""
     import tempfile
 
-    tools = str(Path(__file__).resolve().parent)  # on sys.path when run as a script, not when imported
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
     from trace_summary import summarize_dir
 
     wall_ms = None
@@ -161,17 +162,17 @@ def step_temp_bytes(rc, mesh, student_cfg, teacher_cfg) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="1B-class bf16 shapes over all local devices")
-    p.add_argument("--batch", type=int, default=None, help="global rows (default: 4 CPU, 8 per device GPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="default: 256 CPU, 4096 GPU")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--batch", type=at_least(1), default=None, help="global rows (default: 4 CPU, 8 per device GPU)")
+    p.add_argument("--seq-len", type=at_least(2), default=None, help="default: 256 CPU, 4096 GPU")
+    p.add_argument("--grad-accum", type=at_least(1), default=1)
     p.add_argument("--remat", default=None, help="default: none CPU, full GPU")
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=at_least(1), default=1024)
     p.add_argument("--attention", choices=tuple(ATTENTION_IMPLS), default="einsum", help="train.attention")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
-    p.add_argument("--mem-seq-len", type=int, default=4096, help="tokens of the memory comparison (one row)")
+    p.add_argument("--steps", type=at_least(1), default=3, help="timed steps (after a warm-up step)")
+    p.add_argument("--mem-seq-len", type=at_least(2), default=4096, help="tokens of the memory comparison (one row)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled-memory comparison")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurements")
-    p.add_argument("--cached-teacher", type=int, metavar="K",
+    p.add_argument("--cached-teacher", type=at_least(1), metavar="K",
                    help="also time the step reading a cached top-K teacher instead of running it")
     p.add_argument("--profile", action="store_true",
                    help="trace one more online step and report where its device time goes (tools/trace_summary.py)")

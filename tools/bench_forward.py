@@ -38,6 +38,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def at_least(low: int):
+    """An argparse ``type`` for integers >= ``low``: ``--steps 0`` used to end in a StatisticsError traceback, and
+    ``--batch 0`` silently became the default batch."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def require_torch(tool: str, hint: str = "") -> None:
     """Exit 2 with one line before any timing when the torch side cannot run: the comparison tools used to time
     our side for minutes and only then fail on ``import torch`` with a traceback (a venv with ``pip install -e .``
@@ -62,12 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--model", help="GGUF file, HF directory or checkpoint (default: the embedded SmolLM2 GGUF)")
     p.add_argument("--random-config", metavar="CONFIG_JSON",
                    help="random weights of this HF config.json's shape instead of --model (nothing to fetch)")
-    p.add_argument("--batch", type=int, nargs="+", default=[4, 1], help="batch sizes, paired with --seq-len")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per side and shape (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side and shape before timing")
+    p.add_argument("--batch", type=at_least(1), nargs="+", default=[4, 1], help="batch sizes, paired with --seq-len")
+    p.add_argument("--seq-len", type=at_least(2), nargs="+", default=[256, 1024], help="sequence lengths")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed calls per side and shape (median reported)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed calls per side and shape before timing")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=at_least(1), default=None,
                    help="torch intra-op threads (default: all cores, which is what XLA:CPU uses)")
     p.add_argument("--attention", choices=tuple(ATTENTION_IMPLS), default="einsum",
                    help="our attention (model.hidden_states(attention=...)); fused: cuDNN's kernel on a GPU in bf16")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import cpu_name, require_torch  # noqa: E402  (shared by the benchmarks)
+from bench_forward import at_least, cpu_name, require_torch  # noqa: E402  (shared by the benchmarks)
 
 WARMUP = 2
 
@@ -194,12 +194,12 @@ def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed calls per side (median), after 2 warm-up calls")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed calls per side (median), after 2 warm-up calls")
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--seq-len", type=at_least(2), default=256)
     p.add_argument("--skip-forward", action="store_true", help="time the KD step only")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--cached-teacher", type=int, default=None, metavar="K",
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--cached-teacher", type=at_least(1), default=None, metavar="K",
                    help="also time our step from a top-K teacher cache (no teacher forward) against torch's step")
     args = p.parse_args(argv)
     require_torch("bench_vs_torch.py")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_forward import require_torch  # noqa: E402
+from bench_forward import at_least, require_torch  # noqa: E402
 from bench_vs_torch import cpu_name, median_seconds, run_config, torch_models  # noqa: E402
 
 
@@ -186,10 +186,10 @@ def theirs(args, teacher_cfg, teacher_params, student_cfg, tokens, res: dict) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="timed calls per piece (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=at_least(1), default=3, help="timed calls per piece (median)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed calls first (the first compiles)")
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--seq-len", type=at_least(2), default=256)
     p.add_argument("--no-variants", action="store_true", help="skip naive / chunk 256 / remat variants of grad_fn")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args(argv)
