@@ -42,9 +42,15 @@ def _pieces(tmp_path: Path) -> Path:
     plan = {"compile": {"backend": "cuda", "device_kind": "NVIDIA H200", "compile_seconds": 30.0},
             "memory_per_device": {"compiled": {"params": 18e9, "optimizer": 36e9, "teacher": 16e9, "temp": 20e9},
                                   "total": 90e9}, "fits": True}
+    err = {"out": 0.004, "dq": 0.006, "dk": 0.005, "dv": 0.003}
+    attention = {"device": "cuda:0", "dtype": "bfloat16", "fused_uses_cudnn": True,
+                 "check": {"shape": "2 x 512, 32 heads / 8 kv, head_dim 64", "documents_per_row": [4, 3],
+                           "impls": {"einsum": {"leak": 0.0, "error": err}, "fused": {"leak": 0.25, "error": err}}},
+                 "time": {"shape": "4 x 4096", "impls": {"einsum": {"ms": 21.5, "tokens_per_s": 762000.0},
+                                                         "fused": {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED"}}}}
     lighter = {**distill, "remat": "none", "distill": _step(40000.0, 0.62)}
     lighter.pop("distill_cached")
-    for name, result, rc in (("forward_bf16", forward, 0), ("distill", distill, 0),
+    for name, result, rc in (("forward_bf16", forward, 0), ("attention", attention, 0), ("distill", distill, 0),
                              ("distill_remat_none", lighter, 0), ("plan8b_gpu", plan, 0)):
         (d / f"{name}.json").write_text(json.dumps(result))
         (d / f"{name}.rc").write_text(f"{rc}\n")
@@ -67,6 +73,8 @@ def test_report_tables_and_failures(R, tmp_path, capsys):
     assert "| cuda | NVIDIA H200 | 30.0 | 18.00 | 36.00 | 16.00 | 20.00 | 90.00 | True |" in md
     assert "| plan8b_cpu | no result (exit 1) |" in md  # a failed piece is named, never dropped
     assert "plan8b_cpu 1" in md
+    assert "| einsum | 0 | 4.0e-03, 6.0e-03, 5.0e-03, 3.0e-03 | 21.50 | 762,000 |" in md
+    assert "| fused | **2.5e-01** |" in md and "XlaRuntimeError: RESOURCE_EXHAUSTED | — |" in md  # a leak stands out
     assert "1090.0 ms wall, 1020.0 ms with ops running (94%)" in md  # the traced step of the distill piece
     assert "| matmul | 700.0 | 63.6% |" in md and "| `sm90_xmma_gemm_bf16` | 640.0 | 300 | 58.2% |" in md
     everything = json.loads((tmp_path / "all.json").read_text())
@@ -79,7 +87,7 @@ def test_report_of_pieces_never_run(R, tmp_path, capsys):
     empty.mkdir()
     assert R.main([str(empty)]) == 0
     md = capsys.readouterr().out
-    assert "forward: no result (exit None)" in md
+    assert "forward: no result (exit None)" in md and "attention check: no result (exit None)" in md
     assert ("distillation step: no result (exit codes: distill None, distill_remat_none None, "
             "distill_remat_dots None)") in md
 

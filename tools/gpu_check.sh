@@ -16,6 +16,8 @@
 #
 # What it measures, each piece under its own timeout so one slow piece cannot eat the others' time:
 #   1. forward, bf16, ours (jit) vs transformers + torch on the same GPU, Llama-3.2-1B shape      (bench_forward.py)
+#      then each attention implementation on packed rows: no leak between documents, error against float32, and
+#      forward + backward time at 4 x 4096                                                      (attention_check.py)
 #   2. the distillation train step, bf16, 1B-class teacher -> width-pruned student, FSDP over the local devices:
 #      tokens/s, TFLOP/s and MFU, online teacher; and the same student trained from a cached top-k teacher
 #      (no teacher forward), when the build has one; then the online step again with remat none and remat dots
@@ -72,13 +74,18 @@ fi
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     FWD=(--random-config tests/data/tiny_llama_config.json --dtype float32 --batch 2 --seq-len 64 --repeats 2)
     DIST=(--batch 1 --seq-len 64 --steps 1 --no-memory --json)
+    ATT=(--dtype float32 --batch 2 --seq-len 64 --heads 4 --kv-heads 2 --head-dim 16 --time-batch 1 --time-seq-len 256)
     PLAN_SEQ=256
 else
     FWD=(--random-config configs/models/Llama-3.2-1B.json --dtype bfloat16 --attention fused --batch 8 --seq-len 2048 --repeats 5)
     DIST=(--gpu --batch 4 --seq-len 4096 --attention fused --steps 3 --no-memory --json)
+    ATT=(--dtype bfloat16)  # packed rows 2 x 512 checked; forward + backward timed at 4 x 4096, 1B heads (32/8/64)
     PLAN_SEQ=4096
 fi
-piece forward_bf16 90 $PY tools/bench_forward.py "${FWD[@]}" --json
+piece forward_bf16 80 $PY tools/bench_forward.py "${FWD[@]}" --json
+# cuDNN's kernel on rows that pack several documents (the distill piece feeds it single-document rows): no document
+# may see another, and each implementation's error against float32; then attention alone, forward + backward.
+piece attention 40 $PY tools/attention_check.py "${ATT[@]}" --json
 # --profile: one more online step under the jax profiler, summed by kernel (tools/trace_summary.py): where the
 # step's time goes, the question after the MFU number.
 piece distill 175 $PY tools/bench_distill.py "${DIST[@]}" --cached-teacher 64 --profile
@@ -91,8 +98,8 @@ piece distill_remat_dots 60 $PY tools/bench_distill.py "${DIST[@]}" --remat dots
 # do not fit one H200 with the student's fp32 master weights and Adam moments: 137 GB by the CPU-compiled plan).
 PLAN_ARGS=(--config configs/distill_llama31_8b_to_4b_width.yaml --dry-run --devices 1 --accelerator h200 --no-verify
            mesh.data=1 mesh.fsdp=1 mesh.tensor=1 data.seq_len=$PLAN_SEQ data.batch_size=8 train.grad_accum=8)
-piece plan8b_gpu 55 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
-piece plan8b_cpu 40 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json
+piece plan8b_gpu 45 $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --on-device --json
+piece plan8b_cpu 20 env JAX_PLATFORMS=cpu $PY -m minitron_jax.distill "${PLAN_ARGS[@]}" --json  # 6 s on 2 cores
 
 $PY tools/gpu_report.py "$PIECES" --json "$OUT_DIR/gpu_check.json" >"$OUT_DIR/gpu_check.md" 2>>"$LOG" \
     || echo "gpu_report failed" | tee -a "$LOG"

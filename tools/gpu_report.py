@@ -3,9 +3,9 @@
     python tools/gpu_report.py PIECES_DIR [--json ALL.json]
 
 ``PIECES_DIR`` holds ``NAME.json`` (a piece's stdout) and ``NAME.rc`` (its exit code) for the pieces
-forward_bf16, distill, distill_remat_none, distill_remat_dots, plan8b_gpu, plan8b_cpu; a missing or failed piece
-is reported as such, never skipped silently. ``--json`` writes every piece (parsed, or the raw text when it is not
-JSON) and its exit code into one file.
+forward_bf16, attention, distill, distill_remat_none, distill_remat_dots, plan8b_gpu, plan8b_cpu; a missing or
+failed piece is reported as such, never skipped silently. ``--json`` writes every piece (parsed, or the raw text
+when it is not JSON) and its exit code into one file.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 GB = 1e9
 DISTILL_PIECES = ("distill", "distill_remat_none", "distill_remat_dots")
-PIECES = ("forward_bf16", *DISTILL_PIECES, "plan8b_gpu", "plan8b_cpu")
+PIECES = ("forward_bf16", "attention", *DISTILL_PIECES, "plan8b_gpu", "plan8b_cpu")
 
 
 def read_pieces(directory: Path) -> dict[str, dict]:
@@ -54,6 +54,28 @@ def forward_table(piece: dict) -> list[str]:
         lines.append(f"| {row['batch']} × {row['seq_len']} | {row['ours_tok_s']:,.0f} | "
                      f"{_fmt(row.get('torch_tok_s'), ',.0f')} | {_fmt(row.get('ratio'), '.2f')} | "
                      f"{_fmt(row.get('max_abs_logit_diff'), '.2e')} |")
+    return lines
+
+
+def attention_table(piece: dict) -> list[str]:
+    """tools/attention_check.py: per implementation, the leak between packed documents (must be 0), the largest
+    relative error against float32 einsum, and forward + backward time."""
+    r = piece["result"]
+    if not r or "check" not in r:
+        return [f"attention check: no result (exit {piece['rc']})"]
+    times = r.get("time", {}).get("impls", {})
+    lines = [f"Attention on {r['device']}, {r['dtype']} (fused uses cuDNN: {r['fused_uses_cudnn']}): packed rows "
+             f"{r['check']['shape']}, {r['check']['documents_per_row']} documents per row; time: "
+             f"{r.get('time', {}).get('shape', 'not measured')}, forward + backward.", "",
+             "| attention | leak between documents | max rel. error vs float32 (out, dq, dk, dv) | ms | tok/s |",
+             "|---|---:|---|---:|---:|"]
+    for name, c in r["check"]["impls"].items():
+        t = times.get(name, {})
+        err = ", ".join(f"{v:.1e}" for v in c["error"].values())
+        timing = (f"{t['ms']:.2f} | {t['tokens_per_s']:,.0f}" if "ms" in t
+                  else f"{t.get('error', '—')[:60]} | —")
+        lines.append(f"| {name} | {'**' + format(c['leak'], '.1e') + '**' if c['leak'] else '0'} | {err} | "
+                     f"{timing} |")
     return lines
 
 
@@ -146,7 +168,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(pieces, indent=2) + "\n")
     out = ["## GPU check (`tools/gpu_check.sh`)", "",
            "Exit codes: " + ", ".join(f"{k} {v['rc']}" for k, v in pieces.items()), "",
-           *forward_table(pieces["forward_bf16"]), "", *distill_table(pieces), "", *profile_table(pieces),
+           *forward_table(pieces["forward_bf16"]), "", *attention_table(pieces["attention"]), "",
+           *distill_table(pieces), "", *profile_table(pieces),
            f"The Llama-3.1-8B → 4B width recipe's train step on one device{_plan_shape(pieces)}, compiled by the "
            "device's compiler and for a fake CPU device (the planner's basis):", "", *plan_table(pieces)]
     print("\n".join(out))
