@@ -176,20 +176,7 @@ class CachedSplit:
             raise TeacherCacheError(f"{cache.index_path}: no {split!r} split in this teacher-logits cache")
         self.shards = info["shards"]
         self.num_rows = int(info["rows"])
-        # The row lookup below maps a row to the last shard starting at or before it: that is right only when the
-        # shards tile [0, rows) in order. A hand-edited or mixed-up index would otherwise read past a shard's end.
-        bounds = [(int(s["start"]), int(s["stop"])) for s in self.shards]
-        expect = 0
-        for name, (lo, hi) in zip((s["name"] for s in self.shards), bounds):
-            if lo != expect or hi <= lo:
-                raise TeacherCacheError(f"{cache.index_path}: shard {name} of split {split!r} covers rows "
-                                        f"[{lo}, {hi}), expected rows from {expect} on: the shards must cover the "
-                                        "split in order")
-            expect = hi
-        if expect != self.num_rows:
-            raise TeacherCacheError(f"{cache.index_path}: the shards of split {split!r} cover {expect} rows, the index "
-                                    f"says {self.num_rows}")
-        self._starts = np.asarray([lo for lo, _ in bounds], np.int64)
+        self._starts = np.asarray([s["start"] for s in self.shards], np.int64)  # they tile the split (TeacherCache)
         self._open: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -226,9 +213,10 @@ class CachedSplit:
             local = np.sort(rows[sel] - self.shards[s]["start"])  # ascending: sequential reads of the memory map
             order = np.argsort(rows[sel] - self.shards[s]["start"], kind="stable")
             dst = real[sel][order]
+            values = {key: arrays[key][local] for key in CACHE_KEYS}  # one copy out of the memory map
+            c.check_values(self.shards[s]["name"], values)
             for key in CACHE_KEYS:
-                out[key][dst] = arrays[key][local]
-            c.check_values(self.shards[s]["name"], {key: out[key][dst] for key in CACHE_KEYS})
+                out[key][dst] = values[key]
         return out
 
 
@@ -253,13 +241,31 @@ class TeacherCache:
             self.logprobs_dtype = logprobs_dtype(index["logprobs_dtype"])
             self.vocab_size = int(index["vocab_size"])
             for split in index["splits"].values():
+                int(split["rows"])
                 for s in split["shards"]:
                     str(s["name"]), int(s["start"]), int(s["stop"])
             index["fingerprint"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise TeacherCacheError(f"{self.index_path} is not a valid teacher-logits index "
                                     f"({type(e).__name__}: {e})") from None
+        for name, split in index["splits"].items():
+            self._check_tiling(name, split)
         self.index = index
+
+    def _check_tiling(self, name: str, split: Mapping) -> None:
+        """A split's row lookup maps a row to the last shard starting at or before it: right only when the shards
+        tile ``[0, rows)`` in order. A hand-edited or mixed-up index would otherwise read past a shard's end."""
+        expect = 0
+        for s in split["shards"]:
+            lo, hi = int(s["start"]), int(s["stop"])
+            if lo != expect or hi <= lo:
+                raise TeacherCacheError(f"{self.index_path}: shard {s['name']} of split {name!r} covers rows "
+                                        f"[{lo}, {hi}), expected rows from {expect} on: the shards must cover the "
+                                        "split in order")
+            expect = hi
+        if expect != int(split["rows"]):
+            raise TeacherCacheError(f"{self.index_path}: the shards of split {name!r} cover {expect} rows, the index "
+                                    f"says {split['rows']}")
 
     @property
     def fingerprint(self) -> dict:
@@ -366,10 +372,8 @@ class CachedTeacherDataset:
 
 def read_layout(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{batch key: (shape after [B, T], dtype)}`` of a cache's batch arrays (what the train step is built for).
-    The index is checked whole here (its shards must tile each split), so a dry run refuses a malformed one too."""
+    Opening the index checks it whole (its shards must tile each split), so a dry run refuses a malformed one too."""
     c = TeacherCache(path)
-    for split in c.index["splits"]:
-        c.split(split)
     return {"teacher_ids": ((c.top_k,), c.ids_dtype), "teacher_logprobs": ((c.top_k,), c.logprobs_dtype),
             "teacher_rest": ((), np.dtype(np.float32))}
 
