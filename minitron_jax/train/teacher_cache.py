@@ -210,8 +210,9 @@ class CachedSplit:
         for s in np.unique(shard_of):
             sel = shard_of == s
             arrays = self._arrays(int(s))
-            local = np.sort(rows[sel] - self.shards[s]["start"])  # ascending: sequential reads of the memory map
-            order = np.argsort(rows[sel] - self.shards[s]["start"], kind="stable")
+            offset = rows[sel] - self.shards[s]["start"]
+            order = np.argsort(offset, kind="stable")
+            local = offset[order]  # ascending: sequential reads of the memory map
             dst = real[sel][order]
             values = {key: arrays[key][local] for key in CACHE_KEYS}  # one copy out of the memory map
             c.check_values(self.shards[s]["name"], values)
