@@ -80,7 +80,8 @@ _SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
                   errno.ENFILE, errno.EFBIG, errno.ENAMETOOLONG, errno.EXDEV}
 _SYSTEM_WORDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                 errno.EPERM: "operation not permitted"}
+                 errno.EPERM: "operation not permitted", errno.EIO: "I/O error",
+                 errno.EFBIG: "file size limit exceeded"}
 
 
 def describe_os_error(e: OSError) -> str:

@@ -27,8 +27,10 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -153,10 +155,36 @@ class _DropRefusalLogs(logging.Filter):
 
 
 def quiet_refusal_logs(logger: str = "absl") -> None:
-    """Install :class:`_DropRefusalLogs` on ``logger`` once (Orbax logs through absl)."""
-    log = logging.getLogger(logger)
-    if not any(isinstance(f, _DropRefusalLogs) for f in log.filters):
-        log.addFilter(_DropRefusalLogs())
+    """Install :class:`_DropRefusalLogs` on ``logger`` once (Orbax logs through absl), and on asyncio's logger
+    ("Task exception was never retrieved" for the writes still in flight when a save failed), and drop the
+    "Event loop is closed" errors of those writes' late callbacks (:func:`_drop_late_loop_callbacks`)."""
+    for name in (logger, "asyncio"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropRefusalLogs) for f in log.filters):
+            log.addFilter(_DropRefusalLogs())
+    if not getattr(sys.unraisablehook, "_drops_late_loop_callbacks", False):
+        sys.unraisablehook = _drop_late_loop_callbacks(sys.unraisablehook)
+
+
+def _drop_late_loop_callbacks(previous: Callable) -> Callable:
+    """An unraisable hook that drops ``RuntimeError('Event loop is closed')`` raised by ``call_soon_threadsafe``.
+
+    When one write of an Orbax save fails (a full disk), the save's event loop ends with that error and is closed
+    while tensorstore's other writes are still in flight; each of them then completes into the closed loop, and
+    Python printed a traceback per write (37 of them after the one-line "disk full" report, for a 2-layer model).
+    The failure itself is raised to the caller and reported once; only those late completions are dropped here.
+    Every other unraisable error goes to the previous hook."""
+
+    def hook(unraisable) -> None:
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and "call_soon_threadsafe" in frames):
+            return
+        previous(unraisable)
+
+    hook._drops_late_loop_callbacks = True  # type: ignore[attr-defined]
+    return hook
 
 
 @contextlib.contextmanager

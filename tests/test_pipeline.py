@@ -127,6 +127,9 @@ def test_end_to_end_outputs(tiny_run):
         assert 0.0 <= r["mmlu"] <= 1.0
         assert (Path(r["export"]) / "config.json").is_file()
         assert (run_dir / "stages" / f"distill.{s}.json").is_file()
+        # The finished distillation's checkpoints are gone (keep_checkpoints is false): its export is the output.
+        assert not (run_dir / "distill" / s / "checkpoints").exists()
+        assert f"removed {run_dir / 'distill' / s / 'checkpoints'} (" in proc.stdout
     assert rows["teacher"]["mmlu"] is not None
     for name in ("results.md", "results.json", "results.png"):
         assert (run_dir / name).stat().st_size > 0
@@ -196,16 +199,21 @@ def test_rerun_skips_every_stage(tiny_run):
     assert {k: v["ppl"] for k, v in after.items()} == {k: v["ppl"] for k, v in before.items()}
 
 
-def interrupt_after_checkpoint(run_dir: Path, markers, trainer_dir: Path, steps: list[int]) -> None:
+def interrupt_after_checkpoint(run_dir: Path, markers, trainer_dir: Path, step: int) -> None:
     """Leave ``run_dir`` as a kill during the trainer run in ``trainer_dir`` would, just after its checkpoint at
-    ``steps[-2]``: the later checkpoint, the trainer's export, the stage ``markers`` and results.json gone."""
+    ``step``: the stage ``markers``, results.json and the trainer's export gone, and its checkpoints those of a run
+    stopped at ``step``. A finished stage has removed its checkpoints (``keep_checkpoints``), so the trainer is run
+    again from its own config.yaml up to ``step``, as the pipeline had run it."""
     for marker in markers:
         (run_dir / "stages" / f"{marker}.json").unlink()
     (run_dir / "results.json").unlink()
     shutil.rmtree(trainer_dir / "hf")
-    ckpts = trainer_dir / "checkpoints"
-    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == steps
-    shutil.rmtree(ckpts / str(steps[-1]))
+    assert not (trainer_dir / "checkpoints").exists()  # removed when the stage finished
+    proc = subprocess.run([sys.executable, "-m", "minitron_jax.distill", "--config", str(trainer_dir / "config.yaml"),
+                           f"train.stop_at={step}", "export.at_end=false"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert [p.name for p in (trainer_dir / "checkpoints").iterdir()] == [str(step)]
 
 
 def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
@@ -215,10 +223,12 @@ def test_interrupted_distillation_resumes_to_the_same_result(tiny_run):
     cfg, run_dir, _ = tiny_run
     before = _rows(run_dir)
     interrupt_after_checkpoint(run_dir, ["distill.depth", "eval.depth.pruned", "eval.depth.distilled"],
-                               run_dir / "distill" / "depth", [4, 6])
-    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}")
+                               run_dir / "distill" / "depth", 4)
+    # keep_checkpoints is no stage setting (nothing is redone for it) and keeps the finished run's last checkpoint.
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "keep_checkpoints=true")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "from its checkpoint at step 4" in proc.stdout
+    assert [p.name for p in (run_dir / "distill" / "depth" / "checkpoints").iterdir()] == ["6"]
     # export.depth is not redone: its marker and directory are whole, and its key (settings, not results) holds.
     redone = {"distill.depth", "eval.depth.pruned", "eval.depth.distilled"}
     assert _stage_lines(proc.stdout, "finished") == redone
@@ -234,7 +244,9 @@ def test_changed_setting_redoes_only_what_it_affects(tiny_run, tmp_path):
     # On a copy: the shared run must keep its default-setting stages for the tests after this one.
     run_dir = tmp_path / "changed_run"
     shutil.copytree(original, run_dir)
-    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "eval.max_tokens=128")
+    # How often a trainer stage saves changes nothing it trains (a resume is exact): no trainer stage is redone.
+    proc = run_pipeline("--config", str(cfg), f"run_dir={run_dir}", "eval.max_tokens=128",
+                        "distill.checkpoint_every=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The exports too: their cards show the evaluations.
     evals = {s for s in ALL_STAGES if s.startswith(("eval.", "export."))}
@@ -254,9 +266,13 @@ def test_killed_pipeline_resumes(tmp_path):
             "students.depth.prune.drop_layers=2"]
     proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    ckpt = killed / "distill" / "width" / "checkpoints" / "2"
+    ckpts = killed / "distill" / "width" / "checkpoints"
+
+    def saved() -> bool:  # the pipeline keeps one checkpoint: step 2's is replaced by step 4's
+        return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
     deadline = time.time() + 600
-    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+    while not saved() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

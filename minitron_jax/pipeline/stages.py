@@ -377,8 +377,10 @@ class Pipeline:
 
     @staticmethod
     def _run_key(rc) -> dict:
-        """A trainer config's non-default settings, less the paths (upstream stage keys cover what they hold)."""
+        """A trainer config's non-default settings, less the paths (upstream stage keys cover what they hold) and
+        the checkpoint cadence (a resume is bit-exact, so how often a run saves does not change what it trains)."""
         d = nondefault(rc)
+        d.pop("checkpoint", None)
         for section, key in (("teacher", "path"), ("student", "path"), ("data", "sources"), ("run_dir", None),
                              ("data", "cache_dir")):
             if key is None:
@@ -687,6 +689,7 @@ class Pipeline:
         result = run(rc)
         if result.export_path is None:
             raise RuntimeError(f"the trainer run in {run_dir} ended at step {result.step} without an export")
+        self._drop_checkpoints(run_dir / "checkpoints")
         train = read_metrics(run_dir, "train")
         train = list({r["step"]: r for r in train}.values())  # a resumed run re-logs nothing, but be safe
         return {"path": str(result.export_path), "run_dir": str(run_dir), "steps": result.step,
@@ -694,6 +697,15 @@ class Pipeline:
                 "loss_tokens": int(sum(r.get("tokens", 0) for r in train)),
                 "train_seconds": float(sum(r.get("step_seconds", 0.0) for r in train)),
                 "resumed_from": latest}
+
+    def _drop_checkpoints(self, directory: Path) -> None:
+        """Remove a finished trainer stage's checkpoints unless ``keep_checkpoints``: its exported model is the
+        stage's output, and a rerun that changes the stage's settings starts it over (see PipelineConfig)."""
+        if self.pc.keep_checkpoints or not directory.is_dir():
+            return
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        shutil.rmtree(directory)
+        self.console.print(f"removed {directory} ({size / 1e9:.2f} GB; keep_checkpoints=true keeps it)")
 
     @staticmethod
     def _read_config(path: str):

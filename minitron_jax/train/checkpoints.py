@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from minitron_jax import hostmem
 from minitron_jax.arch import AnyConfig, config_from_json_file
+from minitron_jax.exitcodes import SystemRefusedError
 from minitron_jax.fsutil import check_destination, quiet_refusal_logs, refusals_named
 from minitron_jax.train.config import CheckpointConfig, RunConfigError, load_config
 from minitron_jax.train.state import TrainState
@@ -36,6 +38,8 @@ CONFIG_FILE = "config.yaml"
 STUDENT_DIR = "student"
 TEACHER_DIR = "teacher"
 CHECKPOINT_DIR = "checkpoints"
+# Orbax writes step N into "N.orbax-checkpoint-tmp..." and renames it to "N" once complete.
+PARTIAL_SAVE = ".orbax-checkpoint-tmp"
 
 
 class Checkpointer:
@@ -88,9 +92,16 @@ class Checkpointer:
     @contextlib.contextmanager
     def _refusals(self):
         """A full disk or read-only file system under Orbax surfaces as a ValueError carrying the errno in its
-        text (from a background thread when saving asynchronously): make it the one-line, exit-6 kind."""
-        with refusals_named(self.directory):
-            yield
+        text (from a background thread when saving asynchronously): make it the one-line, exit-6 kind, and remove
+        the refused save's temporary directory, which would otherwise hold the disk space it did get until the
+        next run's start cleans it (the finished checkpoints are kept)."""
+        try:
+            with refusals_named(self.directory):
+                yield
+        except SystemRefusedError:
+            for partial in self.directory.glob(f"*{PARTIAL_SAVE}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
