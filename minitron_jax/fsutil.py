@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -448,6 +449,49 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False,
             if err is None:
                 raise
             raise err from e
+
+
+class _PlainWriter:
+    """Only a ``write`` method, so numpy writes through Python's file object (see :func:`save_npy`)."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
+def save_npy(path: str | Path, array) -> None:
+    """``np.save(path, array)`` to exactly ``path``, where a refused write raises an ``OSError`` with its errno.
+
+    numpy writes a contiguous array to a real file with C ``fwrite`` and reports a short write as ``OSError("354304
+    requested and 42944 written")`` with no errno: a full disk then looked like a bug (a traceback, exit 1, seen for
+    the teacher-logits writer on a full tmpfs). Through a plain ``write`` method numpy writes 16 MiB chunks with
+    Python's own file write, which raises ENOSPC/EDQUOT/EFBIG as the system said."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.lib.format.write_array(_PlainWriter(f), np.asanyarray(array), allow_pickle=False)
+
+
+def fmt_bytes(n: float | None) -> str:
+    """``"1.52 MB"``: bytes in the largest decimal unit that keeps the number ≥ 1 ("-" for None or non-finite)."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return "-"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def check_free_space(directory: str | Path, needed: int, what: str, hint: str) -> None:
+    """Refuse (SystemRefusedError, exit 6) before writing ``needed`` bytes under ``directory`` when its file system
+    has less free, rather than after the work that makes them: "``directory``: ``what`` need 2.10 GB on disk and
+    302.50 MB is free; free some space, or ``hint``"."""
+    probe = Path(directory).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise SystemRefusedError(f"{directory}: {what} need {fmt_bytes(needed)} on disk and {fmt_bytes(free)} is "
+                                 f"free; free some space, or {hint}")
 
 
 def write_json_atomic(path: Path, data: object) -> None:

@@ -492,3 +492,31 @@ def test_remove_empty_tree_takes_back_only_empty_directories(tmp_path):
     assert list(tmp_path.iterdir()) == []
     remove_empty_tree(None)
     remove_empty_tree(tmp_path / "absent")
+
+
+def test_save_npy_reports_a_refused_write_with_its_errno(tmp_path):
+    """numpy's own np.save to a path reports a short write without errno ("N requested and M written"), so a full
+    disk could not be told from a bug; save_npy's refused write carries the system's errno (here EFBIG from the
+    process's file-size limit, which refuses as a full disk does), and the bytes it writes are np.save's."""
+    import numpy as np
+
+    a = np.arange(200_000, dtype=np.float32)
+    fsutil.save_npy(tmp_path / "ok.npy", a)
+    np.save(tmp_path / "ref.npy", a)
+    assert (tmp_path / "ok.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    child = textwrap.dedent(f"""
+        import errno, resource, numpy as np
+        from minitron_jax import fsutil
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        a = np.zeros(100_000, np.float32)
+        try:
+            np.save({str(tmp_path / 'np.npy')!r}, a)
+        except OSError as e:
+            print("np.save", e.errno)
+        try:
+            fsutil.save_npy({str(tmp_path / 'ours.npy')!r}, a)
+        except OSError as e:
+            print("save_npy", errno.errorcode.get(e.errno))
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["np.save None", "save_npy EFBIG"], out

@@ -85,7 +85,8 @@ def test_activations_refused_before_writing_when_the_disk_is_too_small(tmp_path,
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(SystemRefusedError, match=r"acts/calib: the parent's activations need 0\.00 GB"):
+    with pytest.raises(SystemRefusedError,
+                       match=r"acts/calib: the parent's activations need 294\.91 kB on disk and 1\.00 kB is free"):
         ActivationStore.open_or_build(tmp_path / "run" / "acts" / "calib", CFG, _params(), _windows(4, 1), key="k")
     assert not (tmp_path / "run").exists()  # nothing written
 

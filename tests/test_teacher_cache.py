@@ -308,6 +308,38 @@ def test_a_run_refuses_a_cache_of_another_teacher_or_data(tiny, cache_k8, tmp_pa
     assert not (tmp_path / "run").exists()  # a refused new run leaves no run dir (Orbax made an empty checkpoints/)
 
 
+def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_pass(tiny, tmp_path, monkeypatch):
+    """The writer knows each shard's size exactly: a file system with less room is refused (exit 6) before any
+    shard is computed, and a new cache leaves no directory behind; a resumed one is checked for its missing shards
+    only. (Before, the teacher ran over every shard that fit and a short write ended in an errno-less OSError
+    from numpy, a traceback with exit 1.)"""
+    import shutil
+    from collections import namedtuple
+
+    from minitron_jax.exitcodes import SystemRefusedError
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    rc = make_rc(tiny, tmp_path / "unused")
+    out = tmp_path / "k8"
+    with pytest.raises(SystemRefusedError, match=rf"^{out}: the 7 shard\(s\) to write need (\d+\.\d\d) kB on disk "
+                                                 r"and 1\.00 kB is free; free some space, or lower --top-k") as e:
+        write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
+    assert list(tmp_path.iterdir()) == []  # no cache directory, no lock file
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    full = write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
+    # The estimate is what the shards take: their arrays exactly, plus at most 4 kB of headers each.
+    written = sum(f.stat().st_size for d in out.iterdir() if d.is_dir() for f in d.iterdir())
+    estimate = float(str(e.value).split(" need ")[1].split(" kB")[0]) * 1e3
+    assert written <= estimate + 10 <= written + 7 * 4096, (written, estimate)
+    shutil.rmtree(out / "train-00001")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemRefusedError, match="the 1 shard\\(s\\) to write need"):
+        write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
+    assert (out / "train-00000").is_dir() and full["rows"]
+
+
 def test_a_damaged_cache_is_refused_naming_the_shard_and_a_rerun_repairs_it(tiny, cache_k8, tmp_path):
     """Values no teacher writes (an id outside the vocabulary, a NaN log-prob), a shard directory of another cache
     and an index whose shards leave a gap are refused with the file named, not trained on (an out-of-range id
@@ -380,16 +412,16 @@ def test_a_damaged_cache_is_refused_naming_the_shard_and_a_rerun_repairs_it(tiny
 # ----------------------------------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, time
-    import numpy as np
     from minitron_jax.cli.teacher_logits import main
-    real_save, saved = np.save, []
-    def slow_save(path, array, *a, **k):  # stop inside the third shard's staging directory, one file written
-        real_save(path, array, *a, **k)
+    from minitron_jax.train import teacher_cache
+    real_save, saved = teacher_cache.save_npy, []
+    def slow_save(path, array):  # stop inside the third shard's staging directory, one file written
+        real_save(path, array)
         saved.append(path)
         if len(saved) == 7:
             print("ready", flush=True)
             time.sleep(120)
-    np.save = slow_save
+    teacher_cache.save_npy = slow_save
     main(sys.argv[1:])
 """)
 

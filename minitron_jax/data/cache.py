@@ -33,6 +33,7 @@ import numpy as np
 
 from minitron_jax.data.packing import document_token_ids, pack_rows
 from minitron_jax.data.text import eos_token_id, expand_sources, iter_source_documents, tokenizer_fingerprint
+from minitron_jax.fsutil import save_npy
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +255,8 @@ def _pack_split(directory: Path, split: str, docs: Iterable[np.ndarray], seq_len
     def flush():
         name = f"{len(shards):05d}.npy"
         tokens, segments = (np.stack(x) for x in zip(*buffer))
-        np.save(directory / f"{split}-tokens-{name}", tokens)
-        np.save(directory / f"{split}-segment_ids-{name}", segments.astype(seg_dtype))
+        save_npy(directory / f"{split}-tokens-{name}", tokens)
+        save_npy(directory / f"{split}-segment_ids-{name}", segments.astype(seg_dtype))
         shards.append({"tokens": f"{split}-tokens-{name}", "segment_ids": f"{split}-segment_ids-{name}",
                        "rows": len(buffer)})
         buffer.clear()

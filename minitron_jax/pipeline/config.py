@@ -16,6 +16,7 @@ students.width.prune.hidden=512 run_dir=/tmp/run``::
     distill: {steps: 60, seq_len: 128, batch_size: 4, optim: {peak_lr: 3.0e-4}, trainer: {any RunConfig sections}}
     eval: {seq_len: 256, max_tokens: 4096, mmlu_limit: 32, mmlu_shots: 0}
     sft: {enabled: true, steps: 20, loss: ce, data: asset:chat, eval_records: 32, students: [width]}
+    keep_checkpoints: false               # a finished trainer stage removes its checkpoints (its export stays)
 
 The optimizer of ``distill``, ``teacher_correction`` and ``sft`` is an ``optim:`` section (the trainer's
 :class:`~minitron_jax.train.config.OptimSection`); its keys may also be written flat in the section

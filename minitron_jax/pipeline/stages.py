@@ -703,9 +703,11 @@ class Pipeline:
         stage's output, and a rerun that changes the stage's settings starts it over (see PipelineConfig)."""
         if self.pc.keep_checkpoints or not directory.is_dir():
             return
+        from minitron_jax.fsutil import fmt_bytes
+
         size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         shutil.rmtree(directory)
-        self.console.print(f"removed {directory} ({size / 1e9:.2f} GB; keep_checkpoints=true keeps it)")
+        self.console.print(f"removed {directory} ({fmt_bytes(size)}; keep_checkpoints=true keeps it)")
 
     @staticmethod
     def _read_config(path: str):

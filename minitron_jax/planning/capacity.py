@@ -19,10 +19,10 @@ import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
-import numpy as np
 
 from minitron_jax import arch
 from minitron_jax.arch import AnyConfig
+from minitron_jax.fsutil import fmt_bytes  # noqa: F401  (the plan reports' byte format)
 from minitron_jax.model import axis_sizes, param_axes
 
 GB = 1e9
@@ -383,15 +383,6 @@ def layout_cost(layout: Layout, base: Layout) -> float:
 
 def fits(total_bytes: float, acc: Accelerator, memory_fraction: float) -> bool:
     return total_bytes <= acc.memory * memory_fraction
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and not np.isfinite(n)):
-        return "-"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def fmt_flops(n: float | None) -> str:

@@ -41,7 +41,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ from minitron_jax.exitcodes import BadInputError
 from minitron_jax.fsutil import (
     MARKER_NAME,
     atomic_directory,
+    check_free_space,
     check_outside_sources,
     lock_directory,
+    save_npy,
     write_json_atomic,
     write_marker,
 )
@@ -505,6 +507,8 @@ def write_teacher_cache(rc, out: str | os.PathLike, *, top_k: int, dtype: str = 
     t0 = time.perf_counter()
     if proc == 0:
         with lock_directory(out):  # a second writer of this cache gets BusyError (exit 5) at once
+            if not (out / INDEX).is_file():  # a new cache: refused for room before its directory is made
+                _check_room(out, index, [s for split in index["splits"].values() for s in split["shards"]])
             index = _open_for_writing(out, index)
             counts = _write_shards(out, index, datasets, teacher, rc, top_k, lp_dtype, id_dtype, batch_rows,
                                    chunk_size or rc.loss.chunk_size, proc, nproc, log)
@@ -516,6 +520,14 @@ def write_teacher_cache(rc, out: str | os.PathLike, *, top_k: int, dtype: str = 
                                chunk_size or rc.loss.chunk_size, proc, nproc, log)
         summary = _summary(out, index, counts, time.perf_counter() - t0)
     return summary
+
+
+def _check_room(out: Path, index: Mapping, shards: Sequence[Mapping]) -> None:
+    """Refuse (exit 6) when ``out``'s file system cannot hold ``shards``: now, not after the teacher pass over the
+    shards that fit. A shard's size is exact (its arrays) plus a few kB of headers and shard.json."""
+    rows = sum(int(s["stop"]) - int(s["start"]) for s in shards)
+    check_free_space(out, rows * index["seq_len"] * index["bytes_per_token"] + len(shards) * 4096,
+                     f"the {len(shards)} shard(s) to write", "lower --top-k or write the cache elsewhere (--out)")
 
 
 def _open_for_writing(out: Path, index: dict, create: bool = True) -> dict:
@@ -554,6 +566,7 @@ def _write_shards(out, index, datasets, teacher, rc, top_k, lp_dtype, id_dtype, 
         log(f"{counts['kept']} shard(s) already written; computing the {len(todo)} missing")
     if not todo:
         return counts
+    _check_room(out, index, [s for _, _, s in todo])
     dtype = dtype_of(rc.teacher.dtype)
     device = jax.local_devices()[0]
     params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), teacher.params), device)
@@ -578,7 +591,7 @@ def _write_shards(out, index, datasets, teacher, rc, top_k, lp_dtype, id_dtype, 
         # replaced; one that is not ours at all (no marker) is still refused by atomic_directory.
         with atomic_directory(out / s["name"], overwrite=True) as tmp:
             for key, value in arrays.items():
-                np.save(tmp / _FILES[key], _stored(value))
+                save_npy(tmp / _FILES[key], _stored(value))
             (tmp / SHARD_META).write_text(json.dumps(_shard_meta(index, name, s), indent=1) + "\n")
         counts["written"] += 1
         log(f"shard {n_done}/{len(todo)} {s['name']}: rows {lo}-{hi} in {time.perf_counter() - t0:.1f}s")

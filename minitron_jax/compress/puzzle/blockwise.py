@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,8 +50,7 @@ from minitron_jax import hetero, model
 from minitron_jax.attention import attention_mask
 from minitron_jax.blocks import AttentionSpec, BlockSpec, FFNSpec
 from minitron_jax.config import LlamaConfig
-from minitron_jax.exitcodes import SystemRefusedError
-from minitron_jax.fsutil import atomic_directory, atomic_file
+from minitron_jax.fsutil import atomic_directory, atomic_file, check_free_space, save_npy
 
 Params = dict[str, Any]
 Progress = Callable[[str, int, int], None]
@@ -193,19 +191,6 @@ class ActivationStore:
         return cls(directory)
 
 
-def check_disk_space(directory: Path, needed: int) -> None:
-    """Refuse (exit 6) before writing ``needed`` bytes of memory-mapped activations under ``directory`` when its
-    file system has less free: a memory map that runs out of disk does not fail cleanly (the write faults)."""
-    probe = Path(directory).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise SystemRefusedError(f"{directory}: the parent's activations need {needed / 1e9:.2f} GB on disk and "
-                                 f"{free / 1e9:.2f} GB is free; free some space, or lower --calib-tokens / "
-                                 "--eval-windows")
-
-
 def _collect(d: dict) -> tuple:
     return d["layer_in"], d["attn_out"], d["layer_out"]
 
@@ -228,7 +213,8 @@ def build_activations(directory: Path, config: LlamaConfig, params: Params, wind
             out = out + (jax.nn.log_softmax(logits, axis=-1),)
         return out
 
-    check_disk_space(directory, 4 * N * T * (D * (2 * L + 1) + (V if with_logp else 0)))
+    check_free_space(directory, 4 * N * T * (D * (2 * L + 1) + (V if with_logp else 0)),
+                     "the parent's activations", "lower --calib-tokens / --eval-windows")
     with atomic_directory(directory, overwrite=True) as tmp:
         def create(name, shape):
             return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
@@ -236,7 +222,7 @@ def build_activations(directory: Path, config: LlamaConfig, params: Params, wind
         hs = [create(f"h_{i:03d}", (N, T, D)) for i in range(L + 1)]
         mids = [create(f"mid_{i:03d}", (N, T, D)) for i in range(L)]
         logp = create("logp", (N, T, V)) if with_logp else None
-        np.save(tmp / "tokens.npy", windows)
+        save_npy(tmp / "tokens.npy", windows)
         done = 0
         for s in range(0, N, batch):
             got = jax.device_get(run(params, jnp.asarray(windows[s:s + batch])))
