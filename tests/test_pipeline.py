@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,12 +66,19 @@ export: {{gguf: f16}}   # hidden 48 is not a multiple of q8_0's 32-wide blocks
     return cfg
 
 
+_SUBPROCESS_XLA_CACHE = Path(tempfile.gettempdir()) / f"minitron_jax_test_xla_{os.getuid()}"
+
+
 def _env() -> dict[str, str]:
     """The pipeline in a subprocess sees the machine's real devices (not the 8 fake ones of conftest)."""
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     env["XLA_FLAGS"] = flags
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # One persistent XLA cache for every pipeline subprocess of the test session: a rerun (resume, changed
+    # setting) and the trainer run that stands for an interrupted stage compile the same steps again.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(_SUBPROCESS_XLA_CACHE)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 

@@ -308,7 +308,7 @@ def test_a_run_refuses_a_cache_of_another_teacher_or_data(tiny, cache_k8, tmp_pa
     assert not (tmp_path / "run").exists()  # a refused new run leaves no run dir (Orbax made an empty checkpoints/)
 
 
-def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_pass(tiny, tmp_path, monkeypatch):
+def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_pass(tiny, cache_k8, tmp_path, monkeypatch):
     """The writer knows each shard's size exactly: a file system with less room is refused (exit 6) before any
     shard is computed, and a new cache leaves no directory behind; a resumed one is checked for its missing shards
     only. (Before, the teacher ran over every shard that fit and a short write ended in an errno-less OSError
@@ -318,26 +318,26 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_the_teacher_pass(tiny, t
 
     from minitron_jax.exitcodes import SystemRefusedError
 
+    src, _ = cache_k8
+    shards = sorted(d.name for d in src.iterdir() if d.is_dir())
     usage = namedtuple("usage", "total used free")
-    real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     rc = make_rc(tiny, tmp_path / "unused")
-    out = tmp_path / "k8"
-    with pytest.raises(SystemRefusedError, match=rf"^{out}: the 7 shard\(s\) to write need (\d+\.\d\d) kB on disk "
-                                                 r"and 1\.00 kB is free; free some space, or lower --top-k") as e:
-        write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
-    assert list(tmp_path.iterdir()) == []  # no cache directory, no lock file
-    monkeypatch.setattr(shutil, "disk_usage", real)
-    full = write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
-    # The estimate is what the shards take: their arrays exactly, plus at most 4 kB of headers each.
-    written = sum(f.stat().st_size for d in out.iterdir() if d.is_dir() for f in d.iterdir())
+    out = tmp_path / "new"
+    with pytest.raises(SystemRefusedError, match=rf"^{out}: the {len(shards)} shard\(s\) to write need "
+                                                 r"\d+\.\d\d kB on disk and 1\.00 kB is free; free some space, "
+                                                 r"or lower --top-k") as e:
+        write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=5, batch_rows=4, log=lambda _: 0)
+    assert not out.exists() and not (tmp_path / ".new.lock").exists()
+    # The estimate is what cache_k8's shards (the same settings) take: their arrays exactly, plus <= 4 kB each.
+    written = sum(f.stat().st_size for d in shards for f in (src / d).iterdir())
     estimate = float(str(e.value).split(" need ")[1].split(" kB")[0]) * 1e3
-    assert written <= estimate + 10 <= written + 7 * 4096, (written, estimate)
-    shutil.rmtree(out / "train-00001")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(SystemRefusedError, match="the 1 shard\\(s\\) to write need"):
-        write_teacher_cache(rc, out, top_k=8, dtype="float32", rows_per_shard=40, batch_rows=4, log=lambda _: 0)
-    assert (out / "train-00000").is_dir() and full["rows"]
+    assert written <= estimate + 10 <= written + len(shards) * 4096, (written, estimate)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(src, resumed)
+    shutil.rmtree(resumed / shards[1])
+    with pytest.raises(SystemRefusedError, match=r"the 1 shard\(s\) to write need"):
+        write_teacher_cache(rc, resumed, top_k=8, dtype="float32", rows_per_shard=5, batch_rows=4, log=lambda _: 0)
 
 
 def test_a_damaged_cache_is_refused_naming_the_shard_and_a_rerun_repairs_it(tiny, cache_k8, tmp_path):

@@ -304,7 +304,8 @@ def test_refused_resume_leaves_config_yaml_unchanged(tiny, tmp_path):  # noqa: F
     assert _latest(run_dir, make_rc(tiny, run_dir)) == 2
 
 
-def test_a_full_disk_mid_save_is_one_line_and_keeps_the_finished_checkpoints(tiny, tmp_path):  # noqa: F811
+def test_a_full_disk_mid_save_is_one_line_and_keeps_the_finished_checkpoints(tiny, tmp_path,  # noqa: F811
+                                                                             compile_cache):  # noqa: F811
     """A checkpoint save the system refuses (here: the process's file-size limit, EFBIG, as a full disk refuses
     with ENOSPC) is one line naming the checkpoint directory, exit 6. Before, each tensorstore write still in flight
     when Orbax's save failed printed an "Event loop is closed" traceback after that line (37 of them for a 2-layer
@@ -325,8 +326,11 @@ def test_a_full_disk_mid_save_is_one_line_and_keeps_the_finished_checkpoints(tin
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
              f"sys.argv = ['distill', '--config', {str(tmp_path / 'c.yaml')!r}]; "
              "runpy.run_module('minitron_jax.distill', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    # The child reads this module's XLA cache (same devices, same step: no compile) and writes none to it: an
+    # entry over the file-size limit would be one more refused write.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
     assert proc.returncode == 6, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: file size limit exceeded writing {run_dir / 'checkpoints'} (File too large)"], proc.stderr
