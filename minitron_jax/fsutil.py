@@ -44,7 +44,10 @@ _OWNED_BY = (MARKER_NAME, "minitron_jax.json")
 # errno values that mean "the machine refused the write", reported with the destination (exit 6).
 REFUSED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                             errno.EFBIG})
-_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'")
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'|\[Errno (\d+)\]")
+# numpy's report of a short C fwrite (ndarray.tofile), which carries no errno: see short_write_errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_ALMOST_FULL = 1 << 20  # bytes: less free than this after a short write is a full disk
 _LOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
@@ -129,16 +132,39 @@ def check_file_destination(path: str | Path, *, overwrite: bool = False, sources
     return dst
 
 
+def short_write_errno(path: Path) -> int:
+    """The likely errno of a write under ``path`` that numpy reported as a short write without one.
+
+    ``ndarray.tofile`` (used by ``np.save`` to a path and by gguf's writer) writes with C ``fwrite`` and raises
+    ``OSError("15360 requested and 12304 written")`` with no errno. A file system with (almost) no room left is a
+    full disk (ENOSPC); a finite file-size limit of the process is EFBIG; anything else an I/O error (EIO). Judge it
+    before removing the partial file, whose blocks would make the disk look free again."""
+    import resource
+
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(probe).free < _ALMOST_FULL:
+            return errno.ENOSPC
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return errno.EIO
+
+
 def refusal_errno(e: BaseException) -> int | None:
     """The errno of ``e`` when it is the system refusing a write (disk full, read-only...), else None. Also for
-    errors that are not OSError but carry the errno in their text: "(os error 28)" from Rust (safetensors),
-    "[os_error_code='28']" from tensorstore (Orbax)."""
-    if isinstance(e, OSError):
-        code = e.errno
-    else:
-        m = _ERRNO_IN_TEXT.search(str(e))
-        code = int(m.group(1) or m.group(2)) if m else None
+    errors that carry the errno only in their text: "(os error 28)" from Rust (safetensors), "[os_error_code='28']"
+    from tensorstore (Orbax), "[Errno 28]" in the list of a ``shutil.Error`` (copytree)."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:  # shutil.Error (copytree) is an OSError whose errno is only in its text
+        code = _errno_in_text(str(e))
     return code if code in REFUSED_ERRNOS else None
+
+
+def _errno_in_text(text: str) -> int | None:
+    m = _ERRNO_IN_TEXT.search(text)
+    return int(next(g for g in m.groups() if g)) if m else None
 
 
 class _DropRefusalLogs(logging.Filter):
@@ -151,8 +177,7 @@ class _DropRefusalLogs(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and refusal_errno(exc) is not None:
             return False
-        m = _ERRNO_IN_TEXT.search(record.getMessage())
-        return not (m and int(m.group(1) or m.group(2)) in REFUSED_ERRNOS)
+        return _errno_in_text(record.getMessage()) not in REFUSED_ERRNOS
 
 
 def quiet_refusal_logs(logger: str = "absl") -> None:
@@ -213,6 +238,8 @@ def refused(e: BaseException, path: Path, staging: Path | None = None) -> System
         err.errno = e.errno
         return err
     code = refusal_errno(e)
+    if code is None and isinstance(e, OSError) and e.errno is None and _SHORT_WRITE.fullmatch(str(e)):
+        code = short_write_errno(staging or path)
     if code is None:
         return None
     filename = e.filename if isinstance(e, OSError) else None
@@ -310,12 +337,22 @@ def lock_directory(path: str | Path) -> Iterator[Path]:
     """Hold the exclusive lock of directory ``path`` (which need not exist yet) for the duration of the block.
 
     A second process asking for the same lock gets BusyError at once (exit 5). ``path`` must be a directory or
-    absent (BadInputError otherwise). The lock file is removed on release."""
+    absent (BadInputError otherwise). The lock file is removed on release.
+
+    The block is a run over ``path`` (a training run, a pipeline, a search, one atomic write): a write the system
+    refuses there without naming its file (``Path.write_text`` on a full disk raises a bare ENOSPC, reported as
+    just "disk full") is reported naming ``path``; an error that names its file keeps its own message."""
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise BadInputError(f"{path} is a file, not a directory; choose a directory path")
     with _hold_lock(path):
-        yield path
+        try:
+            yield path
+        except Exception as e:
+            err = None if isinstance(e, OSError) and e.filename is not None else refused(e, path)
+            if err is None:
+                raise
+            raise err from e
 
 
 @contextlib.contextmanager
@@ -366,9 +403,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except BaseException as e:
+        err = refused(e, path, staging=tmp)  # before the unlink, which frees the partial file's blocks
         with contextlib.suppress(OSError):
             tmp.unlink()
-        err = refused(e, path, staging=tmp)
         if err is None:
             raise
         raise err from e
@@ -442,10 +479,10 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False,
             else:
                 os.rename(tmp, path)
         except BaseException as e:
+            err = refused(e, path, staging=tmp)  # before the removal, which frees the partial files' blocks
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):  # a failure between the two renames: put the previous one back
                 clean_leftovers(path)
-            err = refused(e, path, staging=tmp)
             if err is None:
                 raise
             raise err from e
@@ -499,10 +536,17 @@ def write_json_atomic(path: Path, data: object) -> None:
 
     Strict JSON: a NaN/inf number (a metric that could not be computed, e.g. the perplexity of a broken candidate)
     is written as null (``exitcodes.finite_or_none``), never as the ``NaN`` that strict readers reject."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(finite_or_none(data), indent=1, default=_json_default, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(finite_or_none(data), indent=1, default=_json_default, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with refusals_named(path):  # a full disk names this file (a bare ENOSPC said only "disk full")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _json_default(x):

@@ -520,3 +520,51 @@ def test_save_npy_reports_a_refused_write_with_its_errno(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["np.save None", "save_npy EFBIG"], out
+
+
+def test_refusals_that_name_no_file_are_named(tmp_path, monkeypatch):
+    """Refused writes whose error names no file, or carries no errno, still become one line naming where the write
+    went (exit 6): before, a pipeline on a full disk said just "disk full" (a bare ENOSPC from ``write_text``), or
+    printed a traceback for copytree's ``shutil.Error`` and for numpy's errno-less short write."""
+    import shutil
+    from collections import namedtuple
+
+    # A JSON file written whole or not at all: its name in the message, no temporary file left.
+    path = tmp_path / "stages" / "eval.json"
+    real_write_text = Path.write_text
+
+    def full(self, *a, **k):
+        real_write_text(self, "{", encoding="utf-8")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemRefusedError, match=rf"^disk full writing {path} \(No space left on device\)$"):
+        fsutil.write_json_atomic(path, {"a": 1})
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert list((tmp_path / "stages").iterdir()) == []
+    # Under a held run directory, a refusal without a file name is named after the directory; one with a name keeps it.
+    with pytest.raises(SystemRefusedError, match=rf"^disk full writing {tmp_path / 'run'} "):
+        with lock_directory(tmp_path / "run"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(PermissionError) as e:
+        with lock_directory(tmp_path / "run"):
+            raise PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")
+    assert e.value.filename == "/etc/elsewhere"
+    # copytree's shutil.Error: an OSError whose errno is only in its text.
+    copy_error = shutil.Error([("/src/model.safetensors", str(tmp_path / ".x.tmp-1/model.safetensors"),
+                                "[Errno 28] No space left on device: '/src/model.safetensors'")])
+    err = fsutil.refused(copy_error, tmp_path / "x", staging=tmp_path / ".x.tmp-1")
+    assert str(err) == f"disk full writing {tmp_path / 'x'} (No space left on device)"
+    # numpy's short write: a (nearly) full disk is ENOSPC, a finite file-size limit EFBIG, else an I/O error.
+    short = OSError("15360 requested and 12304 written")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    assert str(fsutil.refused(short, tmp_path / "m.gguf")).startswith(f"disk full writing {tmp_path / 'm.gguf'}")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 16, resource.RLIM_INFINITY))
+    assert fsutil.refused(short, tmp_path / "m.gguf").errno == errno.EFBIG
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert fsutil.refused(short, tmp_path / "m.gguf").errno == errno.EIO
+    assert fsutil.refused(OSError("something else"), tmp_path / "m.gguf") is None

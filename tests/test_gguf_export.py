@@ -363,3 +363,26 @@ def test_linear_rope_scaling_and_new_directory(tmp_path):
     back = load_model(out, with_tokenizer=False)
     assert back.config.rope_scaling == config.rope_scaling and back.config.tie_word_embeddings
     assert _fields(out, {"llama.rope.scaling.type"})["llama.rope.scaling.type"] == "linear"
+
+
+def test_a_refused_write_of_the_gguf_is_one_line_naming_it(tmp_path):
+    """gguf's writer writes tensors with numpy's ``tofile``, which reports a short write as "15360 requested and
+    12304 written" with no errno: the pipeline's export stage on a full disk ended in that traceback, exit 1. Here a
+    real refused write (the child's file-size limit): one line naming the GGUF, exit 6, nothing left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    _, _, _, hf = _tiny(tmp_path, rope_scaling=None)
+    out = tmp_path / "m.gguf"
+    child = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        from minitron_jax.cli.convert import main
+        sys.exit(main([{str(hf)!r}, {str(out)!r}, "--quant", "f32", "--quiet"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: file size limit exceeded writing {out} (File too large)"]
+    assert _left_in(tmp_path) == []
