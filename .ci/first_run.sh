@@ -26,4 +26,9 @@ test -s "$work/run/results.json" || { echo "first run: no results.json"; exit 1;
 test -f "$work/run/students/width/hf/config.json" -o -n "$(find "$work/run" -name config.json -path '*hf*' | head -1)" \
   || { echo "first run: no exported student"; exit 1; }
 test -f "$work/run/sft/width/hf/config.json" || { echo "first run: no chat-fine-tuned student (sft stage)"; exit 1; }
-echo "first run: the README's main command worked in a fresh venv without torch ($(( $(date +%s) - start )) s)"
+# A finished trainer stage removes its checkpoints (about 1 GB each for the demo's students; keep_checkpoints): a
+# full /tmp on the sft stage's checkpoint once failed this very check.
+left="$(find "$work/run" -type d -name checkpoints | head -3)"
+test -z "$left" || { echo "first run: finished trainer stages left checkpoints behind: $left"; exit 1; }
+echo "first run: the README's main command worked in a fresh venv without torch ($(( $(date +%s) - start )) s;" \
+  "run directory $(du -sh "$work/run" | cut -f1), venv $(du -sh "$work/venv" | cut -f1))"
