@@ -132,6 +132,15 @@ def check_file_destination(path: str | Path, *, overwrite: bool = False, sources
     return dst
 
 
+def _existing_ancestor(path: str | Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where a file system's free space can be read before the
+    directories a writer will create are there."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 def short_write_errno(path: Path) -> int:
     """The likely errno of a write under ``path`` that numpy reported as a short write without one.
 
@@ -141,11 +150,8 @@ def short_write_errno(path: Path) -> int:
     before removing the partial file, whose blocks would make the disk look free again."""
     import resource
 
-    probe = Path(path).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     with contextlib.suppress(OSError):
-        if shutil.disk_usage(probe).free < _ALMOST_FULL:
+        if shutil.disk_usage(_existing_ancestor(path)).free < _ALMOST_FULL:
             return errno.ENOSPC
     if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
         return errno.EFBIG
@@ -214,13 +220,14 @@ def _drop_late_loop_callbacks(previous: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def refusals_named(path: Path) -> Iterator[None]:
+def refusals_named(path: Path, *, unnamed_only: bool = False) -> Iterator[None]:
     """Inside the block, the system refusing a write under ``path`` (disk full, read-only...) surfaces as a one-line
-    SystemRefusedError naming ``path`` (exit 6); any other error passes unchanged."""
+    SystemRefusedError naming ``path`` (exit 6); any other error passes unchanged. With ``unnamed_only``, an
+    ``OSError`` that names its own file also passes unchanged (its message already says where)."""
     try:
         yield
     except Exception as e:
-        err = refused(e, path)
+        err = None if unnamed_only and isinstance(e, OSError) and e.filename is not None else refused(e, path)
         if err is None:
             raise
         raise err from e
@@ -345,14 +352,8 @@ def lock_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise BadInputError(f"{path} is a file, not a directory; choose a directory path")
-    with _hold_lock(path):
-        try:
-            yield path
-        except Exception as e:
-            err = None if isinstance(e, OSError) and e.filename is not None else refused(e, path)
-            if err is None:
-                raise
-            raise err from e
+    with _hold_lock(path), refusals_named(path, unnamed_only=True):
+        yield path
 
 
 @contextlib.contextmanager
@@ -522,10 +523,7 @@ def check_free_space(directory: str | Path, needed: int, what: str, hint: str) -
     """Refuse (SystemRefusedError, exit 6) before writing ``needed`` bytes under ``directory`` when its file system
     has less free, rather than after the work that makes them: "``directory``: ``what`` need 2.10 GB on disk and
     302.50 MB is free; free some space, or ``hint``"."""
-    probe = Path(directory).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_existing_ancestor(directory)).free
     if free < needed:
         raise SystemRefusedError(f"{directory}: {what} need {fmt_bytes(needed)} on disk and {fmt_bytes(free)} is "
                                  f"free; free some space, or {hint}")

@@ -22,7 +22,6 @@ import jax
 
 from minitron_jax import arch
 from minitron_jax.arch import AnyConfig
-from minitron_jax.fsutil import fmt_bytes  # noqa: F401  (the plan reports' byte format)
 from minitron_jax.model import axis_sizes, param_axes
 
 GB = 1e9

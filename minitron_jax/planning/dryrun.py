@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from minitron_jax.fsutil import fmt_bytes
 from minitron_jax.planning import capacity as P
 from minitron_jax.planning.models import DryRunError, run_models
 
@@ -391,7 +392,7 @@ def _notes(rc, layout, student, teacher, comp: Compiled, ana) -> list[str]:
     scores = max(rows * v.num_heads / (layout.tensor if v.num_kv_heads % layout.tensor == 0 else 1) * T * T * 4
                  for _, v in P.layer_views(student))
     if layout.attention == "einsum" and comp.memory and scores > 0.1 * compiled_temp(comp):
-        notes.append(f"attention materializes fp32 scores [B, H, T, T]: {P.fmt_bytes(scores)} per student layer "
+        notes.append(f"attention materializes fp32 scores [B, H, T, T]: {fmt_bytes(scores)} per student layer "
                      f"per device at T={T} ({rows:g} rows/device); train.attention=blockwise bounds this by the key "
                      "block (512), and on an NVIDIA GPU in bf16 train.attention=fused never writes them (cuDNN's "
                      "flash attention)")

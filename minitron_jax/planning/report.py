@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from minitron_jax.fsutil import fmt_bytes
 from minitron_jax.planning import capacity as P
 
 
@@ -27,7 +28,7 @@ def _json_default(x):
 def format_plan(p: dict[str, Any]) -> str:
     if p["kind"] == "importance":
         return format_importance_plan(p)
-    fb, ff, fs = P.fmt_bytes, P.fmt_flops, P.fmt_seconds
+    fb, ff, fs = fmt_bytes, P.fmt_flops, P.fmt_seconds
     acc, lo, m = p["accelerator"], p["layout"], p["memory_per_device"]
     st, te = p["models"]["student"], p["models"]["teacher"]
     b = p["batch"]
@@ -115,8 +116,8 @@ def format_plan(p: dict[str, Any]) -> str:
 
 def refusal_message(p: dict[str, Any]) -> str:
     m = p["memory_per_device"]
-    msg = (f"error: this plan does not fit: {P.fmt_bytes(m['total'])} per device ({m['basis']}) > "
-           f"{P.fmt_bytes(m['usable'])} usable on {p['accelerator']['name']}")
+    msg = (f"error: this plan does not fit: {fmt_bytes(m['total'])} per device ({m['basis']}) > "
+           f"{fmt_bytes(m['usable'])} usable on {p['accelerator']['name']}")
     sugg = p.get("suggestions") or []
     if sugg:
         msg += f"; nearest setting that fits: {' '.join(sugg[0]['changes'])}"
@@ -124,7 +125,7 @@ def refusal_message(p: dict[str, Any]) -> str:
 
 
 def format_importance_plan(p: dict[str, Any]) -> str:
-    fb = P.fmt_bytes
+    fb = fmt_bytes
     c = p["calibration"]
     lines = [f"Dry run of the importance pass of {p['recipe'] or 'prune'} on 1 × {p['accelerator']['name']}, "
              f"MFU {p['mfu']:g}",
@@ -150,7 +151,7 @@ def format_importance_plan(p: dict[str, Any]) -> str:
 
 def markdown_tables(plans: Sequence[dict[str, Any]]) -> str:
     """Markdown tables (memory, compute and collectives, time) of distillation plans read from ``--json`` files."""
-    fb, ff, fs = P.fmt_bytes, P.fmt_flops, P.fmt_seconds
+    fb, ff, fs = fmt_bytes, P.fmt_flops, P.fmt_seconds
     rows = [p for p in plans if p.get("kind") == "distill"]
 
     def name(p):
