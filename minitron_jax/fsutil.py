@@ -186,14 +186,21 @@ class _DropRefusalLogs(logging.Filter):
         return _errno_in_text(record.getMessage()) not in REFUSED_ERRNOS
 
 
+# Orbax's per-fragment write of a refused save that never started (orbax/checkpoint/_src/serialization).
+_UNSTARTED_WRITE = r"coroutine 'async_serialize\w*\.<locals>\.\w+' was never awaited"
+
+
 def quiet_refusal_logs(logger: str = "absl") -> None:
     """Install :class:`_DropRefusalLogs` on ``logger`` once (Orbax logs through absl), and on asyncio's logger
     ("Task exception was never retrieved" for the writes still in flight when a save failed), and drop the
-    "Event loop is closed" errors of those writes' late callbacks (:func:`_drop_late_loop_callbacks`)."""
+    "Event loop is closed" errors of those writes' late callbacks (:func:`_drop_late_loop_callbacks`), and the
+    "coroutine ... was never awaited" warning of a write Orbax had built but not yet started when the save failed
+    (printed at interpreter exit, after the one-line report; only Orbax's serialization coroutines are matched)."""
     for name in (logger, "asyncio"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropRefusalLogs) for f in log.filters):
             log.addFilter(_DropRefusalLogs())
+    warnings.filterwarnings("ignore", message=_UNSTARTED_WRITE, category=RuntimeWarning)
     if not getattr(sys.unraisablehook, "_drops_late_loop_callbacks", False):
         sys.unraisablehook = _drop_late_loop_callbacks(sys.unraisablehook)
 

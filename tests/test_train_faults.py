@@ -317,9 +317,14 @@ def test_a_full_disk_mid_save_is_one_line_and_keeps_the_finished_checkpoints(tin
     run_dir = tmp_path / "run"
     run(make_rc(tiny, run_dir, "train.stop_at=2"))
     (tmp_path / "c.yaml").write_text(make_rc(tiny, run_dir, "train.stop_at=4", "checkpoint.async_save=true").to_yaml())
-    biggest = max(p.stat().st_size for p in (run_dir / "checkpoints" / "2").rglob("*") if p.is_file())
-    limit = biggest // 4  # the checkpoint's data file no longer fits; config, metrics and logs do
-    assert limit > 32 * 1024, biggest
+    # A fixed limit: how tensorstore splits the data into files depends on timing (the biggest file of step 2's
+    # checkpoint was 119 kB in one CI run and 217-362 kB here), but every save so far had at least three data files
+    # over 32 kB, while the metadata files, the config, the metrics and the logs stay well under it.
+    limit = 32 * 1024
+    files = [p for p in (run_dir / "checkpoints" / "2").rglob("*") if p.is_file()]
+    data = sorted(p.stat().st_size for p in files if p.parent.name == "d")
+    assert data[-2] > limit, data  # a save of this size does not fit under the limit
+    assert max(p.stat().st_size for p in files if p.parent.name != "d") < limit * 0.6, files  # its metadata fits
 
     # The limit is set by the child itself (no preexec_fn: forking this multithreaded process warns).
     child = ("import resource, runpy, sys; "
