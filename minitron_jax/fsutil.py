@@ -141,6 +141,11 @@ def _existing_ancestor(path: str | Path) -> Path:
     return probe
 
 
+def free_bytes(path: str | Path) -> int:
+    """The free bytes of the file system ``path`` is (or will be) on."""
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
 def short_write_errno(path: Path) -> int:
     """The likely errno of a write under ``path`` that numpy reported as a short write without one.
 
@@ -530,7 +535,7 @@ def check_free_space(directory: str | Path, needed: int, what: str, hint: str) -
     """Refuse (SystemRefusedError, exit 6) before writing ``needed`` bytes under ``directory`` when its file system
     has less free, rather than after the work that makes them: "``directory``: ``what`` need 2.10 GB on disk and
     302.50 MB is free; free some space, or ``hint``"."""
-    free = shutil.disk_usage(_existing_ancestor(directory)).free
+    free = free_bytes(directory)
     if free < needed:
         raise SystemRefusedError(f"{directory}: {what} need {fmt_bytes(needed)} on disk and {fmt_bytes(free)} is "
                                  f"free; free some space, or {hint}")

@@ -153,6 +153,18 @@ def test_end_to_end_outputs(tiny_run):
     assert m.config.hidden_size == 48
 
 
+def test_disk_floor_is_below_what_the_run_keeps_and_close_to_it(tiny_run):
+    """The preflight's floor (the models the run keeps, from the configs alone) is at most what the finished run's
+    weight files take, and not far below it (safetensors headers, GGUF metadata and f32 norms make the rest). Right
+    after the run: later tests of this module redo stages in it."""
+    cfg, run_dir, proc = tiny_run
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("disk: "))
+    assert "at its end" in line and "free" in line
+    kept = sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in run_dir.rglob(pattern))
+    floor = _disk_floor(cfg)
+    assert 0.75 * kept < floor <= kept, (floor, kept)
+
+
 def test_export_stage_hands_over_hf_gguf_and_cards(tiny_run):
     """export/<s>/: the final student's HF directory (same bytes as the trainer's export), a GGUF that our reader
     loads back to the same weights (f16-rounded), and a card beside each whose evaluation table carries the
@@ -359,6 +371,41 @@ def test_demo_config_is_valid_and_students_match_in_size():
     assert set(counts) == {"width", "depth"}
     assert max(counts.values()) / min(counts.values()) < 1.05
     assert all(85e6 < n < 100e6 for n in counts.values()), counts
+
+
+def _disk_floor(cfg: Path) -> int:
+    from minitron_jax.compress.spec import target_config
+    from minitron_jax.convert import read_source_config
+    from minitron_jax.model import count_params
+    from minitron_jax.pipeline import load_pipeline_config
+    from minitron_jax.pipeline import prune_spec as _prune_spec
+    from minitron_jax.pipeline.disk import disk_plan, hf_itemsize
+
+    pc = load_pipeline_config(cfg)
+    teacher = read_source_config(pc.teacher)
+    students = {s: count_params(target_config(teacher, _prune_spec(pc, spec))) for s, spec in pc.students.items()}
+    return disk_plan(pc, count_params(teacher), hf_itemsize(pc.teacher), False, students).end
+
+
+def test_a_run_its_disk_cannot_hold_is_refused_before_any_stage(tiny_cfg, tmp_path, capsys, monkeypatch):
+    """Less free space than the models the run keeps: one line naming the run directory and the sizes, exit 6,
+    before any stage (a rerun counts what its directory already holds as room)."""
+    from minitron_jax import fsutil
+    from minitron_jax.cli.pipeline import main
+
+    floor = _disk_floor(tiny_cfg)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: floor - 100_000)
+    assert main(["--config", str(tiny_cfg), f"run_dir={run_dir}"]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run_dir}: this run's models need at least "), err
+    assert " is free" in err[0] and "; free some space" in err[0] and "distill.depth" in err[0], err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["pipeline.yaml"]  # no stage ran
+    # The same free space with what an earlier run left in the directory is enough to start.
+    (run_dir / "prune").mkdir()
+    (run_dir / "prune" / "old.bin").write_bytes(b"\0" * 100_001)
+    assert main(["--config", str(tiny_cfg), f"run_dir={run_dir}", "--stop-after", "data"]) == 0
+    assert "disk: the models this run keeps take" in capsys.readouterr().out
 
 
 def test_foreign_run_dir_is_refused(tiny_cfg, tmp_path, capsys):

@@ -304,6 +304,7 @@ class Pipeline:
             raise PipelineConfigError(f"teacher {self.pc.teacher}: {e}") from None
         from minitron_jax.config import LlamaConfig
 
+        student_params = {}
         for s, spec in self.pc.students.items():
             if spec.puzzle:
                 self._preflight_puzzle(s, spec, teacher)
@@ -329,8 +330,27 @@ class Pipeline:
                     check_quant(target_config(teacher, ps), self.pc.export.gguf)
                 except ValueError as e:
                     raise PipelineConfigError(f"export.gguf for student {s}: {e} (or set export.gguf=f16)") from None
-            self.console.print(f"student {s}: {count_params(target_config(teacher, ps)) / 1e6:.2f}M params "
+            student_params[s] = count_params(target_config(teacher, ps))
+            self.console.print(f"student {s}: {student_params[s] / 1e6:.2f}M params "
                                f"(teacher {count_params(teacher) / 1e6:.2f}M), init {spec.init}, loss {spec.loss}")
+        self._preflight_disk(teacher, student_params)
+
+    def _preflight_disk(self, teacher, student_params: dict[str, int]) -> None:
+        """Refuse a run whose models cannot fit on its disk before any stage runs (pipeline.disk), and say how
+        much it will take."""
+        from minitron_jax.arch import count_params
+        from minitron_jax.convert import detect_format
+        from minitron_jax.fsutil import fmt_bytes
+        from minitron_jax.pipeline.disk import check_disk, disk_plan, hf_itemsize
+
+        src = self._resolve(self.pc.teacher)
+        copied = detect_format(src) != "hf"
+        plan = disk_plan(self.pc, count_params(teacher), 4 if copied else hf_itemsize(src), copied, student_params)
+        d = check_disk(plan, self.run_dir)
+        self.console.print(f"disk: the models this run keeps take at least {fmt_bytes(d['end'])} at its end, and "
+                           f"up to about {fmt_bytes(d['peak'])} while a student trains (its checkpoints); "
+                           f"{fmt_bytes(d['free'])} free" + (" [yellow](may not be enough at the peak)[/yellow]"
+                                                             if d["short"] else ""))
 
     def _preflight_puzzle(self, s: str, spec, teacher) -> None:
         """A puzzle student's space and targets against the teacher's config: an infeasible target is refused
