@@ -146,6 +146,17 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(_existing_ancestor(path)).free
 
 
+def tree_bytes(directory: str | Path) -> int:
+    """The bytes of the files under ``directory`` (0 where it does not exist; a file removed while walking is
+    skipped)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 def short_write_errno(path: Path) -> int:
     """The likely errno of a write under ``path`` that numpy reported as a short write without one.
 
@@ -156,7 +167,7 @@ def short_write_errno(path: Path) -> int:
     import resource
 
     with contextlib.suppress(OSError):
-        if shutil.disk_usage(_existing_ancestor(path)).free < _ALMOST_FULL:
+        if free_bytes(path) < _ALMOST_FULL:
             return errno.ENOSPC
     if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
         return errno.EFBIG

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from minitron_jax import fsutil
+from minitron_jax.exitcodes import SystemRefusedError
+from minitron_jax.fsutil import fmt_bytes, tree_bytes
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Orbax checkpoint of a trainer run: fp32 parameters + Adam's first and second moments (train/checkpoints).
@@ -66,16 +69,16 @@ def hf_itemsize(path: str | Path) -> int:
 
 def disk_plan(pc, teacher_params: int, teacher_itemsize: int, teacher_is_copied: bool,
               student_params: Mapping[str, int]) -> DiskPlan:
-    """The models the run described by ``pc`` keeps and its largest checkpoint. ``teacher_is_copied``: the teacher
-    is not an HF directory and the teacher stage writes it as one (fp32, as read from a GGUF); ``student_params``:
-    the parameters of each pruned student (puzzle students absent)."""
+    """The models the run described by ``pc`` keeps and its largest checkpoint. ``teacher_itemsize``: the bytes a
+    teacher parameter takes as the stages read it (4 for a GGUF teacher, read as fp32); ``teacher_is_copied``: the
+    teacher is not an HF directory and the teacher stage writes it as one; ``student_params``: the parameters of
+    each pruned student (puzzle students absent)."""
     out = ITEMSIZE[pc.export_dtype]
     items: list[tuple[str, int]] = []
     trainers: list[int] = []
     source = teacher_itemsize
     if teacher_is_copied:
-        items.append(("teacher", teacher_params * 4))
-        source = 4
+        items.append(("teacher", teacher_params * teacher_itemsize))
     if pc.teacher_correction.enabled:
         items.append(("correction", teacher_params * out))
         trainers.append(teacher_params)
@@ -101,28 +104,12 @@ def disk_plan(pc, teacher_params: int, teacher_itemsize: int, teacher_is_copied:
     return DiskPlan(tuple(items), checkpoint)
 
 
-def bytes_under(directory: Path) -> int:
-    """The bytes of the files under ``directory`` (0 where it does not exist): what a rerun finds already written,
-    and replaces or keeps."""
-    total = 0
-    for root, _, files in os.walk(directory):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:  # removed while we walked
-                pass
-    return total
-
-
 def check_disk(plan: DiskPlan, run_dir: Path) -> dict[str, Any]:
     """Refuse (SystemRefusedError, exit 6) a run whose floor does not fit: more than the free space on
     ``run_dir``'s file system plus what ``run_dir`` holds already. Returns the numbers for the caller's report
     (``short``: the peak does not fit, a warning)."""
-    from minitron_jax.exitcodes import SystemRefusedError
-    from minitron_jax.fsutil import fmt_bytes, free_bytes
-
-    free = free_bytes(run_dir)
-    held = bytes_under(run_dir)
+    free = fsutil.free_bytes(run_dir)  # through the module: a test stands in for the disk there
+    held = tree_bytes(run_dir)  # what a rerun finds already written, and replaces or keeps
     room = free + held
     if plan.end > room:
         biggest = ", ".join(f"{what} {fmt_bytes(n)}" for what, n in sorted(plan.items, key=lambda x: -x[1])[:3])

@@ -723,9 +723,9 @@ class Pipeline:
         stage's output, and a rerun that changes the stage's settings starts it over (see PipelineConfig)."""
         if self.pc.keep_checkpoints or not directory.is_dir():
             return
-        from minitron_jax.fsutil import fmt_bytes
+        from minitron_jax.fsutil import fmt_bytes, tree_bytes
 
-        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        size = tree_bytes(directory)
         shutil.rmtree(directory)
         self.console.print(f"removed {directory} ({fmt_bytes(size)}; keep_checkpoints=true keeps it)")
 
